@@ -1,0 +1,113 @@
+// Internal types shared by the C++ files behind pmtp.h. Not part of the ABI.
+#pragma once
+
+#include "pmtp.h"
+
+#include "llama.h"
+#include "llama-ext.h"
+
+#include <memory>
+#include <set>
+#include <stdexcept>
+#include <string>
+#include <vector>
+
+// An error with the status the exported function returns.
+struct pmtp_error : std::runtime_error {
+    int status;
+    pmtp_error(int status, const std::string & msg) : std::runtime_error(msg), status(status) {}
+};
+
+[[noreturn]] inline void fail(int status, const std::string & msg) { throw pmtp_error(status, msg); }
+
+struct llama_model_deleter   { void operator()(llama_model * m)   const { llama_model_free(m); } };
+struct llama_context_deleter { void operator()(llama_context * c) const { llama_free(c); } };
+struct llama_sampler_deleter { void operator()(llama_sampler * s) const { llama_sampler_free(s); } };
+struct llama_batch_deleter   { void operator()(llama_batch_ext * b) const { llama_batch_ext_free(b); } };
+
+using model_ptr   = std::unique_ptr<llama_model,     llama_model_deleter>;
+using context_ptr = std::unique_ptr<llama_context,   llama_context_deleter>;
+using sampler_ptr = std::unique_ptr<llama_sampler,   llama_sampler_deleter>;
+using batch_ptr   = std::unique_ptr<llama_batch_ext, llama_batch_deleter>;
+
+struct pmtp_model {
+    std::string path;
+    model_ptr   model;
+    std::string arch;
+    int32_t     n_layer       = 0;   // trunk layers
+    int32_t     n_layer_mtp   = 0;   // MTP layers declared by the metadata
+    bool        has_trunk     = true;
+    bool        has_mtp       = false; // every declared MTP block has its required tensors
+    bool        mtp_loaded    = false; // loaded with load_mtp and has_mtp
+    std::string mtp_missing;           // first missing MTP tensor, for error messages
+
+    const llama_vocab * vocab() const { return llama_model_get_vocab(model.get()); }
+};
+
+// Reads the GGUF header (no tensor data) and fills what load needs to check first.
+struct gguf_summary {
+    std::string arch;
+    int64_t     n_layer_all  = -1;
+    int64_t     n_layer_mtp  = 0;
+    std::set<std::string> tensors;
+};
+gguf_summary read_gguf_summary(const std::string & path);
+
+int32_t n_vocab_of(const pmtp_model * m);
+
+// ---------------------------------------------------------------- session
+
+struct mtp_heads;  // mtp.cpp
+struct mtp_heads_deleter { void operator()(mtp_heads * h) const; };
+using heads_ptr = std::unique_ptr<mtp_heads, mtp_heads_deleter>;
+
+struct pmtp_session {
+    pmtp_model *        model = nullptr;
+    pmtp_session_params params{};
+    context_ptr         ctx;
+    batch_ptr           batch;
+    sampler_ptr         sampler;
+    pmtp_sampling       sampling{};
+    int32_t             n_vocab = 0;
+    int32_t             n_embd  = 0;
+    int32_t             n_swa   = 0;
+    uint32_t            n_ctx   = 0;
+    uint32_t            n_batch = 0;
+    uint32_t            n_ubatch = 0;
+
+    std::vector<llama_token> history;    // tokens in the target KV, [n_past]
+    llama_token         pending = -1;    // sampled, not yet decoded (-1 = none)
+    int32_t             logits_row = -1; // output row of the kept logits in ctx
+    std::vector<float>  last_h;          // target hidden state at n_past - 1, [n_embd]
+
+    heads_ptr           heads;           // null when MTP is off
+    pmtp_stats          stats{};
+
+    pmtp_session();
+    ~pmtp_session();
+
+    int32_t n_past() const { return (int32_t) history.size(); }
+    llama_memory_t mem() const { return llama_get_memory(ctx.get()); }
+};
+
+// session.cpp
+void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_params & p);
+void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp);
+void session_reset(pmtp_session * s);
+void session_rollback(pmtp_session * s, int32_t n_keep);
+void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n);
+llama_token session_sample(pmtp_session * s);
+void session_step_plain(pmtp_session * s, pmtp_step_result * out);
+void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits);
+void check_swa_window(pmtp_session * s);
+double now_s();
+
+// mtp.cpp
+void mtp_heads_create(pmtp_session * s, const pmtp_model * mtp_model, int32_t draft_max);
+void mtp_reset(pmtp_session * s);
+void mtp_rollback(pmtp_session * s, int32_t n_keep);
+// Rows [pos0, pos0 + n) of the target just decoded: tokens and their hidden states.
+void mtp_catch_up(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
+                  const float * h_rows, size_t n, llama_pos pos0);
+size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out);
+void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_step_result * out);

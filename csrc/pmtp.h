@@ -1,0 +1,219 @@
+/*
+ * pmtp.h: the whole C ABI of pyllama-mtp.
+ *
+ * Opaque handles, POD parameter structs and int status codes. Every function
+ * returns PMTP_OK (0) or an error status; the message of the last error on the
+ * calling thread is available from pmtp_last_error(). Nothing here prints,
+ * exits or aborts on bad input.
+ *
+ * The region between the cdef markers is read verbatim by cffi
+ * (pyllama_mtp/_native.py), so it must stay plain C without preprocessor lines.
+ */
+#ifndef PMTP_H
+#define PMTP_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#if defined(_WIN32)
+#  define PMTP_API __declspec(dllexport)
+#else
+#  define PMTP_API __attribute__((visibility("default")))
+#endif
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* --- cffi cdef begin --- */
+
+enum pmtp_status {
+    PMTP_OK                = 0,
+    PMTP_ERR_INVALID_ARG   = 1,  /* a parameter is out of range or inconsistent        */
+    PMTP_ERR_MODEL_LOAD    = 2,  /* file missing, unreadable, not a GGUF, unsupported   */
+    PMTP_ERR_CONTEXT_FULL  = 3,  /* the tokens do not fit in the context window         */
+    PMTP_ERR_DECODE        = 4,  /* llama_decode failed                                 */
+    PMTP_ERR_MTP           = 5,  /* model/file cannot do MTP as asked                   */
+    PMTP_ERR_SWA_GUARD     = 6,  /* sliding-window cache lost cells it still needs      */
+    PMTP_ERR_OUT_OF_MEMORY = 7,
+    PMTP_ERR_ABORTED       = 8,  /* cancelled by a callback                             */
+    PMTP_ERR_BUFFER        = 9,  /* output buffer too small; *n_out says how much       */
+    PMTP_ERR_INTERNAL      = 10
+};
+
+typedef struct pmtp_model   pmtp_model;
+typedef struct pmtp_session pmtp_session;
+
+/* Message of the last error on this thread ("" if none). */
+PMTP_API const char * pmtp_last_error(void);
+
+/* llama.cpp / ggml log lines go to this callback (level: ggml_log_level). NULL = drop. */
+typedef void (*pmtp_log_fn)(int level, const char * text, void * user);
+PMTP_API void pmtp_set_log_callback(pmtp_log_fn fn, void * user);
+
+/* JSON object describing the build (version, backends, devices, system info). */
+PMTP_API int pmtp_build_info(char * buf, size_t cap, size_t * n_out);
+
+/* ---------------------------------------------------------------- models */
+
+/* Return false to cancel loading. */
+typedef bool (*pmtp_progress_fn)(float progress, void * user);
+
+typedef struct pmtp_model_params {
+    int32_t          n_gpu_layers;    /* -1 = all                                     */
+    int32_t          split_mode;      /* llama_split_mode: 0 none, 1 layer, 2 row      */
+    int32_t          main_gpu;
+    const float *    tensor_split;    /* [n_tensor_split] proportions or NULL          */
+    size_t           n_tensor_split;
+    bool             use_mmap;
+    bool             load_mtp;        /* load the MTP (NextN) blocks too               */
+    bool             vocab_only;
+    pmtp_progress_fn progress;
+    void *           progress_user;
+} pmtp_model_params;
+
+PMTP_API pmtp_model_params pmtp_model_default_params(void);
+PMTP_API int  pmtp_model_load(const char * path, const pmtp_model_params * params, pmtp_model ** out);
+PMTP_API void pmtp_model_free(pmtp_model * model);
+
+typedef struct pmtp_model_info {
+    char     arch[64];
+    char     desc[128];
+    int32_t  n_vocab;
+    int32_t  n_ctx_train;
+    int32_t  n_embd;
+    int32_t  n_layer;            /* trunk layers                                        */
+    int32_t  n_layer_mtp;        /* MTP layers the file declares                        */
+    int32_t  n_swa;              /* sliding window (0 = none)                           */
+    uint64_t size_bytes;
+    uint64_t n_params;
+    int32_t  token_bos;          /* -1 when absent                                      */
+    int32_t  token_eos;
+    int32_t  token_eot;
+    bool     add_bos;
+    bool     add_eos;
+    bool     has_mtp_tensors;    /* the MTP blocks' tensors are in this file            */
+    bool     has_trunk_tensors;  /* false for an MTP-only file                          */
+    bool     mtp_loaded;         /* loaded with load_mtp and the tensors present        */
+    bool     is_recurrent;       /* has recurrent state (needs snapshots to roll back)  */
+} pmtp_model_info;
+
+PMTP_API int pmtp_model_get_info(const pmtp_model * model, pmtp_model_info * out);
+/* Metadata string value for key (e.g. "tokenizer.chat_template"); PMTP_ERR_INVALID_ARG if absent. */
+PMTP_API int pmtp_model_meta(const pmtp_model * model, const char * key, char * buf, size_t cap, size_t * n_out);
+PMTP_API bool pmtp_token_is_eog(const pmtp_model * model, int32_t token);
+PMTP_API bool pmtp_token_is_control(const pmtp_model * model, int32_t token);
+
+/* -------------------------------------------------------------- tokens */
+
+PMTP_API int pmtp_tokenize(const pmtp_model * model, const char * text, size_t len,
+                           bool add_special, bool parse_special,
+                           int32_t * out, size_t cap, size_t * n_out);
+/* Bytes of every token's piece, concatenated: piece i is buf[offsets[i] .. offsets[i+1]).
+ * offsets has n_vocab + 1 entries. Call with buf = NULL to learn the size in *n_out. */
+PMTP_API int pmtp_vocab_pieces(const pmtp_model * model, bool special, char * buf, size_t cap,
+                               uint32_t * offsets, size_t * n_out);
+PMTP_API int pmtp_detokenize(const pmtp_model * model, const int32_t * tokens, size_t n,
+                             bool remove_special, bool unparse_special,
+                             char * buf, size_t cap, size_t * n_out);
+
+/* ------------------------------------------------------------ sessions */
+
+typedef struct pmtp_session_params {
+    uint32_t n_ctx;              /* 0 = n_ctx_train                                     */
+    uint32_t n_batch;            /* max tokens per prefill call into llama_decode       */
+    uint32_t n_ubatch;           /* physical batch; raised to draft + 1 when MTP is on  */
+    int32_t  n_threads;
+    int32_t  n_threads_batch;
+    int32_t  type_k;             /* ggml_type of the KV cache, -1 = default (f16)       */
+    int32_t  type_v;
+    int32_t  flash_attn;         /* -1 auto, 0 off, 1 on                                */
+    int32_t  draft_max;          /* MTP heads kept ready; 0 = no MTP                    */
+    const pmtp_model * mtp_model;/* MTP-only model for a trunk-only one; NULL = same    */
+    bool     swa_guard;          /* check the sliding window after every rollback       */
+    bool     unsafe_split_verify;/* testing: allow n_ubatch < draft + 1                 */
+} pmtp_session_params;
+
+typedef struct pmtp_sampling {
+    float    temperature;        /* <= 0: greedy                                        */
+    int32_t  top_k;              /* <= 0: off                                           */
+    float    top_p;              /* 1: off                                              */
+    float    min_p;              /* 0: off                                              */
+    float    repeat_penalty;     /* 1: off                                              */
+    float    presence_penalty;   /* 0: off                                              */
+    float    frequency_penalty;  /* 0: off                                              */
+    int32_t  penalty_last_n;     /* tokens the penalties look back over                 */
+    uint32_t seed;
+} pmtp_sampling;
+
+/* Counters since the session was created (or pmtp_stats_reset). */
+typedef struct pmtp_stats {
+    uint64_t n_steps;            /* draft/verify cycles                                 */
+    uint64_t n_drafted;
+    uint64_t n_accepted;
+    uint64_t n_emitted;          /* tokens produced by steps (accepted + sampled)      */
+    uint64_t accepted_at[8];     /* drafts accepted at position i                       */
+    uint64_t drafted_at[8];      /* drafts proposed at position i                       */
+    uint64_t swa_recoveries;     /* guard violations repaired by re-prefill             */
+    double   t_draft_s;
+    double   t_verify_s;
+    double   t_catchup_s;
+    double   t_sample_s;
+    double   t_prefill_s;
+    double   t_decode_s;         /* plain one-token decodes                             */
+} pmtp_stats;
+
+/* What one pmtp_step produced: tokens in order; from_draft[i] says whether token i was
+ * a draft the target accepted (the last token of a step never is). */
+typedef struct pmtp_step_result {
+    int32_t tokens[9];
+    bool    from_draft[9];
+    int32_t n_tokens;
+    int32_t n_drafted;
+    int32_t n_accepted;
+} pmtp_step_result;
+
+PMTP_API pmtp_session_params pmtp_session_default_params(void);
+PMTP_API pmtp_sampling       pmtp_sampling_default(void);
+PMTP_API int  pmtp_session_new(pmtp_model * model, const pmtp_session_params * params, pmtp_session ** out);
+PMTP_API void pmtp_session_free(pmtp_session * session);
+PMTP_API int  pmtp_session_set_sampling(pmtp_session * session, const pmtp_sampling * sampling);
+
+PMTP_API uint32_t pmtp_session_n_ctx(const pmtp_session * session);
+PMTP_API uint32_t pmtp_session_n_ubatch(const pmtp_session * session);
+PMTP_API int32_t  pmtp_session_n_past(const pmtp_session * session);
+PMTP_API int32_t  pmtp_session_draft_max(const pmtp_session * session);
+PMTP_API int  pmtp_session_stats(const pmtp_session * session, pmtp_stats * out);
+PMTP_API void pmtp_session_stats_reset(pmtp_session * session);
+
+/* Forget everything: empty KV (target and MTP heads), n_past = 0. */
+PMTP_API int pmtp_reset(pmtp_session * session);
+/* Keep the first n_keep tokens, drop the rest (target, heads, recurrent state).
+ * PMTP_ERR_SWA_GUARD if the sliding window no longer holds what n_keep needs. */
+PMTP_API int pmtp_rollback(pmtp_session * session, int32_t n_keep);
+/* Decode tokens at n_past (chunks of n_batch); logits of the last one are kept. */
+PMTP_API int pmtp_prefill(pmtp_session * session, const int32_t * tokens, size_t n);
+/* Copy the kept logits of the last decoded token: [n_vocab]. */
+PMTP_API int pmtp_logits(const pmtp_session * session, float * out, size_t cap);
+/* Sample from the kept logits with the session's sampler chain and remember the
+ * token as pending (the next pmtp_step decodes it). */
+PMTP_API int pmtp_sample(pmtp_session * session, int32_t * out_token);
+/* One cycle from the pending token. draft = 0: decode it, sample the next (1 token).
+ * draft = k > 0: MTP heads draft k tokens, one target decode verifies them,
+ * accepted drafts and one sampled token come back (1 .. k+1 tokens). */
+PMTP_API int pmtp_step(pmtp_session * session, int32_t draft, pmtp_step_result * out);
+
+/* Granular MTP verbs (tests, policies). pmtp_draft proposes up to k tokens from the
+ * pending one without changing anything a later pmtp_step relies on; pmtp_verify
+ * decodes [pending, drafts...], accepts greedily with the sampler and rolls back. */
+PMTP_API int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, size_t * n_out);
+PMTP_API int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_step_result * out);
+
+/* --- cffi cdef end --- */
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* PMTP_H */

@@ -1,0 +1,1 @@
+"""pyllama-mtp-bench: throughput sweeps with MTP draft lengths (see cli.py)."""

@@ -1,0 +1,126 @@
+"""Frozen, validated configuration objects. Unknown options raise TypeError
+(dataclasses do that for us); bad values raise InvalidArgumentError here, before
+anything reaches native code."""
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass, field
+
+from .errors import InvalidArgumentError
+
+_SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+_KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
+# The MTP engine's step result holds at most 8 drafts.
+MAX_DRAFT = 8
+
+
+def default_threads() -> int:
+    return max(1, min(os.cpu_count() or 1, 8))
+
+
+def _require(ok: bool, message: str) -> None:
+    if not ok:
+        raise InvalidArgumentError(message)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """How to load a GGUF file."""
+    path: str
+    n_gpu_layers: int = -1
+    use_mmap: bool = True
+    load_mtp: bool = False
+    split_mode: str = "layer"
+    main_gpu: int = 0
+    tensor_split: tuple[float, ...] | None = None
+
+    def __post_init__(self):
+        _require(isinstance(self.path, (str, os.PathLike)), f"model path must be a str or PathLike, got {type(self.path).__name__}")
+        object.__setattr__(self, "path", os.fspath(self.path))
+        _require(_is_int(self.n_gpu_layers), "n_gpu_layers must be an int (-1 = all)")
+        _require(self.split_mode in _SPLIT_MODES, f"split_mode must be one of {sorted(_SPLIT_MODES)}, got {self.split_mode!r}")
+        _require(_is_int(self.main_gpu) and self.main_gpu >= 0, "main_gpu must be an int >= 0")
+        if self.tensor_split is not None:
+            split = tuple(float(x) for x in self.tensor_split)
+            _require(all(math.isfinite(x) and x >= 0 for x in split) and sum(split) > 0,
+                     "tensor_split must be non-negative proportions with a positive sum")
+            object.__setattr__(self, "tensor_split", split)
+
+    @property
+    def split_mode_id(self) -> int:
+        return _SPLIT_MODES[self.split_mode]
+
+
+@dataclass(frozen=True)
+class ContextConfig:
+    """The target context (and the MTP heads' contexts, which mirror it)."""
+    n_ctx: int = 4096
+    n_batch: int = 512
+    n_ubatch: int = 512
+    threads: int = field(default_factory=default_threads)
+    threads_batch: int | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+    flash_attn: bool | None = None
+    draft_max: int = 0
+    swa_guard: bool = True
+    unsafe_split_verify: bool = False
+
+    def __post_init__(self):
+        _require(_is_int(self.n_ctx) and self.n_ctx > 0, f"n_ctx must be a positive int, got {self.n_ctx!r}")
+        _require(_is_int(self.n_batch) and self.n_batch > 0, f"n_batch must be a positive int, got {self.n_batch!r}")
+        _require(_is_int(self.n_ubatch) and self.n_ubatch > 0, f"n_ubatch must be a positive int, got {self.n_ubatch!r}")
+        _require(_is_int(self.threads) and self.threads > 0, f"threads must be a positive int, got {self.threads!r}")
+        if self.threads_batch is None:
+            object.__setattr__(self, "threads_batch", self.threads)
+        _require(_is_int(self.threads_batch) and self.threads_batch > 0, "threads_batch must be a positive int")
+        for name in ("type_k", "type_v"):
+            value = getattr(self, name)
+            _require(value is None or value in _KV_TYPES, f"{name} must be one of {sorted(_KV_TYPES)}, got {value!r}")
+        _require(_is_int(self.draft_max) and 0 <= self.draft_max <= MAX_DRAFT,
+                 f"draft must be an int in [1, {MAX_DRAFT}], got {self.draft_max!r}")
+
+    def kv_type_id(self, name: str) -> int:
+        value = getattr(self, name)
+        return -1 if value is None else _KV_TYPES[value]
+
+    @property
+    def flash_attn_id(self) -> int:
+        return -1 if self.flash_attn is None else int(bool(self.flash_attn))
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """llama.cpp's sampler chain: penalties, then greedy (temperature <= 0) or
+    top_k -> top_p -> min_p -> temperature -> seeded draw."""
+    temperature: float = 0.0
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    penalty_last_n: int = 64
+    seed: int = 0xFFFFFFFF
+
+    def __post_init__(self):
+        for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            _require(isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value),
+                     f"{name} must be a finite number, got {value!r}")
+        _require(self.temperature >= 0, f"temperature must be >= 0, got {self.temperature}")
+        _require(_is_int(self.top_k) and self.top_k >= 0, f"top_k must be an int >= 0 (0 = off), got {self.top_k!r}")
+        _require(0 < self.top_p <= 1, f"top_p must be in (0, 1], got {self.top_p}")
+        _require(0 <= self.min_p <= 1, f"min_p must be in [0, 1], got {self.min_p}")
+        _require(self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
+        _require(_is_int(self.penalty_last_n) and self.penalty_last_n >= -1, "penalty_last_n must be an int >= -1")
+        _require(_is_int(self.seed) and 0 <= self.seed <= 0xFFFFFFFF, f"seed must be an int in [0, 2**32), got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0

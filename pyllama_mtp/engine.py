@@ -1,0 +1,293 @@
+"""Model and Session: thin Python objects over the native handles.
+
+Each owns one handle, frees it in ``close()`` (idempotent), works as a context
+manager, and has a ``weakref.finalize`` safety net. A Session keeps its Model
+(and MTP model) alive.
+"""
+from __future__ import annotations
+
+import json
+import weakref
+from dataclasses import dataclass
+
+import numpy as np
+
+from . import _native
+from ._native import check, ffi, lib
+from .config import ContextConfig, ModelConfig, SamplingParams
+from .errors import ClosedError, InvalidArgumentError
+
+
+class _Handle:
+    """Owns one native pointer; subclasses name the free function."""
+    _free = None
+    _kind = "object"
+
+    def _own(self, ptr) -> None:
+        self._ptr = ptr
+        self._finalizer = weakref.finalize(self, type(self)._free, ptr)
+
+    def _check_open(self):
+        ptr = getattr(self, "_ptr", None)
+        if ptr is None:
+            raise ClosedError(f"this {self._kind} is closed; create a new one")
+        return ptr
+
+    @property
+    def closed(self) -> bool:
+        return getattr(self, "_ptr", None) is None
+
+    def close(self) -> None:
+        if getattr(self, "_ptr", None) is not None:
+            self._ptr = None
+            self._finalizer()
+
+    def __enter__(self):
+        self._check_open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    arch: str
+    description: str
+    n_vocab: int
+    n_ctx_train: int
+    n_embd: int
+    n_layer: int
+    n_layer_mtp: int
+    n_swa: int
+    size_bytes: int
+    n_params: int
+    token_bos: int
+    token_eos: int
+    token_eot: int
+    add_bos: bool
+    add_eos: bool
+    has_mtp_tensors: bool
+    has_trunk_tensors: bool
+    mtp_loaded: bool
+    is_recurrent: bool
+
+
+class Model(_Handle):
+    """A loaded GGUF model: metadata and tokenizer; sessions do the compute."""
+    _free = lib.pmtp_model_free
+    _kind = "model"
+
+    def __init__(self, config: ModelConfig, progress=None):
+        self.config = config
+        params = ffi.new("pmtp_model_params *", lib.pmtp_model_default_params())
+        params.n_gpu_layers = config.n_gpu_layers
+        params.split_mode = config.split_mode_id
+        params.main_gpu = config.main_gpu
+        params.use_mmap = config.use_mmap
+        params.load_mtp = config.load_mtp
+        keep = []
+        if config.tensor_split:
+            split = ffi.new("float[]", list(config.tensor_split))
+            keep.append(split)
+            params.tensor_split = split
+            params.n_tensor_split = len(config.tensor_split)
+        if progress is not None:
+            callback = ffi.callback("bool(float, void *)", lambda p, _u: bool(progress(float(p)) is not False))
+            keep.append(callback)
+            params.progress = callback
+        out = ffi.new("pmtp_model **")
+        check(lib.pmtp_model_load(config.path.encode(), params, out))
+        self._own(out[0])
+        self.info = self._read_info()
+        self._pieces: list[bytes] | None = None
+
+    @property
+    def path(self) -> str:
+        return self.config.path
+
+    def _read_info(self) -> ModelInfo:
+        raw = ffi.new("pmtp_model_info *")
+        check(lib.pmtp_model_get_info(self._check_open(), raw))
+        values = {}
+        for name in ModelInfo.__dataclass_fields__:
+            key = "desc" if name == "description" else name
+            value = getattr(raw, key)
+            values[name] = ffi.string(value).decode() if isinstance(value, ffi.CData) else value
+        return ModelInfo(**values)
+
+    def meta(self, key: str) -> str | None:
+        """A metadata value as a string, or None when the file has no such key."""
+        ptr = self._check_open()
+        try:
+            return _native.read_string(lib.pmtp_model_meta, ptr, key.encode())
+        except InvalidArgumentError:
+            return None
+
+    @property
+    def chat_template(self) -> str | None:
+        return self.meta("tokenizer.chat_template")
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        data = text.encode("utf-8") if isinstance(text, str) else bytes(text)
+        ptr = self._check_open()
+        cap = len(data) + 8
+        n_out = ffi.new("size_t *")
+        while True:
+            out = ffi.new("int32_t[]", cap)
+            status = lib.pmtp_tokenize(ptr, data, len(data), add_special, parse_special, out, cap, n_out)
+            if status == 9 and n_out[0] > cap:
+                cap = n_out[0]
+                continue
+            check(status)
+            return list(ffi.unpack(out, n_out[0]))
+
+    def detokenize(self, tokens, *, remove_special: bool = False, unparse_special: bool = False) -> str:
+        toks = ffi.new("int32_t[]", list(tokens))
+        return _native.read_string(lib.pmtp_detokenize, self._check_open(), toks, len(toks),
+                                   remove_special, unparse_special)
+
+    @property
+    def token_pieces(self) -> list[bytes]:
+        """Bytes of every token as it appears in generated text (control tokens are empty)."""
+        if self._pieces is None:
+            ptr = self._check_open()
+            n_out = ffi.new("size_t *")
+            check(lib.pmtp_vocab_pieces(ptr, False, ffi.NULL, 0, ffi.NULL, n_out))
+            size = n_out[0]
+            buf = ffi.new("char[]", max(size, 1))
+            offsets = ffi.new("uint32_t[]", self.info.n_vocab + 1)
+            check(lib.pmtp_vocab_pieces(ptr, False, buf, size, offsets, n_out))
+            data = ffi.unpack(buf, size)
+            offs = ffi.unpack(offsets, self.info.n_vocab + 1)
+            self._pieces = [data[offs[i]:offs[i + 1]] for i in range(self.info.n_vocab)]
+        return self._pieces
+
+    def is_eog(self, token: int) -> bool:
+        return bool(lib.pmtp_token_is_eog(self._check_open(), token))
+
+
+@dataclass(frozen=True)
+class StepResult:
+    tokens: tuple[int, ...]        # in order; the last one is pending (not yet decoded)
+    from_draft: tuple[bool, ...]   # accepted MTP drafts; the last token never is
+    n_drafted: int
+    n_accepted: int
+
+
+_STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries")
+_STAT_TIMES = ("t_draft_s", "t_verify_s", "t_catchup_s", "t_sample_s", "t_prefill_s", "t_decode_s")
+
+
+class Session(_Handle):
+    """A target context plus, with ``draft_max > 0``, the MTP heads' contexts."""
+    _free = lib.pmtp_session_free
+    _kind = "session"
+
+    def __init__(self, model: Model, config: ContextConfig, mtp_model: Model | None = None):
+        model._check_open()
+        self.model = model
+        self.mtp_model = mtp_model
+        self.config = config
+        p = ffi.new("pmtp_session_params *", lib.pmtp_session_default_params())
+        p.n_ctx = config.n_ctx
+        p.n_batch = config.n_batch
+        p.n_ubatch = config.n_ubatch
+        p.n_threads = config.threads
+        p.n_threads_batch = config.threads_batch
+        p.type_k = config.kv_type_id("type_k")
+        p.type_v = config.kv_type_id("type_v")
+        p.flash_attn = config.flash_attn_id
+        p.draft_max = config.draft_max
+        p.mtp_model = mtp_model._check_open() if mtp_model is not None else ffi.NULL
+        p.swa_guard = config.swa_guard
+        p.unsafe_split_verify = config.unsafe_split_verify
+        out = ffi.new("pmtp_session **")
+        check(lib.pmtp_session_new(model._check_open(), p, out))
+        self._own(out[0])
+        self._step = ffi.new("pmtp_step_result *")
+        self._token = ffi.new("int32_t *")
+        self._n_vocab = model.info.n_vocab
+        self.sampling = SamplingParams()
+
+    @property
+    def n_ctx(self) -> int:
+        return lib.pmtp_session_n_ctx(self._check_open())
+
+    @property
+    def n_ubatch(self) -> int:
+        return lib.pmtp_session_n_ubatch(self._check_open())
+
+    @property
+    def n_past(self) -> int:
+        return lib.pmtp_session_n_past(self._check_open())
+
+    @property
+    def draft_max(self) -> int:
+        return lib.pmtp_session_draft_max(self._check_open())
+
+    def set_sampling(self, sampling: SamplingParams) -> None:
+        s = ffi.new("pmtp_sampling *")
+        for name in SamplingParams.__dataclass_fields__:
+            setattr(s, name, getattr(sampling, name))
+        check(lib.pmtp_session_set_sampling(self._check_open(), s))
+        self.sampling = sampling
+
+    def reset(self) -> None:
+        check(lib.pmtp_reset(self._check_open()))
+
+    def rollback(self, n_keep: int) -> None:
+        check(lib.pmtp_rollback(self._check_open(), n_keep))
+
+    def prefill(self, tokens) -> None:
+        toks = ffi.new("int32_t[]", list(tokens))
+        check(lib.pmtp_prefill(self._check_open(), toks, len(toks)))
+
+    def logits(self) -> np.ndarray:
+        """Logits of the last decoded token, [n_vocab] float32."""
+        out = np.empty(self._n_vocab, dtype=np.float32)
+        check(lib.pmtp_logits(self._check_open(), ffi.from_buffer("float[]", out), out.size))
+        return out
+
+    def sample(self) -> int:
+        check(lib.pmtp_sample(self._check_open(), self._token))
+        return self._token[0]
+
+    def _result(self) -> StepResult:
+        r = self._step
+        n = r.n_tokens
+        return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted)
+
+    def step(self, draft: int = 0) -> StepResult:
+        check(lib.pmtp_step(self._check_open(), draft, self._step))
+        return self._result()
+
+    def draft(self, k: int) -> list[int]:
+        out = ffi.new("int32_t[]", max(k, 1))
+        n_out = ffi.new("size_t *")
+        check(lib.pmtp_draft(self._check_open(), k, out, max(k, 1), n_out))
+        return list(ffi.unpack(out, n_out[0]))
+
+    def verify(self, drafts) -> StepResult:
+        toks = ffi.new("int32_t[]", list(drafts))
+        check(lib.pmtp_verify(self._check_open(), toks, len(toks), self._step))
+        return self._result()
+
+    def stats(self) -> dict:
+        raw = ffi.new("pmtp_stats *")
+        check(lib.pmtp_session_stats(self._check_open(), raw))
+        out = {name: int(getattr(raw, name)) for name in _STAT_COUNTERS}
+        out.update({name: float(getattr(raw, name)) for name in _STAT_TIMES})
+        out["accepted_at"] = list(raw.accepted_at)
+        out["drafted_at"] = list(raw.drafted_at)
+        return out
+
+    def reset_stats(self) -> None:
+        lib.pmtp_session_stats_reset(self._check_open())
+
+
+def build_info() -> dict:
+    """What this build of llama.cpp can do: backends (CPU, RPC, CUDA, Metal), devices, CPU features."""
+    info = json.loads(_native.read_string(lib.pmtp_build_info))
+    info["rpc"] = "RPC" in info.get("backends", [])
+    return info

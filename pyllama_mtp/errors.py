@@ -1,0 +1,48 @@
+"""The exception family. Each also inherits the builtin a caller would expect,
+so ``except OSError`` around a model load or ``except ValueError`` around bad
+arguments keeps working."""
+from __future__ import annotations
+
+
+class PmtpError(Exception):
+    """Base of every error raised by pyllama_mtp."""
+
+
+class ModelLoadError(PmtpError, OSError):
+    """The model file is missing, unreadable, not a GGUF, or llama.cpp rejected it."""
+
+
+class InvalidArgumentError(PmtpError, ValueError):
+    """A parameter is out of range or inconsistent with the model."""
+
+
+class ContextFullError(PmtpError):
+    """The tokens do not fit in the context window."""
+
+
+class DecodeError(PmtpError, RuntimeError):
+    """llama.cpp failed to evaluate a batch."""
+
+
+class MtpError(PmtpError, ValueError):
+    """The model (or MTP file) cannot do Multi-Token Prediction as asked."""
+
+
+class SwaGuardError(PmtpError, RuntimeError):
+    """The sliding-window cache lost positions the next token still attends to."""
+
+
+class OutOfMemoryError(PmtpError, MemoryError):
+    """A buffer (KV cache, compute) could not be allocated."""
+
+
+class AbortedError(PmtpError):
+    """An operation was cancelled by a callback."""
+
+
+class ClosedError(PmtpError, ValueError):
+    """The object was closed; create a new one."""
+
+
+class InternalError(PmtpError, RuntimeError):
+    """A bug: please report it with the message."""

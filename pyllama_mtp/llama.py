@@ -1,0 +1,355 @@
+"""Llama: prompts, chat templates, streaming, stop strings, OpenAI-shaped results.
+
+The generation loop asks the native session for one *step* at a time (a plain
+one-token decode, or a whole MTP draft/verify cycle) and turns the step's tokens
+into text. Every token except the newest one is in the KV cache; the loop keeps
+that mirror exact even when a consumer stops a stream early, so the next call can
+reuse the common prompt prefix.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from typing import Iterator, Sequence
+
+from . import openai_shapes
+from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
+from .config import ContextConfig, ModelConfig, SamplingParams
+from .engine import Model, Session, build_info
+from .errors import ContextFullError, InvalidArgumentError, PmtpError
+from .speculative import GenerationStats, validate_draft
+from .text import StopMatcher, Utf8StreamDecoder
+
+_llama_log = logging.getLogger("pyllama_mtp.llama_cpp")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one decode step added to a stream."""
+    text: str
+    tokens: tuple[int, ...]
+    from_draft: tuple[bool, ...]    # per token: an MTP draft the target accepted
+    finish_reason: str | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str              # "stop" (EOS or stop string) or "length"
+    n_prompt_tokens: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+
+
+def _stops(stop) -> list[str]:
+    if stop is None:
+        return []
+    if isinstance(stop, str):
+        return [stop]
+    if not all(isinstance(s, str) for s in stop):
+        raise InvalidArgumentError("stop must be a string or a list of strings")
+    return list(stop)
+
+
+class Llama:
+    """A GGUF model with a context, ready to generate; MTP speculative decoding with ``mtp=``.
+
+    ``mtp=True`` uses the MTP layers inside the model file; ``mtp="path.gguf"`` uses an
+    MTP-only file next to a trunk-only one. ``draft`` is how many tokens the MTP heads
+    propose per step (overridable per call, up to this value).
+    """
+
+    def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int = 3,
+                 n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = -1,
+                 threads: int | None = None, threads_batch: int | None = None, seed: int | None = None,
+                 use_mmap: bool = True, flash_attn: bool | None = None, type_k: str | None = None,
+                 type_v: str | None = None, split_mode: str = "layer", main_gpu: int = 0,
+                 tensor_split: Sequence[float] | None = None, chat_template: str | None = None,
+                 swa_guard: bool = True, unsafe_split_verify: bool = False, verbose: bool = False,
+                 progress=None):
+        if verbose:
+            _llama_log.setLevel(logging.INFO)
+            if not logging.getLogger().handlers:
+                logging.basicConfig()
+        use_mtp = mtp is not False and mtp is not None
+        separate_mtp = use_mtp and mtp is not True
+        if use_mtp and draft == "auto":
+            validate_draft(draft, 0)
+        if use_mtp and (not isinstance(draft, int) or isinstance(draft, bool) or draft < 1):
+            raise InvalidArgumentError(f"draft must be an int >= 1 when mtp is on, got {draft!r}")
+        load = dict(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, split_mode=split_mode, main_gpu=main_gpu,
+                    tensor_split=tuple(tensor_split) if tensor_split is not None else None)
+        self.model = Model(ModelConfig(os.fspath(model_path), load_mtp=use_mtp and not separate_mtp, **load),
+                           progress=progress)
+        self.mtp_model = None
+        try:
+            if separate_mtp:
+                self.mtp_model = Model(ModelConfig(os.fspath(mtp), load_mtp=True, **load))
+            ctx = ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
+                                threads=threads if threads is not None else ContextConfig().threads,
+                                threads_batch=threads_batch, type_k=type_k, type_v=type_v,
+                                flash_attn=flash_attn, draft_max=draft if use_mtp else 0,
+                                swa_guard=swa_guard, unsafe_split_verify=unsafe_split_verify)
+            self.session = Session(self.model, ctx, mtp_model=self.mtp_model)
+        except BaseException:
+            self.close()
+            raise
+        self.draft = draft if use_mtp else 0
+        self.seed = seed if seed is not None else 0xFFFFFFFF
+        self._chat_template = chat_template
+        self._kv_tokens: list[int] = []   # mirror of the tokens in the target KV cache
+        self._stats_base = GenerationStats()
+
+    # ------------------------------------------------------------ lifecycle
+
+    def close(self) -> None:
+        for name in ("session", "mtp_model", "model"):
+            obj = getattr(self, name, None)
+            if obj is not None:
+                obj.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    @property
+    def closed(self) -> bool:
+        return self.session.closed if hasattr(self, "session") else True
+
+    # ------------------------------------------------------------- basics
+
+    @property
+    def n_ctx(self) -> int:
+        return self.session.n_ctx
+
+    @property
+    def info(self):
+        return self.model.info
+
+    @property
+    def stats(self) -> GenerationStats:
+        """Speculative-decoding counters since this Llama was created (or reset_stats)."""
+        return GenerationStats.from_native(self.session.stats()).minus(self._stats_base)
+
+    def reset_stats(self) -> None:
+        self._stats_base = GenerationStats.from_native(self.session.stats())
+
+    def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
+        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+
+    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+        return self.model.detokenize(tokens, unparse_special=special)
+
+    @staticmethod
+    def build_info() -> dict:
+        return build_info()
+
+    # --------------------------------------------------------- generation
+
+    def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                  frequency_penalty, seed) -> SamplingParams:
+        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
+                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
+                              frequency_penalty=frequency_penalty,
+                              seed=self.seed if seed is None else seed)
+
+    def _prompt_tokens(self, prompt) -> list[int]:
+        if isinstance(prompt, (str, bytes)):
+            tokens = self.tokenize(prompt, add_special=True, parse_special=True)
+        else:
+            tokens = [int(t) for t in prompt]
+            n_vocab = self.info.n_vocab
+            bad = [t for t in tokens if not 0 <= t < n_vocab]
+            if bad:
+                raise InvalidArgumentError(f"prompt token ids {bad[:5]} are outside [0, {n_vocab})")
+        if not tokens:
+            raise InvalidArgumentError("the prompt is empty (and the model adds no BOS token); give some text")
+        if len(tokens) >= self.n_ctx:
+            raise ContextFullError(
+                f"prompt has {len(tokens)} tokens but the context holds {self.n_ctx} (with room for at least one "
+                f"generated token); shorten the prompt or create the Llama with a larger n_ctx")
+        return tokens
+
+    def _load_prompt(self, tokens: list[int]) -> None:
+        """Make the KV cache hold ``tokens``, reusing the longest common prefix."""
+        common = 0
+        for a, b in zip(self._kv_tokens, tokens):
+            if a != b:
+                break
+            common += 1
+        keep = min(common, len(tokens) - 1)   # the last prompt token is decoded for its logits
+        try:
+            if keep == 0:
+                self.session.reset()
+            else:
+                self.session.rollback(keep)
+        except PmtpError:
+            keep = 0
+            self.session.reset()
+        self._kv_tokens = tokens[:keep]
+        self.session.prefill(tokens[keep:])
+        self._kv_tokens = list(tokens)
+
+    def _token_steps(self, tokens: list[int], max_tokens: int | None, sampling: SamplingParams,
+                     draft: int) -> Iterator[tuple[list[int], list[bool], str | None]]:
+        """Yield (tokens, from_draft, finish_reason) per step; EOG ends with "stop"."""
+        session = self.session
+        session.set_sampling(sampling)
+        self._kv_tokens = []  # unknown until the prompt is loaded
+        self._load_prompt(tokens)
+        generated = [session.sample()]
+        limit = max_tokens if max_tokens is not None else self.n_ctx
+        try:
+            step_tokens, step_draft = [generated[0]], [False]
+            while True:
+                out_toks, out_draft, finish = [], [], None
+                for tok, drafted in zip(step_tokens, step_draft):
+                    if self.model.is_eog(tok):
+                        finish = "stop"
+                        break
+                    out_toks.append(tok)
+                    out_draft.append(drafted)
+                    limit -= 1
+                    if limit == 0:
+                        finish = "length"
+                        break
+                if finish is None and session.n_past >= self.n_ctx:
+                    finish = "length"
+                yield out_toks, out_draft, finish
+                if finish is not None:
+                    return
+                result = session.step(draft)
+                generated.extend(result.tokens)
+                step_tokens, step_draft = result.tokens, result.from_draft
+        finally:
+            # Everything generated except the newest token is in the KV cache.
+            self._kv_tokens = tokens + generated[:-1]
+
+    def _call_args(self, prompt, max_tokens, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+                   min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
+                   frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None):
+        """Validate one call's options before anything runs; returns the arguments of _stream."""
+        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
+                                       or max_tokens < 1):
+            raise InvalidArgumentError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
+        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+                                  frequency_penalty, seed)
+        k = validate_draft(self.draft if draft is None else draft, self.draft)
+        return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
+
+    def stream(self, prompt, max_tokens: int | None = 256, **kwargs) -> Iterator[Chunk]:
+        """Generate from ``prompt`` (text or token ids), one chunk per decode step.
+
+        Options: temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
+        frequency_penalty, stop (str or list), seed, draft (MTP draft length for this call,
+        0 = plain decoding)."""
+        return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
+
+    def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
+        pieces = self.model.token_pieces
+        decoder = Utf8StreamDecoder()
+        matcher = StopMatcher(stops)
+        for toks, drafted, finish in self._token_steps(tokens, max_tokens, sampling, draft):
+            text = decoder.feed(b"".join(pieces[t] for t in toks))
+            safe, stopped = matcher.feed(text)
+            if stopped:
+                yield Chunk(safe, tuple(toks), tuple(drafted), "stop")
+                return
+            if finish is not None:
+                tail, stopped = matcher.feed(decoder.flush())
+                yield Chunk(safe + tail + ("" if stopped else matcher.flush()), tuple(toks), tuple(drafted),
+                            "stop" if stopped else finish)
+                return
+            yield Chunk(safe, tuple(toks), tuple(drafted))
+
+    def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
+        """Generate a whole completion; keyword arguments as for :meth:`stream`."""
+        args = self._call_args(prompt, max_tokens, **kwargs)
+        before = GenerationStats.from_native(self.session.stats())
+        t0 = time.perf_counter()
+        t_first = None
+        texts, tokens, finish = [], [], "length"
+        for chunk in self._stream(*args):
+            if t_first is None:
+                t_first = time.perf_counter()
+            texts.append(chunk.text)
+            tokens.extend(chunk.tokens)
+            finish = chunk.finish_reason or finish
+        t_end = time.perf_counter()
+        t_first = t_first or t_end
+        span = GenerationStats.from_native(self.session.stats()).minus(before)
+        stats = dataclasses.replace(span, n_prompt_tokens=len(args[0]), n_generated=len(tokens),
+                                    t_prompt_s=t_first - t0, t_generate_s=t_end - t_first)
+        return Completion("".join(texts), tuple(tokens), finish, len(args[0]), stats)
+
+    # --------------------------------------------------------------- chat
+
+    @property
+    def chat_template(self) -> str:
+        return self._chat_template or self.model.chat_template or DEFAULT_CHAT_TEMPLATE
+
+    def _special_text(self, token: int) -> str:
+        if token < 0:
+            return ""
+        return self.model.detokenize([token], unparse_special=True)
+
+    def render_chat(self, messages, *, add_generation_prompt: bool = True, **extra) -> str:
+        return render_chat(self.chat_template, messages, bos_token=self._special_text(self.info.token_bos),
+                           eos_token=self._special_text(self.info.token_eos),
+                           add_generation_prompt=add_generation_prompt, **extra)
+
+    def _chat_tokens(self, messages) -> list[int]:
+        text = self.render_chat(messages)
+        bos = self._special_text(self.info.token_bos)
+        add_bos = not (bos and text.startswith(bos))
+        return self.tokenize(text, add_special=add_bos, parse_special=True)
+
+    def chat(self, messages, max_tokens: int | None = 256, **kwargs) -> Completion:
+        """Render ``messages`` with the model's chat template and generate the reply."""
+        return self.generate(self._chat_tokens(messages), max_tokens, **kwargs)
+
+    def stream_chat(self, messages, max_tokens: int | None = 256, **kwargs) -> Iterator[Chunk]:
+        return self.stream(self._chat_tokens(messages), max_tokens, **kwargs)
+
+    # ------------------------------------------------------- OpenAI shapes
+
+    def _model_name(self) -> str:
+        return os.path.basename(self.model.path)
+
+    def _usage_extra(self, stats: GenerationStats) -> dict:
+        return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
+
+    def create_completion(self, prompt, max_tokens: int | None = 16, *, stream: bool = False, **kwargs):
+        """OpenAI ``/v1/completions`` shaped result (a dict, or an iterator of chunk dicts)."""
+        cid, created, name = openai_shapes.new_id("cmpl"), int(time.time()), self._model_name()
+        if stream:
+            chunks = self.stream(prompt, max_tokens, **kwargs)
+            return (openai_shapes.completion_chunk(cid, name, created, c.text, c.finish_reason) for c in chunks)
+        result = self.generate(prompt, max_tokens, **kwargs)
+        return openai_shapes.completion_response(cid, name, created, result.text, result.finish_reason,
+                                                 result.n_prompt_tokens, len(result.tokens),
+                                                 extra_usage=self._usage_extra(result.stats))
+
+    def create_chat_completion(self, messages, max_tokens: int | None = None, *, stream: bool = False, **kwargs):
+        """OpenAI ``/v1/chat/completions`` shaped result (a dict, or an iterator of chunk dicts)."""
+        cid, created, name = openai_shapes.new_id("chatcmpl"), int(time.time()), self._model_name()
+        tokens = self._chat_tokens(messages)
+        if stream:
+            return self._chat_chunks(cid, created, name, tokens, max_tokens, kwargs)
+        result = self.generate(tokens, max_tokens, **kwargs)
+        return openai_shapes.chat_response(cid, name, created, result.text, result.finish_reason,
+                                           result.n_prompt_tokens, len(result.tokens),
+                                           extra_usage=self._usage_extra(result.stats))
+
+    def _chat_chunks(self, cid, created, name, tokens, max_tokens, kwargs):
+        yield openai_shapes.chat_chunk(cid, name, created, {"role": "assistant", "content": ""}, None)
+        for c in self.stream(tokens, max_tokens, **kwargs):
+            if c.text:
+                yield openai_shapes.chat_chunk(cid, name, created, {"content": c.text}, None)
+            if c.finish_reason:
+                yield openai_shapes.chat_chunk(cid, name, created, {}, c.finish_reason)

@@ -1,0 +1,116 @@
+"""Speculative-decoding bookkeeping that needs no native code: the draft-length
+setting and the statistics users read (``llm.stats``, ``Completion.stats``).
+
+Glossary: a *draft* is a token proposed by an MTP head; *accepted* drafts are the
+ones the target model's own sampling agreed with; every verify step also yields one
+token sampled by the target (a *correction* when a draft was rejected, a *bonus*
+when all were accepted).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from .config import MAX_DRAFT
+from .errors import InvalidArgumentError
+
+
+def validate_draft(draft, draft_max: int) -> int:
+    """A per-call draft length: an int in [0, draft_max] (0 = plain decoding)."""
+    if draft == "auto":
+        raise NotImplementedError(
+            "draft='auto' (adaptive draft length) is not implemented yet; pass an int draft length")
+    if not isinstance(draft, int) or isinstance(draft, bool):
+        raise InvalidArgumentError(f"draft must be an int, got {draft!r}")
+    if draft < 0 or draft > max(draft_max, 0):
+        raise InvalidArgumentError(
+            f"draft={draft} is outside [0, {draft_max}]: this Llama keeps {draft_max} MTP head(s) ready; "
+            f"create it with a larger draft (at most {MAX_DRAFT}, and at most the number of chained heads)")
+    return draft
+
+
+@dataclass(frozen=True)
+class GenerationStats:
+    """Counters and timings of speculative decoding over some span of generation."""
+    n_steps: int = 0              # verify steps (plain one-token decodes are not counted)
+    drafted: int = 0
+    accepted: int = 0
+    emitted: int = 0              # tokens that verify steps produced (accepted + sampled)
+    drafted_per_position: tuple[int, ...] = ()
+    accepted_per_position: tuple[int, ...] = ()
+    swa_recoveries: int = 0
+    t_draft_s: float = 0.0
+    t_verify_s: float = 0.0
+    t_catchup_s: float = 0.0
+    t_prefill_s: float = 0.0
+    t_decode_s: float = 0.0
+    n_prompt_tokens: int = 0
+    n_generated: int = 0
+    t_prompt_s: float = 0.0       # wall time: prompt processing up to the first token
+    t_generate_s: float = 0.0     # wall time: the rest of the generation
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def acceptance_rate(self) -> float:
+        return self.accepted / self.drafted if self.drafted else 0.0
+
+    @property
+    def acceptance_per_position(self) -> tuple[float, ...]:
+        """P(draft i accepted | draft i proposed), for i = 0, 1, ..."""
+        return tuple(a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position) if d)
+
+    @property
+    def mean_accepted_length(self) -> float:
+        """Accepted drafts per verify step."""
+        return self.accepted / self.n_steps if self.n_steps else 0.0
+
+    @property
+    def tokens_per_second(self) -> float:
+        """Generated tokens after the first, over the time they took (decode speed)."""
+        n = self.n_generated - 1
+        return n / self.t_generate_s if n > 0 and self.t_generate_s > 0 else 0.0
+
+    @property
+    def prompt_tokens_per_second(self) -> float:
+        return self.n_prompt_tokens / self.t_prompt_s if self.t_prompt_s > 0 else 0.0
+
+    @classmethod
+    def from_native(cls, raw: dict, **extra) -> "GenerationStats":
+        return cls(n_steps=raw["n_steps"], drafted=raw["n_drafted"], accepted=raw["n_accepted"],
+                   emitted=raw["n_emitted"], drafted_per_position=tuple(raw["drafted_at"]),
+                   accepted_per_position=tuple(raw["accepted_at"]), swa_recoveries=raw["swa_recoveries"],
+                   t_draft_s=raw["t_draft_s"], t_verify_s=raw["t_verify_s"], t_catchup_s=raw["t_catchup_s"],
+                   t_prefill_s=raw["t_prefill_s"], t_decode_s=raw["t_decode_s"], **extra)
+
+    def minus(self, before: "GenerationStats") -> "GenerationStats":
+        """The span between two snapshots of cumulative native counters."""
+        def sub(a, b):
+            return tuple(x - y for x, y in zip(a, b))
+        return GenerationStats(
+            n_steps=self.n_steps - before.n_steps, drafted=self.drafted - before.drafted,
+            accepted=self.accepted - before.accepted, emitted=self.emitted - before.emitted,
+            drafted_per_position=sub(self.drafted_per_position, before.drafted_per_position),
+            accepted_per_position=sub(self.accepted_per_position, before.accepted_per_position),
+            swa_recoveries=self.swa_recoveries - before.swa_recoveries,
+            t_draft_s=self.t_draft_s - before.t_draft_s, t_verify_s=self.t_verify_s - before.t_verify_s,
+            t_catchup_s=self.t_catchup_s - before.t_catchup_s, t_prefill_s=self.t_prefill_s - before.t_prefill_s,
+            t_decode_s=self.t_decode_s - before.t_decode_s)
+
+    def as_dict(self) -> dict:
+        return {
+            "n_steps": self.n_steps, "drafted": self.drafted, "accepted": self.accepted,
+            "acceptance_rate": self.acceptance_rate,
+            "acceptance_per_position": list(self.acceptance_per_position),
+            "mean_accepted_length": self.mean_accepted_length,
+            "swa_recoveries": self.swa_recoveries,
+            "t_draft_s": self.t_draft_s, "t_verify_s": self.t_verify_s, "t_catchup_s": self.t_catchup_s,
+            "n_prompt_tokens": self.n_prompt_tokens, "n_generated": self.n_generated,
+            "t_prompt_s": self.t_prompt_s, "t_generate_s": self.t_generate_s,
+            "tokens_per_second": self.tokens_per_second,
+        }
+
+    def __str__(self) -> str:
+        d = self.as_dict()
+        per_pos = ", ".join(f"{x:.2f}" for x in d["acceptance_per_position"]) or "-"
+        return (f"drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.1%}), "
+                f"per position [{per_pos}], mean accepted {self.mean_accepted_length:.2f}/step, "
+                f"{self.tokens_per_second:.1f} tok/s")
