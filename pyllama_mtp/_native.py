@@ -33,6 +33,8 @@ _STATUS_ERRORS = {
 }
 
 log = logging.getLogger("pyllama_mtp.llama_cpp")
+# Quiet unless the application configures logging (or Llama(verbose=True) does).
+log.addHandler(logging.NullHandler())
 # ggml_log_level -> logging level
 _LOG_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR, 5: logging.DEBUG}
 

@@ -109,11 +109,6 @@ def main() -> int:
     want = stamp_text(pin)
     if not args.force and STAMP.exists() and STAMP.read_text() == want:
         return 0
-    if not args.force and STAMP.exists() is False and (DEST / "CMakeLists.txt").exists() \
-            and not (ROOT / ".git").exists():
-        # An sdist of this package ships the extracted, patched tree without a stamp
-        # being re-creatable from git; trust it.
-        return 0
     with tempfile.TemporaryDirectory() as work:
         sdist = args.sdist or download_sdist(pin, Path(work))
         digest = sha256_of(sdist)

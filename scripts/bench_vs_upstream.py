@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Side-by-side decode benchmark on one oracle step35 GGUF, all in one run:
+
+  * upstream llama-bench tg (plain decode ceiling of the same library),
+  * upstream llama-server, plain and with its draft-mtp speculative decoding,
+  * ours: MTP off (draft 0) and MTP on (draft k),
+  * ours: the MTP speedup predicted from the same run's component timings
+    (one-token decode, verify of k+1 rows, drafting, head catch-up).
+
+Upstream binaries come from the same pinned tree (scripts/build_upstream.sh builds
+them into build/upstream). Every figure is measured in this process, interleaved
+over several rounds, and medians are reported.
+
+    python scripts/bench_vs_upstream.py --size-gb 2.2 --acceptance 0.9 --draft 3 -t 2 -n 128
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+UPSTREAM_BIN = ROOT / "build" / "upstream" / "bin"
+
+
+def ensure_upstream() -> None:
+    if not (UPSTREAM_BIN / "llama-server").exists() or not (UPSTREAM_BIN / "llama-bench").exists():
+        subprocess.run(["bash", str(ROOT / "scripts" / "build_upstream.sh")], check=True)
+
+
+def ensure_model(path: Path, size_gb: float, acceptance: float) -> Path:
+    if not path.exists():
+        from pyllama_mtp import testing
+        t0 = time.perf_counter()
+        testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,
+                             **testing.oracle_size_for(size_gb * 1e9))
+        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f}s",
+              file=sys.stderr)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def llama_bench_tg(model: Path, threads: int, n_gen: int) -> float:
+    out = subprocess.run([str(UPSTREAM_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0",
+                          "-n", str(n_gen), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)[0]["avg_ts"]
+
+
+class UpstreamServer:
+    def __init__(self, model: Path, threads: int, draft: int, n_ctx: int):
+        self.port = free_port()
+        cmd = [str(UPSTREAM_BIN / "llama-server"), "-m", str(model), "-t", str(threads), "--port", str(self.port),
+               "--host", "127.0.0.1", "-c", str(n_ctx), "-np", "1", "--no-webui"]
+        if draft:
+            cmd += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(draft), "--spec-draft-n-min", "0",
+                    "--spec-draft-p-min", "0"]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 300
+        while time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{self.port}/health", timeout=2) as r:
+                    if r.status == 200:
+                        return
+            except OSError:
+                time.sleep(0.5)
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited: {self.proc.stderr.read()[-2000:]}")
+        raise RuntimeError("llama-server did not become ready")
+
+    def complete(self, prompt_tokens: list[int], n_gen: int) -> dict:
+        body = json.dumps({"prompt": prompt_tokens, "n_predict": n_gen, "temperature": 0, "top_k": 1,
+                           "ignore_eos": True, "cache_prompt": False, "samplers": ["top_k"]}).encode()
+        req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
+                                     headers={"Content-Type": "application/json"})
+        with urllib.request.urlopen(req, timeout=600) as r:
+            return json.loads(r.read())
+
+    def close(self):
+        self.proc.terminate()
+        try:
+            self.proc.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+
+
+def ours(llm, prompt: list[int], n_gen: int, draft: int) -> dict:
+    llm.session.reset()
+    llm._kv_tokens = []
+    result = llm.generate(prompt, max_tokens=n_gen, draft=draft)
+    return {"tps": result.stats.tokens_per_second, "stats": result.stats, "tokens": result.tokens}
+
+
+def predicted_speedup(plain: dict, mtp: dict) -> float:
+    """Tokens per MTP step x (time of one plain decode) / (time of one MTP step), from
+    the component timers of the same run."""
+    p, m = plain["stats"], mtp["stats"]
+    t_token = p.t_generate_s / max(p.n_generated - 1, 1)
+    steps = max(m.n_steps, 1)
+    t_step = (m.t_draft_s + m.t_verify_s + m.t_catchup_s) / steps
+    tokens_per_step = (m.accepted + m.n_steps) / steps
+    return tokens_per_step * t_token / t_step
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="oracle GGUF (default: generate one under build/bench)")
+    ap.add_argument("--size-gb", type=float, default=2.2)
+    ap.add_argument("--acceptance", type=float, default=0.9)
+    ap.add_argument("--draft", type=int, default=3)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-n", "--n-gen", type=int, default=128)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args()
+
+    from pyllama_mtp import Llama
+    ensure_upstream()
+    model = args.model or ROOT / "build" / "bench" / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}.gguf"
+    model.parent.mkdir(parents=True, exist_ok=True)
+    ensure_model(model, args.size_gb, args.acceptance)
+    n_ctx = 1024
+    prompt = [10, 11, 12, 13]
+
+    rows: dict[str, list[float]] = {k: [] for k in ("bench_tg", "up_plain", "up_mtp", "ours_plain", "ours_mtp",
+                                                     "predicted", "up_accept", "ours_accept")}
+    llm = Llama(model, n_ctx=n_ctx, threads=args.threads, mtp=True, draft=args.draft)
+    try:
+        for r in range(args.rounds):
+            rows["bench_tg"].append(llama_bench_tg(model, args.threads, args.n_gen))
+            for draft, key in ((0, "up_plain"), (args.draft, "up_mtp")):
+                server = UpstreamServer(model, args.threads, draft, n_ctx)
+                try:
+                    server.complete(prompt, 8)  # warm-up
+                    res = server.complete(prompt, args.n_gen)
+                    rows[key].append(res["timings"]["predicted_per_second"])
+                    if draft:
+                        t = res["timings"]
+                        rows["up_accept"].append(t.get("draft_n_accepted", 0) / max(t.get("draft_n", 1), 1))
+                finally:
+                    server.close()
+            ours(llm, prompt, 8, 0)  # warm-up
+            plain = ours(llm, prompt, args.n_gen, 0)
+            mtp = ours(llm, prompt, args.n_gen, args.draft)
+            assert plain["tokens"] == mtp["tokens"], "MTP output differs from plain output"
+            rows["ours_plain"].append(plain["tps"])
+            rows["ours_mtp"].append(mtp["tps"])
+            rows["ours_accept"].append(mtp["stats"].acceptance_rate)
+            rows["predicted"].append(predicted_speedup(plain, mtp))
+            print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in rows.items() if v), file=sys.stderr)
+    finally:
+        llm.close()
+
+    med = {k: statistics.median(v) for k, v in rows.items() if v}
+    summary = {
+        "model": str(model), "model_gb": model.stat().st_size / 1e9, "threads": args.threads,
+        "draft": args.draft, "n_gen": args.n_gen, "rounds": args.rounds, **{k: round(v, 3) for k, v in med.items()},
+        "ours_mtp_vs_upstream_mtp": round(med["ours_mtp"] / med["up_mtp"], 3),
+        "ours_plain_vs_llama_bench": round(med["ours_plain"] / med["bench_tg"], 3),
+        "ours_speedup": round(med["ours_mtp"] / med["ours_plain"], 3),
+        "upstream_speedup": round(med["up_mtp"] / med["up_plain"], 3),
+        "achieved_vs_predicted": round((med["ours_mtp"] / med["ours_plain"]) / med["predicted"], 3),
+    }
+    print(json.dumps(summary, indent=2))
+    if args.json:
+        args.json.write_text(json.dumps(summary, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

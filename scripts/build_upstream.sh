@@ -1,0 +1,13 @@
+#!/usr/bin/env bash
+# Build upstream llama.cpp's own tools (llama-bench, llama-server) from the same pinned,
+# patched tree, for side-by-side benchmarks. Output: build/upstream/bin.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python scripts/fetch_llama_cpp.py
+launcher=()
+if command -v ccache >/dev/null 2>&1; then
+    launcher=(-DCMAKE_C_COMPILER_LAUNCHER=ccache -DCMAKE_CXX_COMPILER_LAUNCHER=ccache)
+fi
+cmake -S vendor/llama.cpp -B build/upstream -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON \
+    -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=ON "${launcher[@]}" "$@"
+cmake --build build/upstream --target llama-bench llama-server

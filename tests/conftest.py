@@ -1,0 +1,45 @@
+"""Shared fixtures: tiny GGUF models written once per test session by the
+package's own model factory (no downloads)."""
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+from pyllama_mtp import testing
+
+
+@pytest.fixture(scope="session")
+def models_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("models")
+
+
+@pytest.fixture(scope="session")
+def llama_path(models_dir):
+    return str(testing.write_llama(models_dir / "llama.gguf", seed=0))
+
+
+@pytest.fixture(scope="session")
+def step35_path(models_dir):
+    """Random step35: MoE trunk, window 8, 3 chained MTP heads (low acceptance)."""
+    return str(testing.write_step35(models_dir / "step35.gguf", seed=0, n_swa=8))
+
+
+@pytest.fixture(scope="session")
+def step35_pair(models_dir):
+    """The same random step35 weights as a trunk-only and an MTP-only file."""
+    trunk, mtp = testing.write_step35_pair(models_dir / "pair", seed=3, n_swa=8)
+    return str(trunk), str(mtp)
+
+
+@pytest.fixture(scope="session")
+def oracle_path(models_dir):
+    return str(testing.write_step35(models_dir / "oracle.gguf", seed=5, oracle=True, acceptance=1.0))
+
+
+def run_isolated(code: str, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run code in a fresh interpreter: a crash there cannot take the test run down."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
+                          timeout=timeout)

@@ -1,0 +1,204 @@
+"""MTP speculative decoding is lossless: greedy output with MTP equals plain greedy
+output token for token, for every draft length and batch layout; rollback is exact;
+the sliding-window guard catches the unsafe layout."""
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pyllama_mtp import Llama
+from pyllama_mtp.config import ContextConfig, ModelConfig
+from pyllama_mtp.engine import Model, Session
+
+N_GEN = 320          # many times the sliding window (8)
+WINDOW = 8
+
+
+def prompt_of(llm, n):
+    """A deterministic prompt of exactly n tokens."""
+    rng = np.random.default_rng(n)
+    return [int(t) for t in rng.integers(3, llm.info.n_vocab - 8, size=n)]
+
+
+@pytest.fixture(scope="module")
+def plain(step35_path):
+    with Llama(step35_path, n_ctx=1024, threads=2) as llm:
+        yield llm
+
+
+@pytest.fixture(scope="module")
+def mtp3(step35_path):
+    with Llama(step35_path, n_ctx=1024, threads=2, mtp=True, draft=3) as llm:
+        yield llm
+
+
+@pytest.mark.parametrize("prompt_len", [1, WINDOW // 2, 3 * WINDOW + 1])
+def test_greedy_mtp_equals_plain_across_swa_window(plain, mtp3, prompt_len):
+    prompt = prompt_of(plain, prompt_len)
+    expected = plain.generate(prompt, max_tokens=N_GEN).tokens
+    assert len(expected) == N_GEN
+    for draft in (1, 2, 3):
+        got = mtp3.generate(prompt, max_tokens=N_GEN, draft=draft)
+        assert got.tokens == expected, f"draft={draft} diverged at {first_diff(got.tokens, expected)}"
+        assert got.stats.drafted > 0
+
+
+@pytest.mark.parametrize("seed", [21, 22, 23, 24])
+def test_greedy_mtp_equals_plain_on_more_random_models(tmp_path, seed):
+    """Near-ties between the top two logits are where batch-dependent arithmetic
+    would flip a greedy token: more models, more chances to catch one."""
+    from pyllama_mtp import testing
+    path = str(testing.write_step35(tmp_path / f"s{seed}.gguf", seed=seed, n_swa=8))
+    with Llama(path, n_ctx=1024, threads=2) as plain_llm:
+        prompt = prompt_of(plain_llm, 7)
+        expected = plain_llm.generate(prompt, max_tokens=N_GEN).tokens
+    with Llama(path, n_ctx=1024, threads=2, mtp=True, draft=3) as llm:
+        for draft in (1, 3):
+            assert llm.generate(prompt, max_tokens=N_GEN, draft=draft).tokens == expected
+
+
+@pytest.mark.parametrize("n_ubatch", [4, 512])
+def test_greedy_mtp_equals_plain_with_minimal_and_large_ubatch(step35_path, plain, n_ubatch):
+    prompt = prompt_of(plain, 2 * WINDOW + 3)
+    expected = plain.generate(prompt, max_tokens=N_GEN).tokens
+    with Llama(step35_path, n_ctx=1024, threads=2, mtp=True, draft=3, n_ubatch=n_ubatch, n_batch=n_ubatch) as llm:
+        assert llm.generate(prompt, max_tokens=N_GEN).tokens == expected
+
+
+def test_n_ubatch_is_raised_to_hold_a_whole_verify_batch(step35_path):
+    with Llama(step35_path, n_ctx=256, threads=1, mtp=True, draft=3, n_ubatch=1, n_batch=1) as llm:
+        assert llm.session.n_ubatch == 4
+
+
+def test_trunk_only_plus_mtp_only_pair_is_lossless(step35_pair):
+    trunk, mtp_only = step35_pair
+    with Llama(trunk, n_ctx=1024, threads=2) as plain_llm:
+        prompt = prompt_of(plain_llm, 11)
+        expected = plain_llm.generate(prompt, max_tokens=N_GEN).tokens
+    with Llama(trunk, n_ctx=1024, threads=2, mtp=mtp_only, draft=3) as llm:
+        for draft in (1, 2, 3):
+            got = llm.generate(prompt, max_tokens=N_GEN, draft=draft)
+            assert got.tokens == expected
+            assert got.stats.drafted > 0
+
+
+def test_oracle_model_accepts_almost_everything_and_takes_bonus_tokens(oracle_path):
+    with Llama(oracle_path, n_ctx=512, threads=2) as plain_llm:
+        expected = plain_llm.generate("a", max_tokens=120).tokens
+    with Llama(oracle_path, n_ctx=512, threads=2, mtp=True, draft=3) as llm:
+        got = llm.generate("a", max_tokens=120)
+    assert got.tokens == expected
+    assert got.stats.acceptance_rate > 0.9
+    assert got.stats.mean_accepted_length > 2.5   # most steps accept all 3 and add a bonus token
+
+
+def test_streamed_chunks_say_which_tokens_came_from_the_draft(oracle_path):
+    with Llama(oracle_path, n_ctx=512, threads=2, mtp=True, draft=3) as llm:
+        chunks = list(llm.stream("a", max_tokens=60))
+    flags = [f for c in chunks for f in c.from_draft]
+    assert sum(flags) > len(flags) // 2
+    for c in chunks[1:-1]:
+        assert c.from_draft[-1] is False  # the token sampled by the target closes every step
+
+
+def test_mtp_and_plain_give_same_output_with_penalties(plain, mtp3):
+    prompt = prompt_of(plain, 5)
+    kw = dict(max_tokens=120, repeat_penalty=1.3, frequency_penalty=0.2)
+    assert mtp3.generate(prompt, **kw).tokens == plain.generate(prompt, **kw).tokens
+
+
+def test_stats_count_drafts_per_position(mtp3, plain):
+    mtp3.reset_stats()
+    result = mtp3.generate(prompt_of(plain, 3), max_tokens=60, draft=3)
+    stats = mtp3.stats
+    assert stats.drafted == result.stats.drafted > 0
+    assert stats.drafted_per_position[0] >= stats.drafted_per_position[1] >= stats.drafted_per_position[2] > 0
+    assert 0.0 <= stats.acceptance_rate <= 1.0
+    assert len(stats.acceptance_per_position) == 3
+
+
+def first_diff(a, b):
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+class TestRollback:
+    """Force accept/reject patterns through the granular verbs and compare the
+    target's next-token logits with a fresh context that never saw rejected tokens."""
+
+    @pytest.fixture(scope="class")
+    def model(self, step35_path):
+        with Model(ModelConfig(step35_path, load_mtp=True)) as m:
+            yield m
+
+    def fresh_logits(self, model, tokens):
+        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
+            s.prefill(tokens)
+            return s.logits()
+
+    @pytest.mark.parametrize("pattern", ["rrr", "arr", "aar", "aaa", "ar", "a", "r"])
+    def test_every_accept_reject_pattern_leaves_exact_state(self, model, pattern):
+        with Session(model, ContextConfig(n_ctx=256, threads=2, draft_max=3)) as s:
+            prompt = list(range(10, 10 + 2 * WINDOW + 1))
+            s.prefill(prompt)
+            first = s.sample()
+            history = prompt + [first]
+            # learn the target's own greedy continuation to build drafts that will be accepted
+            truth = self.greedy_continuation(model, history, len(pattern))
+            drafts = [t if c == "a" else (t + 1) % model.info.n_vocab for t, c in zip(truth, pattern)]
+            result = s.verify(drafts)
+            n_acc = pattern.index("r") if "r" in pattern else len(pattern)
+            assert result.n_accepted == n_acc
+            assert list(result.tokens) == truth[:n_acc + 1]
+            # the state now holds history + accepted drafts; the pending token is not decoded yet
+            s.step(0)
+            expected = self.fresh_logits(model, history + truth[:n_acc + 1])
+            np.testing.assert_allclose(s.logits(), expected, rtol=1e-4, atol=1e-4)
+
+    def greedy_continuation(self, model, tokens, n):
+        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
+            s.prefill(tokens)
+            out = []
+            for _ in range(n + 1):
+                out.append(int(np.argmax(s.logits())))
+                s.prefill([out[-1]])
+            return out
+
+
+def generate_tokens(session, prompt, n, draft):
+    """Drive the granular session API; returns the tokens now in the KV cache."""
+    session.reset()
+    session.prefill(prompt)
+    history, pending = list(prompt), session.sample()
+    while len(history) < n:
+        result = session.step(draft)
+        history += [pending, *result.tokens[:-1]]
+        pending = result.tokens[-1]
+    session.step(0)   # decode the pending token too: the logits then follow all of history
+    return history + [pending]
+
+
+def test_swa_guard_catches_split_verify_and_recovers(tmp_path):
+    """With n_ubatch=1 a verify batch is split over ubatches; on a model whose window
+    nearly fills the 256-cell SWA cache, the later ubatches reuse cells that the next
+    token still attends to. Unguarded, the target's state drifts from a plain run's;
+    the guard detects the loss after each rollback and re-prefills, so the state stays
+    identical to plain decoding with the same layout."""
+    from pyllama_mtp import testing
+    path = str(testing.write_step35(tmp_path / "wide-window.gguf", seed=11, n_swa=255))
+    layout = dict(n_ctx=1024, threads=2, n_ubatch=1, n_batch=64)
+    with Model(ModelConfig(path, load_mtp=True)) as model:
+        drift = {}
+        for guard in (True, False):
+            config = ContextConfig(draft_max=3, unsafe_split_verify=True, swa_guard=guard, **layout)
+            with Session(model, config) as s:
+                assert s.n_ubatch == 1
+                history = generate_tokens(s, [5], 300, draft=3)
+                recoveries = s.stats()["swa_recoveries"]
+                got = s.logits()
+            with Session(model, ContextConfig(**layout)) as plain_session:
+                plain_session.prefill(history)
+                drift[guard] = float(np.abs(got - plain_session.logits()).max())
+            if guard:
+                assert recoveries > 0
+        assert drift[True] < 1e-5, drift
+        assert drift[False] > 1e-3, drift
