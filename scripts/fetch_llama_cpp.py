@@ -63,9 +63,20 @@ def download_sdist(pin: dict[str, str], workdir: Path) -> Path:
     for cached in cache.glob(f"*{pin['version']}.tar.gz"):
         if sha256_of(cached) == pin["sha256"]:
             return cached
-    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary",
-           pin["package"], f"{pin['package']}=={pin['version']}", "-d", str(workdir)]
-    subprocess.run(cmd, check=True)
+    args = ["download", "--no-deps", "--no-binary", pin["package"], f"{pin['package']}=={pin['version']}",
+            "-d", str(workdir)]
+    # Inside pip's isolated build environment PYTHONPATH hides the interpreter's own
+    # pip; the download needs the real one.
+    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONNOUSERSITE", "PYTHONHOME")}
+    for launcher in ([sys.executable, "-m", "pip"], [shutil.which("pip3") or "pip3"], [shutil.which("pip") or "pip"]):
+        try:
+            if subprocess.run(launcher + args, env=env).returncode == 0:
+                break
+        except OSError:
+            continue
+    else:
+        raise SystemExit("could not download the pinned llama.cpp sdist with pip; "
+                         "run `python scripts/fetch_llama_cpp.py` with network access first")
     found = list(workdir.glob("*.tar.gz"))
     if len(found) != 1:
         raise SystemExit(f"expected one sdist from pip download, found {found}")

@@ -12,7 +12,7 @@ import sys
 from ..config import SamplingParams
 from ..errors import PmtpError
 from . import builtin, output
-from .params import UsageError, expand, parse_choice_list, parse_draft_list, parse_int_list, parse_pairs, tests_for
+from .params import UsageError, expand, parse_choice_list, parse_draft_list, parse_int_list, parse_pairs, bench_tests
 from .runner import InstanceRunner, environment
 
 _KV_TYPES = {"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1"}
@@ -85,7 +85,7 @@ def run(args) -> list[dict]:
         drafts = parse_draft_list(args.draft) if args.draft else builtin.default_drafts(path)
         if "auto" in drafts:
             raise NotImplementedError("--draft auto (adaptive draft length) is not implemented yet")
-        tests = tests_for(n_prompt, n_gen, pg, depths, drafts)
+        tests = bench_tests(n_prompt, n_gen, pg, depths, drafts)
         n_ctx = max((t.n_depth + t.n_prompt + t.n_gen + 16 for t in tests), default=256)
         runner = InstanceRunner(path, inst, n_ctx, max(drafts), args.seed)
         try:

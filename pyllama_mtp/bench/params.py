@@ -83,7 +83,7 @@ class Instance:
 
 
 @dataclass(frozen=True)
-class Test:
+class BenchTest:
     n_prompt: int
     n_gen: int
     n_depth: int
@@ -104,15 +104,15 @@ def expand(models, threads, ngl, batch, ubatch, ctk, ctv, fa) -> list[Instance]:
     return [Instance(*values) for values in itertools.product(models, threads, ngl, batch, ubatch, ctk, ctv, fa)]
 
 
-def tests_for(n_prompt, n_gen, pg, depths, drafts) -> list[Test]:
+def bench_tests(n_prompt, n_gen, pg, depths, drafts) -> list[BenchTest]:
     tests = []
     for depth in depths:
         for p in n_prompt:
             if p > 0:
-                tests.append(Test(p, 0, depth, 0))
+                tests.append(BenchTest(p, 0, depth, 0))
         for n in n_gen:
             if n > 0:
-                tests.extend(Test(0, n, depth, d) for d in drafts)
+                tests.extend(BenchTest(0, n, depth, d) for d in drafts)
         for p, n in pg:
-            tests.extend(Test(p, n, depth, d) for d in drafts)
+            tests.extend(BenchTest(p, n, depth, d) for d in drafts)
     return tests

@@ -12,13 +12,13 @@ import numpy as np
 
 from ..config import ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
-from .params import Instance, Test
+from .params import Instance, BenchTest
 
 
 @dataclass
 class Measurement:
     instance: Instance
-    test: Test
+    test: BenchTest
     samples_ns: list[int] = field(default_factory=list)
     drafted: int = 0
     accepted: int = 0
@@ -76,7 +76,7 @@ class InstanceRunner:
     def _random_tokens(self, n: int) -> list[int]:
         return self.rng.integers(0, self.n_vocab, size=n).tolist()
 
-    def _run_once(self, test: Test, m: Measurement | None, sampling: SamplingParams) -> int:
+    def _run_once(self, test: BenchTest, m: Measurement | None, sampling: SamplingParams) -> int:
         s = self.session
         s.reset()
         s.set_sampling(sampling)
@@ -107,7 +107,7 @@ class InstanceRunner:
                 m.accepted_at[i] += after["accepted_at"][i] - before["accepted_at"][i]
         return elapsed
 
-    def run(self, test: Test, repetitions: int, sampling: SamplingParams) -> Measurement:
+    def run(self, test: BenchTest, repetitions: int, sampling: SamplingParams) -> Measurement:
         m = Measurement(self.instance, test)
         self._run_once(test, None, sampling)  # warm-up
         for _ in range(repetitions):
