@@ -106,8 +106,9 @@ double now_s();
 void mtp_heads_create(pmtp_session * s, const pmtp_model * mtp_model, int32_t draft_max);
 void mtp_reset(pmtp_session * s);
 void mtp_rollback(pmtp_session * s, int32_t n_keep);
-// Rows [pos0, pos0 + n) of the target just decoded: tokens and their hidden states.
-void mtp_catch_up(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
-                  const float * h_rows, size_t n, llama_pos pos0);
+// Queue rows [pos0, pos0 + n) for the heads: tokens[i] pairs with the target's hidden
+// state of the row before it (h_prev_first for i = 0, then h_rows[i - 1]).
+void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
+                   const float * h_rows, size_t n, llama_pos pos0);
 size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out);
 void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_step_result * out);

@@ -1,22 +1,28 @@
 // The MTP state machine: heads, draft, verify, accept, rollback, catch-up.
 //
-// State between calls (P = n_past, t = the pending token at position P):
-//   target KV holds positions [0, P); every head's KV holds [0, P], where the
-//   row at position p pairs token[p] with the target's hidden state h[p - 1]
-//   ("clean" rows, the same inputs upstream feeds its catch-up). Head 0 has
-//   already run the row of t, so the first draft d1 and head 0's hidden output
-//   g0 are cached.
+// A head's KV row at position p pairs token[p] with the target's hidden state
+// h[p - 1] ("clean" rows, the inputs upstream's catch-up uses). The target hands
+// every such row to a queue as soon as it knows it (prefill, plain decode, the
+// accepted part of a verify, the newly sampled token); the heads take the queued
+// rows only when they next draft, in the same decode as their draft rows, so a
+// cycle costs one decode per head and plain decoding with MTP enabled costs the
+// heads nothing (the queue is flushed in large batches if it grows).
 //
-// Drafting k tokens: d1 is cached; draft step j (1 <= j < k) runs rows
-// P+1 .. P+j on head j (chained heads, step35) or only row P+j on the single
-// head (qwen35 and friends), feeding d_m with the previous step's hidden output.
-// Those draft rows are "dirty" and are dropped by the next catch-up.
+// State between calls (P = n_past, t = the pending token at position P): target
+// KV holds [0, P); head j holds clean rows [0, n_clean[j]); the queue holds the
+// rows [queue_pos0, P] that some head still lacks (row P is t's).
+//
+// Drafting k tokens: head j (chained heads, step35) runs its missing clean rows up
+// to P plus the draft rows P+1 .. P+j, whose inputs are d_m with the previous head's
+// hidden output; its last row yields d_{j+1}. The single head of qwen35 and friends
+// runs its clean rows and row P once, then one row per further draft step. Draft
+// rows are "dirty" and are dropped before the head next runs.
 //
 // Verify: the target decodes [t, d1..dk] in one batch; tokens are sampled row by
-// row with the session's sampler and drafts accepted while they match. The
-// target keeps P .. P+n (n accepted), the new pending token s sits at P+n+1.
-// Catch-up then runs only rows P+1 .. P+n+1 on each head (accepted drafts + s),
-// where upstream re-runs all k+1 verify rows on every head.
+// row with the session's sampler and drafts accepted while they match. The target
+// keeps P .. P+n (n accepted), the new pending token s sits at P+n+1, and only the
+// rows P+1 .. P+n+1 (accepted drafts, then s) join the queue; upstream re-runs all
+// k+1 verify rows on every head after every verify.
 //
 // Each chained head has its own context, so its KV is never disturbed by another
 // head's rows; upstream shares one context and relies on cells being reused in
@@ -37,13 +43,21 @@ struct mtp_head {
 struct mtp_heads {
     const pmtp_model *    model = nullptr;   // the model holding the MTP blocks
     std::vector<mtp_head> heads;
+    std::vector<int32_t>  n_clean;           // per head: clean rows [0, n_clean)
     bool                  chained = false;   // one trained head per draft step
     int32_t               n_embd  = 0;
     int32_t               n_vocab = 0;
 
-    bool                  have_d1 = false;   // head 0 ran the pending token's row
+    // rows some head still lacks: position queue_pos0 + i pairs queue_tok[i] with queue_h[i]
+    llama_pos                queue_pos0 = 0;
+    std::vector<llama_token> queue_tok;
+    std::vector<float>       queue_h;        // [queue_tok.size(), n_embd]
+
     std::vector<llama_token> d;              // drafts of the current cycle, [k]
     std::vector<float>    g;                 // hidden outputs, g[m] feeds d[m], [k, n_embd]
+
+    llama_pos queue_end() const { return queue_pos0 + (llama_pos) queue_tok.size(); }
+    const float * queue_row(llama_pos pos) const { return queue_h.data() + (size_t) (pos - queue_pos0) * n_embd; }
 };
 
 void mtp_heads_deleter::operator()(mtp_heads * h) const { delete h; }
@@ -181,63 +195,124 @@ void mtp_heads_create(pmtp_session * s, const pmtp_model * m, int32_t draft_max)
     for (int32_t i = 0; i < n_heads; ++i) {
         s->heads->heads.push_back(make_head(s, m, i));
     }
+    s->heads->n_clean.assign(s->heads->heads.size(), 0);
     s->heads->d.assign((size_t) draft_max + 1, 0);
     s->heads->g.assign((size_t) (draft_max + 1) * s->heads->n_embd, 0.0f);
     s->last_h.assign((size_t) s->n_embd, 0.0f);
 }
 
+namespace {
+
+// Drop queued rows that every head has taken; the newest row stays so that a head
+// can always run it again (a second pmtp_draft from the same pending token).
+void queue_trim(mtp_heads & H) {
+    const llama_pos base = std::min(*std::min_element(H.n_clean.begin(), H.n_clean.end()), H.queue_end() - 1);
+    if (base > H.queue_pos0) {
+        const size_t n = (size_t) (base - H.queue_pos0);
+        H.queue_tok.erase(H.queue_tok.begin(), H.queue_tok.begin() + n);
+        H.queue_h.erase(H.queue_h.begin(), H.queue_h.begin() + n * H.n_embd);
+        H.queue_pos0 = base;
+    }
+}
+
+// Run head j over its missing clean rows [n_clean, end) and then `extra` draft rows
+// P+1 .. P+extra (tokens d[0..extra), hidden inputs g[0..extra)); end is P+1 when drafting.
+void head_run(pmtp_session * s, size_t j, llama_pos end, int32_t extra) {
+    mtp_heads & H = *s->heads;
+    mtp_head & h = H.heads[j];
+    const llama_pos from = H.n_clean[j];
+    head_truncate(h, from);
+    const size_t n_clean_rows = (size_t) (end - from);
+    std::vector<llama_token> tokens(H.queue_tok.begin() + (from - H.queue_pos0), H.queue_tok.begin() + (end - H.queue_pos0));
+    tokens.insert(tokens.end(), H.d.begin(), H.d.begin() + extra);
+    head_decode(s, h, tokens.data(), tokens.size(), from, [&](size_t i) {
+        return i < n_clean_rows ? H.queue_row(from + (llama_pos) i) : H.g.data() + (i - n_clean_rows) * H.n_embd;
+    });
+    H.n_clean[j] = end;
+}
+
+}  // namespace
+
 void mtp_reset(pmtp_session * s) {
-    for (auto & h : s->heads->heads) {
+    mtp_heads & H = *s->heads;
+    for (auto & h : H.heads) {
         llama_memory_clear(llama_get_memory(h.ctx.get()), true);
         h.n_kv = 0;
     }
-    s->heads->have_d1 = false;
+    std::fill(H.n_clean.begin(), H.n_clean.end(), 0);
+    H.queue_pos0 = 0;
+    H.queue_tok.clear();
+    H.queue_h.clear();
 }
 
 void mtp_rollback(pmtp_session * s, int32_t n_keep) {
-    for (auto & h : s->heads->heads) {
-        head_truncate(h, n_keep);
+    mtp_heads & H = *s->heads;
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        H.n_clean[j] = std::min(H.n_clean[j], n_keep);
+        head_truncate(H.heads[j], n_keep);
     }
-    s->heads->have_d1 = false;
+    if (H.queue_end() > n_keep) {
+        const size_t keep = (size_t) std::max<llama_pos>(0, n_keep - H.queue_pos0);
+        H.queue_tok.resize(keep);
+        H.queue_h.resize(keep * H.n_embd);
+        H.queue_pos0 = std::min(H.queue_pos0, n_keep);
+    }
 }
 
-void mtp_catch_up(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
-                  const float * h_rows, size_t n, llama_pos pos0) {
+void mtp_flush(pmtp_session * s) {
     mtp_heads & H = *s->heads;
     const double t0 = now_s();
-    const size_t n_embd = (size_t) H.n_embd;
-    auto h_in = [&](size_t i) { return i == 0 ? h_prev_first : h_rows + (i - 1) * n_embd; };
-    for (size_t k = 0; k < H.heads.size(); ++k) {
-        head_truncate(H.heads[k], pos0);
-        head_decode(s, H.heads[k], tokens, n, pos0, h_in);
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        if (H.n_clean[j] < H.queue_end()) {
+            head_run(s, j, H.queue_end(), 0);
+        }
     }
-    // The last row is the pending token's when it sits at n_past: head 0's output there is d1.
-    H.have_d1 = pos0 + (llama_pos) n == s->n_past() + 1;
-    if (H.have_d1) {
-        H.d[0] = head_output(s, H.heads[0], H.g.data());
-    }
+    queue_trim(H);
     s->stats.t_catchup_s += now_s() - t0;
+}
+
+void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
+                   const float * h_rows, size_t n, llama_pos pos0) {
+    mtp_heads & H = *s->heads;
+    if (pos0 != H.queue_end()) {
+        fail(PMTP_ERR_INTERNAL, "MTP queue out of step: row " + std::to_string(pos0) + " after " +
+             std::to_string(H.queue_end()));
+    }
+    const size_t n_embd = (size_t) H.n_embd;
+    for (size_t i = 0; i < n; ++i) {
+        const float * h = i == 0 ? h_prev_first : h_rows + (i - 1) * n_embd;
+        H.queue_tok.push_back(tokens[i]);
+        H.queue_h.insert(H.queue_h.end(), h, h + n_embd);
+    }
+    // Long stretches without drafting (prefill, draft=0) are taken in large batches.
+    if (H.queue_tok.size() > s->n_batch) {
+        mtp_flush(s);
+    }
 }
 
 size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out) {
     mtp_heads & H = *s->heads;
-    if (s->pending < 0 || !H.have_d1) {
+    const llama_pos P = s->n_past();
+    if (s->pending < 0 || H.queue_end() != P + 1) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to draft from: sample a token first");
     }
     const double t0 = now_s();
-    const llama_pos P = s->n_past();
     const size_t n_embd = (size_t) H.n_embd;
-    for (auto & h : H.heads) {
-        head_truncate(h, P + 1);  // forget the dirty rows of an earlier draft
+    for (auto & n : H.n_clean) {
+        n = std::min(n, P);  // row P always runs: its output is d1
     }
-    for (int32_t j = 1; j < k; ++j) {
-        mtp_head & h = H.chained ? H.heads[(size_t) j] : H.heads[0];
-        // rows P+m for m in [h.n_kv - P, j] carry d[m-1] with the hidden output g[m-1]
-        const int32_t m0 = h.n_kv - P;
-        head_decode(s, h, H.d.data() + (m0 - 1), (size_t) (j - m0 + 1), P + m0,
-                    [&](size_t i) { return H.g.data() + (size_t) (m0 - 1 + (int32_t) i) * n_embd; });
-        H.d[(size_t) j] = head_output(s, h, H.g.data() + (size_t) j * n_embd);
+    for (int32_t j = 0; j < k; ++j) {
+        size_t head = H.chained ? (size_t) j : 0;
+        if (H.chained || j == 0) {
+            head_run(s, head, P + 1, j);      // clean rows .. P, then drafts P+1 .. P+j
+        } else {
+            mtp_head & h = H.heads[0];         // one more row on the single head
+            head_decode(s, h, &H.d[(size_t) j - 1], 1, P + j,
+                        [&](size_t) { return H.g.data() + (size_t) (j - 1) * n_embd; });
+        }
+        H.d[(size_t) j] = head_output(s, H.heads[head], H.g.data() + (size_t) j * n_embd);
     }
+    queue_trim(H);
     std::copy(H.d.begin(), H.d.begin() + k, out);
     s->stats.t_draft_s += now_s() - t0;
     return (size_t) k;
@@ -305,13 +380,13 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_ste
     s->pending = next;
     s->stats.t_verify_s += now_s() - t0;
 
-    // Heads: rows P+1 .. P+n_acc+1 (accepted drafts, then the new pending token).
+    // Heads: queue rows P+1 .. P+n_acc+1 (accepted drafts, then the new pending token).
     const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n + 1, n_embd]
     const size_t n_embd = (size_t) H.n_embd;
     std::memcpy(s->last_h.data(), h + n_acc * n_embd, sizeof(float) * n_embd);
-    std::vector<llama_token> catch_tokens(rows.begin() + 1, rows.begin() + 1 + n_acc);
-    catch_tokens.push_back(next);
-    mtp_catch_up(s, catch_tokens.data(), h, h + n_embd, catch_tokens.size(), P + 1);
+    std::vector<llama_token> new_rows(rows.begin() + 1, rows.begin() + 1 + n_acc);
+    new_rows.push_back(next);
+    mtp_push_rows(s, new_rows.data(), h, h + n_embd, new_rows.size(), P + 1);
 
     if (s->params.swa_guard && s->n_swa > 0) {
         try {

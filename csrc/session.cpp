@@ -227,7 +227,7 @@ void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n) {
              "; shorten the prompt or create the model with a larger n_ctx");
     }
     if (s->pending >= 0 && s->heads) {
-        mtp_rollback(s, s->n_past());  // the heads had already taken the pending token
+        mtp_rollback(s, s->n_past());  // forget the pending token's row
     }
     s->pending = -1;
     const double t0 = now_s();
@@ -238,7 +238,7 @@ void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n) {
         s->history.insert(s->history.end(), tokens + off, tokens + off + m);
         if (s->heads) {
             const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [m, n_embd]
-            mtp_catch_up(s, tokens + off, s->last_h.data(), h, m, pos0);
+            mtp_push_rows(s, tokens + off, s->last_h.data(), h, m, pos0);
             std::memcpy(s->last_h.data(), h + (m - 1) * (size_t) s->n_embd, sizeof(float) * (size_t) s->n_embd);
         }
         for (size_t i = off; i < off + m; ++i) {
@@ -260,8 +260,8 @@ llama_token session_sample(pmtp_session * s) {
     s->stats.t_sample_s += now_s() - t0;
     s->pending = t;
     if (s->heads) {
-        // Hand the pending token to the heads: row n_past pairs it with h[n_past - 1].
-        mtp_catch_up(s, &t, s->last_h.data(), nullptr, 1, s->n_past());
+        // Queue the pending token's row for the heads: it pairs with h[n_past - 1].
+        mtp_push_rows(s, &t, s->last_h.data(), nullptr, 1, s->n_past());
     }
     return t;
 }
