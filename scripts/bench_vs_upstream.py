@@ -136,6 +136,7 @@ def main() -> int:
     rows: dict[str, list[float]] = {k: [] for k in ("bench_tg", "up_plain", "up_mtp", "ours_plain", "ours_mtp",
                                                      "predicted", "up_accept", "ours_accept")}
     llm = Llama(model, n_ctx=n_ctx, threads=args.threads, mtp=True, draft=args.draft)
+    plain_llm = Llama(model, n_ctx=n_ctx, threads=args.threads)   # MTP off: no heads at all
     try:
         for r in range(args.rounds):
             rows["bench_tg"].append(llama_bench_tg(model, args.threads, args.n_gen))
@@ -150,8 +151,9 @@ def main() -> int:
                         rows["up_accept"].append(t.get("draft_n_accepted", 0) / max(t.get("draft_n", 1), 1))
                 finally:
                     server.close()
-            ours(llm, prompt, 8, 0)  # warm-up
-            plain = ours(llm, prompt, args.n_gen, 0)
+            ours(plain_llm, prompt, 8, 0)  # warm-up
+            ours(llm, prompt, 8, args.draft)
+            plain = ours(plain_llm, prompt, args.n_gen, 0)
             mtp = ours(llm, prompt, args.n_gen, args.draft)
             assert plain["tokens"] == mtp["tokens"], "MTP output differs from plain output"
             rows["ours_plain"].append(plain["tps"])
@@ -161,6 +163,7 @@ def main() -> int:
             print(f"round {r + 1}: " + ", ".join(f"{k}={v[-1]:.2f}" for k, v in rows.items() if v), file=sys.stderr)
     finally:
         llm.close()
+        plain_llm.close()
 
     med = {k: statistics.median(v) for k, v in rows.items() if v}
     summary = {
