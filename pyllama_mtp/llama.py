@@ -48,9 +48,9 @@ def _stops(stop) -> list[str]:
     if stop is None:
         return []
     if isinstance(stop, str):
-        return [stop]
-    if not all(isinstance(s, str) for s in stop):
-        raise InvalidArgumentError("stop must be a string or a list of strings")
+        stop = [stop]
+    if not all(isinstance(s, str) and s for s in stop):
+        raise InvalidArgumentError("stop must be a non-empty string or a list of non-empty strings")
     return list(stop)
 
 
@@ -241,6 +241,15 @@ class Llama:
                                   frequency_penalty, seed)
         k = validate_draft(self.draft if draft is None else draft, self.draft)
         return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
+
+    def check_request(self, prompt, max_tokens: int | None = 256, **kwargs) -> list[int]:
+        """Validate a call's options and return the prompt's token ids, without
+        touching the context (safe from another thread while one generates)."""
+        return self._call_args(prompt, max_tokens, **kwargs)[0]
+
+    def chat_tokens(self, messages) -> list[int]:
+        """The prompt token ids of ``messages`` under the chat template."""
+        return self._chat_tokens(messages)
 
     def stream(self, prompt, max_tokens: int | None = 256, **kwargs) -> Iterator[Chunk]:
         """Generate from ``prompt`` (text or token ids), one chunk per decode step.

@@ -1,47 +1,78 @@
 """OpenAI-compatible result dicts (completions, chat completions, and their stream
-chunks), built by pure functions so the library and the server share them."""
+chunks), in the shapes llama-cpp-python returns, so code written against either
+(or against the ``openai`` client's types) works unchanged.
+
+Pure functions, so the library and any server built on it share one definition.
+"""
 from __future__ import annotations
 
 import uuid
 
+_FINISH_REASONS = frozenset({"stop", "length", "tool_calls", "content_filter", "function_call"})
+_USAGE_KEYS = frozenset({"prompt_tokens", "completion_tokens", "total_tokens"})
+
 
 def new_id(prefix: str) -> str:
-    return f"{prefix}-{uuid.uuid4().hex[:24]}"
+    """A unique id such as ``cmpl-...`` or ``chatcmpl-...``; clients use the prefix
+    to tell the kinds apart and the id to group stream chunks."""
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def _check_finish_reason(finish_reason: str | None, *, final: bool) -> None:
+    """Catch a finish reason the OpenAI schema has no value for before a client chokes on it."""
+    if finish_reason is None and not final:
+        return
+    if finish_reason not in _FINISH_REASONS:
+        allowed = ", ".join(sorted(_FINISH_REASONS)) + ("" if final else ", or None")
+        raise ValueError(f"finish_reason must be one of {allowed}; got {finish_reason!r}")
 
 
 def usage(prompt_tokens: int, completion_tokens: int, extra: dict | None = None) -> dict:
+    """The ``usage`` object; ``total_tokens`` is derived so it cannot disagree with its
+    parts, and ``extra`` (e.g. drafted/accepted token counts) may add keys but not
+    replace the standard ones."""
+    clashing = _USAGE_KEYS & set(extra or {})
+    if clashing:
+        raise ValueError(f"extra usage fields may not replace {sorted(clashing)}")
     return {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
             "total_tokens": prompt_tokens + completion_tokens, **(extra or {})}
 
 
+def _envelope(id: str, object_type: str, model: str, created: int, choice: dict) -> dict:
+    return {"id": id, "object": object_type, "created": created, "model": model, "choices": [choice]}
+
+
 def completion_response(id: str, model: str, created: int, text: str, finish_reason: str, prompt_tokens: int,
                         completion_tokens: int, logprobs=None, extra_usage: dict | None = None) -> dict:
-    return {
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens, extra_usage),
-    }
+    """A whole ``/v1/completions`` result (object ``text_completion``)."""
+    _check_finish_reason(finish_reason, final=True)
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {**_envelope(id, "text_completion", model, created, choice),
+            "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
 
 
 def completion_chunk(id: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
-    return {
-        "id": id, "object": "text_completion", "created": created, "model": model,
-        "choices": [{"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    """One streamed ``/v1/completions`` piece: the same object type as the whole result,
+    with ``finish_reason`` None until the last chunk."""
+    _check_finish_reason(finish_reason, final=False)
+    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(id, "text_completion", model, created, choice)
 
 
 def chat_response(id: str, model: str, created: int, text: str, finish_reason: str, prompt_tokens: int,
                   completion_tokens: int, logprobs=None, extra_usage: dict | None = None) -> dict:
-    return {
-        "id": id, "object": "chat.completion", "created": created, "model": model,
-        "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
-                     "finish_reason": finish_reason}],
-        "usage": usage(prompt_tokens, completion_tokens, extra_usage),
-    }
+    """A whole ``/v1/chat/completions`` result (object ``chat.completion``)."""
+    _check_finish_reason(finish_reason, final=True)
+    choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": logprobs,
+              "finish_reason": finish_reason}
+    return {**_envelope(id, "chat.completion", model, created, choice),
+            "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
 
 
 def chat_chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
-    return {
-        "id": id, "object": "chat.completion.chunk", "created": created, "model": model,
-        "choices": [{"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}],
-    }
+    """One streamed chat piece (object ``chat.completion.chunk``). By convention the
+    first delta is ``{"role": "assistant", "content": ""}``, then ``{"content": ...}``
+    pieces, and the last is ``{}`` with the finish reason."""
+    _check_finish_reason(finish_reason, final=False)
+    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    return _envelope(id, "chat.completion.chunk", model, created, choice)

@@ -1,0 +1,261 @@
+"""The FastAPI application: OpenAI-compatible endpoints over one Worker.
+
+Every error a client can cause comes back as a 4xx with an OpenAI-style error
+object; the server never answers 500 for bad input and never dies of it.
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from dataclasses import dataclass
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from .. import openai_shapes
+from ..chat import ChatTemplateError
+from ..errors import ContextFullError, InvalidArgumentError, PmtpError
+from ..llama import Llama
+from .metrics import Metrics
+from .worker import Job, Worker
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    model_name: str
+    api_key: str | None = None
+    max_body_bytes: int = 4 * 1024 * 1024
+    max_tokens_limit: int = 1 << 20
+
+
+class ApiError(Exception):
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(status_code=self.status, content={"error": {
+            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+
+
+class _Options(BaseModel):
+    """Generation options shared by both endpoints; unknown OpenAI fields are ignored."""
+    model_config = ConfigDict(extra="ignore")
+    model: str | None = None
+    max_tokens: int | None = Field(default=None)
+    max_completion_tokens: int | None = None
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    min_p: float = 0.0
+    repeat_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stop: str | list[str] | None = None
+    seed: int | None = None
+    stream: bool = False
+    n: int = 1
+    # extensions
+    mtp: bool | None = None
+    draft: int | None = None
+
+
+class CompletionRequest(_Options):
+    prompt: str | list[int]
+    max_tokens: int | None = 16
+
+
+class ChatRequest(_Options):
+    messages: list[dict]
+
+
+def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> dict:
+    if req.n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and not 1 <= max_tokens <= settings.max_tokens_limit:
+        raise ApiError(400, f"max_tokens must be in [1, {settings.max_tokens_limit}]", param="max_tokens")
+    draft = req.draft
+    if req.mtp is False:
+        draft = 0
+    return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
+                min_p=req.min_p, repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
+                frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, draft=draft)
+
+
+def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
+    app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
+    metrics = Metrics(settings.model_name)
+    worker = Worker(llm, metrics)
+    app.state.worker = worker
+
+    @app.on_event("shutdown")
+    def _stop_worker():
+        worker.stop()
+
+    @app.middleware("http")
+    async def guard(request: Request, call_next):
+        endpoint = request.url.path
+        try:
+            if settings.api_key and endpoint.startswith("/v1/"):
+                given = request.headers.get("authorization", "")
+                expected = f"Bearer {settings.api_key}"
+                if not hmac.compare_digest(given.encode(), expected.encode()):
+                    raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                   type_="authentication_error", code="invalid_api_key")
+            length = request.headers.get("content-length")
+            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
+                raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
+            response = await call_next(request)
+        except ApiError as e:
+            response = e.response()
+        metrics.request_done(endpoint, response.status_code)
+        return response
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request, exc: ApiError):
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _validation_error(_request, exc: RequestValidationError):
+        first = exc.errors()[0] if exc.errors() else {}
+        where = ".".join(str(x) for x in first.get("loc", ()) if x != "body")
+        return ApiError(400, f"invalid request: {where}: {first.get('msg', 'bad value')}", param=where or None).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request, exc: StarletteHTTPException):
+        return ApiError(exc.status_code, str(exc.detail), type_="invalid_request_error").response()
+
+    async def parse(request: Request, model_cls):
+        body = await request.body()
+        if len(body) > settings.max_body_bytes:
+            raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
+        try:
+            data = json.loads(body)
+        except (ValueError, UnicodeDecodeError):
+            raise ApiError(400, "request body is not valid JSON") from None
+        if not isinstance(data, dict):
+            raise ApiError(400, "request body must be a JSON object")
+        try:
+            req = model_cls.model_validate(data)
+        except ValidationError as e:
+            first = e.errors()[0]
+            where = ".".join(str(x) for x in first["loc"])
+            raise ApiError(400, f"invalid request: {where}: {first['msg']}", param=where) from None
+        if req.model is not None and req.model != settings.model_name:
+            raise ApiError(404, f"model {req.model!r} not found; this server serves {settings.model_name!r}",
+                           code="model_not_found", param="model")
+        return req
+
+    def check(tokens_fn, kwargs) -> list[int]:
+        try:
+            tokens = tokens_fn()
+            return llm.check_request(tokens, **kwargs)
+        except ContextFullError as e:
+            raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
+        except (InvalidArgumentError, ChatTemplateError, ValueError) as e:
+            raise ApiError(400, str(e)) from None
+
+    async def run(tokens, kwargs, request: Request):
+        """Async iterator over the worker's chunks for one job."""
+        loop = asyncio.get_running_loop()
+        inbox: asyncio.Queue = asyncio.Queue()
+        options = {k: v for k, v in kwargs.items() if k != "max_tokens"}
+        options["max_tokens"] = kwargs["max_tokens"]
+        job = Job(tokens, options, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        worker.submit(job)
+        try:
+            while True:
+                item = await inbox.get()
+                if item is Worker.DONE:
+                    return
+                if isinstance(item, Exception):
+                    raise item
+                yield item
+        finally:
+            job.cancelled.set()  # a client that went away frees the worker at the next step
+
+    def usage_extra(stats) -> dict:
+        return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
+
+    async def collect(tokens, kwargs, request):
+        text, n_tokens, finish, stats = [], 0, "length", None
+        try:
+            async for item in run(tokens, kwargs, request):
+                if hasattr(item, "text"):
+                    text.append(item.text)
+                    n_tokens += len(item.tokens)
+                    finish = item.finish_reason or finish
+                else:
+                    stats = item
+        except PmtpError as e:
+            raise ApiError(400, str(e)) from None
+        return "".join(text), n_tokens, finish, stats
+
+    @app.get("/health")
+    async def health():
+        return {"status": "ok"}
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
+                                            "owned_by": "pyllama-mtp"}]}
+
+    @app.get("/metrics")
+    async def prometheus():
+        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    def sse(events):
+        async def body():
+            async for event in events:
+                yield f"data: {json.dumps(event)}\n\n"
+            yield "data: [DONE]\n\n"
+        return StreamingResponse(body(), media_type="text/event-stream")
+
+    @app.post("/v1/completions")
+    async def completions(request: Request):
+        req = await parse(request, CompletionRequest)
+        kwargs = _generation_kwargs(req, llm, settings)
+        tokens = check(lambda: req.prompt, kwargs)
+        cid, created = openai_shapes.new_id("cmpl"), int(time.time())
+        if req.stream:
+            async def events():
+                async for item in run(tokens, kwargs, request):
+                    if hasattr(item, "text"):
+                        yield openai_shapes.completion_chunk(cid, settings.model_name, created, item.text,
+                                                             item.finish_reason)
+            return sse(events())
+        text, n, finish, stats = await collect(tokens, kwargs, request)
+        return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
+                                                 extra_usage=usage_extra(stats))
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request):
+        req = await parse(request, ChatRequest)
+        kwargs = _generation_kwargs(req, llm, settings)
+        tokens = check(lambda: llm.chat_tokens(req.messages), kwargs)
+        cid, created = openai_shapes.new_id("chatcmpl"), int(time.time())
+        if req.stream:
+            async def events():
+                yield openai_shapes.chat_chunk(cid, settings.model_name, created,
+                                               {"role": "assistant", "content": ""}, None)
+                async for item in run(tokens, kwargs, request):
+                    if hasattr(item, "text"):
+                        if item.text:
+                            yield openai_shapes.chat_chunk(cid, settings.model_name, created,
+                                                           {"content": item.text}, None)
+                        if item.finish_reason:
+                            yield openai_shapes.chat_chunk(cid, settings.model_name, created, {},
+                                                           item.finish_reason)
+            return sse(events())
+        text, n, finish, stats = await collect(tokens, kwargs, request)
+        return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(tokens), n,
+                                           extra_usage=usage_extra(stats))
+
+    return app

@@ -1,0 +1,67 @@
+"""pyllama-mtp-server: OpenAI-compatible HTTP server with MTP speculative decoding.
+
+    pyllama-mtp-server --model step35.gguf --mtp --draft 3 --port 8080
+    pyllama-mtp-server --model trunk.gguf --mtp-model mtp-only.gguf
+"""
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+log = logging.getLogger("pyllama_mtp.server")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="pyllama-mtp-server", description=__doc__.splitlines()[0])
+    ap.add_argument("--model", "-m", required=True, help="GGUF model path")
+    ap.add_argument("--mtp", action="store_true", help="use the MTP layers inside the model file")
+    ap.add_argument("--mtp-model", help="MTP-only GGUF to use with a trunk-only --model (implies MTP)")
+    ap.add_argument("--draft", default="3", help="MTP draft length (default 3); requests may ask for less")
+    ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
+    ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
+    ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
+    ap.add_argument("--n-batch", type=int, default=512, help="prompt batch size (default 512)")
+    ap.add_argument("--parallel", type=int, default=1,
+                    help="sequences decoded together (only 1 is implemented: requests queue)")
+    ap.add_argument("--api-key", default=os.environ.get("PYLLAMA_MTP_API_KEY"),
+                    help="require 'Authorization: Bearer KEY' on /v1/* (default: $PYLLAMA_MTP_API_KEY)")
+    ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1, help="layers to offload (-1 = all)")
+    ap.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: up to 8)")
+    ap.add_argument("--alias", help="model name clients use (default: the file name)")
+    ap.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted")
+    ap.add_argument("--verbose", action="store_true", help="log llama.cpp's messages")
+    return ap
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.parallel != 1:
+        raise NotImplementedError("--parallel > 1 (continuous batching of several sequences) is not implemented "
+                                  "yet; run with --parallel 1, requests are then served one after another")
+    try:
+        draft = int(args.draft)
+    except ValueError:
+        print(f"pyllama-mtp-server: --draft {args.draft!r}: give an int (draft 'auto' is not implemented yet)",
+              file=sys.stderr)
+        return 2
+    import uvicorn
+
+    from ..llama import Llama
+    from .app import ServerSettings, create_app
+
+    mtp = args.mtp_model or args.mtp
+    llm = Llama(args.model, mtp=mtp, draft=draft, n_ctx=args.n_ctx, n_batch=args.n_batch,
+                n_gpu_layers=args.n_gpu_layers, threads=args.threads, verbose=args.verbose)
+    name = args.alias or os.path.basename(args.model)
+    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    log.info("serving %s (MTP %s) on http://%s:%d", name, f"draft {draft}" if mtp else "off", args.host, args.port)
+    uvicorn.run(create_app(llm, settings), host=args.host, port=args.port, log_level="warning")
+    llm.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

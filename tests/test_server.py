@@ -1,0 +1,169 @@
+"""The real server on 127.0.0.1, driven by the official openai client."""
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+openai = pytest.importorskip("openai")
+
+API_KEY = "test-key-123"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(oracle_path):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", oracle_path, "--mtp",
+                             "--draft", "3", "--port", str(port), "--n-ctx", "512", "--threads", "2",
+                             "--api-key", API_KEY, "--alias", "tiny", "--max-body-bytes", "20000"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                break
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        assert proc.poll() is None, proc.stdout.read()
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key=API_KEY, max_retries=0)
+
+
+@pytest.fixture(scope="module")
+def reference(oracle_path):
+    from pyllama_mtp import Llama
+    with Llama(oracle_path, n_ctx=512, threads=2) as llm:
+        yield llm
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tiny"]
+    assert httpx.get(f"{server}/health").json() == {"status": "ok"}
+
+
+def test_completion_equals_library_greedy_output(client, reference):
+    result = client.completions.create(model="tiny", prompt="a b", max_tokens=40, temperature=0)
+    expected = reference.generate("a b", max_tokens=40)
+    assert result.choices[0].text == expected.text
+    assert result.usage.completion_tokens == len(expected.tokens)
+    assert result.usage.model_extra["accepted_tokens"] > 0   # MTP drafts were used
+
+
+def test_streaming_completion_equals_non_streaming(client):
+    whole = client.completions.create(model="tiny", prompt="stream", max_tokens=30)
+    parts = [c.choices[0].text for c in client.completions.create(model="tiny", prompt="stream", max_tokens=30,
+                                                                  stream=True)]
+    assert "".join(parts) == whole.choices[0].text
+
+
+def test_chat_stream_and_non_stream(client):
+    messages = [{"role": "user", "content": "hello"}]
+    whole = client.chat.completions.create(model="tiny", messages=messages, max_tokens=25)
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=25, stream=True))
+    text = "".join(c.choices[0].delta.content or "" for c in chunks)
+    assert text == whole.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == whole.choices[0].finish_reason == "length"
+
+
+def test_stop_sequence_and_max_tokens(client):
+    full = client.completions.create(model="tiny", prompt="q", max_tokens=40).choices[0].text
+    stop = full[10:13]
+    result = client.completions.create(model="tiny", prompt="q", max_tokens=40, stop=[stop])
+    assert result.choices[0].finish_reason == "stop"
+    assert result.choices[0].text == full[:full.index(stop)]
+    assert client.completions.create(model="tiny", prompt="q", max_tokens=5).usage.completion_tokens == 5
+
+
+def test_per_request_mtp_and_draft_overrides(client):
+    plain = client.completions.create(model="tiny", prompt="x", max_tokens=30, extra_body={"mtp": False})
+    short = client.completions.create(model="tiny", prompt="x", max_tokens=30, extra_body={"draft": 1})
+    assert plain.usage.model_extra["drafted_tokens"] == 0
+    assert 0 < short.usage.model_extra["drafted_tokens"] <= 30
+    assert plain.choices[0].text == short.choices[0].text
+
+
+def test_concurrent_clients_get_their_sequential_output(client):
+    prompts = [f"p{i}" for i in range(4)]
+    sequential = [client.completions.create(model="tiny", prompt=p, max_tokens=20).choices[0].text for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        together = list(pool.map(lambda p: client.completions.create(model="tiny", prompt=p, max_tokens=20)
+                                 .choices[0].text, prompts))
+    assert together == sequential
+
+
+def test_client_disconnect_frees_the_server(server, client):
+    headers = {"Authorization": f"Bearer {API_KEY}"}
+    with httpx.stream("POST", f"{server}/v1/completions", headers=headers, timeout=30,
+                      json={"model": "tiny", "prompt": "long", "max_tokens": 400, "stream": True}) as r:
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                break   # leave after the first chunk
+    t0 = time.time()
+    assert client.completions.create(model="tiny", prompt="next", max_tokens=4).choices[0].text
+    assert time.time() - t0 < 20
+
+
+def test_metrics_have_request_and_spec_decode_counters(server, client):
+    client.completions.create(model="tiny", prompt="m", max_tokens=10)
+    text = httpx.get(f"{server}/metrics").text
+    assert "pyllama_mtp_requests_total" in text
+    accepted = [line for line in text.splitlines()
+                if line.startswith("pyllama_mtp_spec_decode_num_accepted_tokens_total")]
+    assert accepted and float(accepted[0].split()[-1]) > 0
+    assert 'pyllama_mtp_spec_decode_num_accepted_tokens_per_pos_total{model="tiny",position="0"}' in text
+    assert "pyllama_mtp_request_latency_seconds_bucket" in text
+
+
+@pytest.mark.parametrize("body, status, words", [
+    (b"{not json", 400, "not valid JSON"),
+    (b"[1, 2]", 400, "JSON object"),
+    (json.dumps({"model": "tiny", "prompt": 5}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": -3}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "many"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "other", "prompt": "x"}).encode(), 404, "not found"),
+    (json.dumps({"model": "tiny", "prompt": "word " * 600}).encode(), 400, "context"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": -1}).encode(), 400, "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "x", "draft": 7}).encode(), 400, "draft"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), 400, "stop"),
+    (json.dumps({"model": "tiny", "prompt": "x" * 30000}).encode(), 413, "larger"),
+])
+def test_bad_requests_get_openai_style_4xx(server, body, status, words):
+    r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
+                   headers={"Authorization": f"Bearer {API_KEY}", "Content-Type": "application/json"})
+    assert r.status_code == status, r.text
+    error = r.json()["error"]
+    assert words in error["message"] and error["type"]
+    assert httpx.get(f"{server}/health").status_code == 200
+
+
+def test_bad_chat_messages(server):
+    r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
+                   json={"model": "tiny", "messages": [{"content": "no role"}]})
+    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+
+
+def test_api_key_is_required(server):
+    no_key = openai.OpenAI(base_url=f"{server}/v1", api_key="wrong", max_retries=0)
+    with pytest.raises(openai.AuthenticationError):
+        no_key.completions.create(model="tiny", prompt="x", max_tokens=2)
+    assert httpx.post(f"{server}/v1/completions", json={"prompt": "x"}).status_code == 401
