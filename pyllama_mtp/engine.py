@@ -101,6 +101,7 @@ class Model(_Handle):
         self._own(out[0])
         self.info = self._read_info()
         self._pieces: list[bytes] | None = None
+        self._eog: frozenset[int] | None = None
 
     @property
     def path(self) -> str:
@@ -163,8 +164,17 @@ class Model(_Handle):
             self._pieces = [data[offs[i]:offs[i + 1]] for i in range(self.info.n_vocab)]
         return self._pieces
 
+    @property
+    def eog_tokens(self) -> frozenset[int]:
+        """End-of-generation tokens (EOS, EOT, ...), looked up once."""
+        if self._eog is None:
+            ptr = self._check_open()
+            self._eog = frozenset(t for t in range(self.info.n_vocab) if lib.pmtp_token_is_eog(ptr, t))
+        return self._eog
+
     def is_eog(self, token: int) -> bool:
-        return bool(lib.pmtp_token_is_eog(self._check_open(), token))
+        self._check_open()
+        return token in self.eog_tokens
 
 
 @dataclass(frozen=True)

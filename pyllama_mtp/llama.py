@@ -199,6 +199,7 @@ class Llama:
                      draft: int) -> Iterator[tuple[list[int], list[bool], str | None]]:
         """Yield (tokens, from_draft, finish_reason) per step; EOG ends with "stop"."""
         session = self.session
+        eog = self.model.eog_tokens
         session.set_sampling(sampling)
         self._kv_tokens = []  # unknown until the prompt is loaded
         self._load_prompt(tokens)
@@ -209,7 +210,7 @@ class Llama:
             while True:
                 out_toks, out_draft, finish = [], [], None
                 for tok, drafted in zip(step_tokens, step_draft):
-                    if self.model.is_eog(tok):
+                    if tok in eog:
                         finish = "stop"
                         break
                     out_toks.append(tok)
