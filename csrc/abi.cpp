@@ -285,6 +285,7 @@ pmtp_sampling pmtp_sampling_default(void) {
     s.repeat_penalty    = 1.0f;
     s.penalty_last_n    = 64;
     s.seed              = 0xFFFFFFFF;
+    s.accept            = 1;
     return s;
 }
 
@@ -394,9 +395,7 @@ int pmtp_step(pmtp_session * session, int32_t draft, pmtp_step_result * out) {
             session_step_plain(session, out);
             return;
         }
-        llama_token drafts[8];
-        const size_t n = mtp_draft(session, k, drafts);
-        mtp_verify(session, drafts, n, out);
+        mtp_step(session, k, out);
     });
 }
 
@@ -433,7 +432,47 @@ int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_s
                 fail(PMTP_ERR_INVALID_ARG, "draft token " + std::to_string(drafts[i]) + " out of range");
             }
         }
-        mtp_verify(session, drafts, n, out);
+        mtp_verify(session, drafts, n, nullptr, out);
+    });
+}
+
+int pmtp_rejection_verify(const float * p, const float * q, const int32_t * drafts, size_t n, int32_t n_vocab,
+                          uint64_t seed, int32_t * out_tokens, int32_t * n_accepted) {
+    return guarded([&] {
+        need(p, "p");
+        need(out_tokens, "out_tokens");
+        need(n_accepted, "n_accepted");
+        if (n > 0) {
+            need(q, "q");
+            need(drafts, "drafts");
+        }
+        if (n_vocab <= 0) {
+            fail(PMTP_ERR_INVALID_ARG, "n_vocab must be > 0");
+        }
+        for (size_t j = 0; j < n; ++j) {
+            if (drafts[j] < 0 || drafts[j] >= n_vocab) {
+                fail(PMTP_ERR_INVALID_ARG, "draft token out of range");
+            }
+        }
+        std::mt19937_64 rng;
+        seed_rng(rng, seed);
+        llama_token next = -1;
+        const size_t n_acc = rejection_verify(p, q, drafts, n, n_vocab, rng, next);
+        std::copy(drafts, drafts + n_acc, out_tokens);
+        out_tokens[n_acc] = next;
+        *n_accepted = (int32_t) n_acc;
+    });
+}
+
+int pmtp_sampling_probs(const pmtp_sampling * sampling, const float * logits, int32_t n_vocab, float * probs) {
+    return guarded([&] {
+        need(sampling, "sampling");
+        need(logits, "logits");
+        need(probs, "probs");
+        if (n_vocab <= 0) {
+            fail(PMTP_ERR_INVALID_ARG, "n_vocab must be > 0");
+        }
+        sampling_probs(*sampling, logits, n_vocab, probs);
     });
 }
 

@@ -7,6 +7,7 @@
 #include "llama-ext.h"
 
 #include <memory>
+#include <random>
 #include <set>
 #include <stdexcept>
 #include <string>
@@ -55,6 +56,14 @@ gguf_summary read_gguf_summary(const std::string & path);
 
 int32_t n_vocab_of(const pmtp_model * m);
 
+// acceptance.cpp
+void sampling_probs(const pmtp_sampling & sp, const float * logits, int32_t n_vocab, float * probs);
+llama_token sample_dense(const float * probs, int32_t n_vocab, std::mt19937_64 & rng);
+void seed_rng(std::mt19937_64 & rng, uint64_t seed);
+// Returns the number of accepted drafts; next is the residual or bonus token.
+size_t rejection_verify(const float * p, const float * q, const llama_token * drafts, size_t n, int32_t n_vocab,
+                        std::mt19937_64 & rng, llama_token & next);
+
 // ---------------------------------------------------------------- session
 
 struct mtp_heads;  // mtp.cpp
@@ -68,6 +77,7 @@ struct pmtp_session {
     batch_ptr           batch;
     sampler_ptr         sampler;
     pmtp_sampling       sampling{};
+    std::mt19937_64     rng;             // draws of rejection-sampling steps
     int32_t             n_vocab = 0;
     int32_t             n_embd  = 0;
     int32_t             n_swa   = 0;
@@ -111,4 +121,9 @@ void mtp_rollback(pmtp_session * s, int32_t n_keep);
 void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
                    const float * h_rows, size_t n, llama_pos pos0);
 size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out);
-void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_step_result * out);
+// q: the draft distributions [n, n_vocab] when the drafts were sampled from them
+// (rejection sampling); NULL accepts drafts that equal the target's own samples.
+void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, pmtp_step_result * out);
+bool rejection_mode(const pmtp_session * s);
+// Draft up to k tokens and verify them (one whole cycle).
+void mtp_step(pmtp_session * s, int32_t k, pmtp_step_result * out);

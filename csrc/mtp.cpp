@@ -55,6 +55,8 @@ struct mtp_heads {
 
     std::vector<llama_token> d;              // drafts of the current cycle, [k]
     std::vector<float>    g;                 // hidden outputs, g[m] feeds d[m], [k, n_embd]
+    std::vector<float>    q;                 // draft distributions (rejection sampling), [k, n_vocab]
+    std::vector<float>    p;                 // target distributions of a verify, [k + 1, n_vocab]
 
     llama_pos queue_end() const { return queue_pos0 + (llama_pos) queue_tok.size(); }
     const float * queue_row(llama_pos pos) const { return queue_h.data() + (size_t) (pos - queue_pos0) * n_embd; }
@@ -154,14 +156,20 @@ void head_decode(pmtp_session * s, mtp_head & h, const llama_token * tokens, siz
     }
 }
 
-// Output of the last row of the last head_decode: greedy draft and hidden state.
-llama_token head_output(pmtp_session * s, mtp_head & h, float * g_out) {
+// Output of the last row of the last head_decode: its hidden state goes to g_out, and
+// the draft token is the head's greedy choice, or (rejection sampling) a draw from the
+// head's distribution q after the session's sampler transforms, kept in q_out.
+llama_token head_output(pmtp_session * s, mtp_head & h, float * g_out, float * q_out) {
     const float * logits = llama_get_logits_ith(h.ctx.get(), -1);
     const float * hid    = llama_get_embeddings_nextn_ith(h.ctx.get(), -1);
     if (!logits || !hid) {
         fail(PMTP_ERR_INTERNAL, "MTP head produced no output");
     }
     std::memcpy(g_out, hid, sizeof(float) * (size_t) s->heads->n_embd);
+    if (q_out) {
+        sampling_probs(s->sampling, logits, s->heads->n_vocab, q_out);
+        return sample_dense(q_out, s->heads->n_vocab, s->rng);
+    }
     return argmax(logits, s->heads->n_vocab);
 }
 
@@ -198,6 +206,8 @@ void mtp_heads_create(pmtp_session * s, const pmtp_model * m, int32_t draft_max)
     s->heads->n_clean.assign(s->heads->heads.size(), 0);
     s->heads->d.assign((size_t) draft_max + 1, 0);
     s->heads->g.assign((size_t) (draft_max + 1) * s->heads->n_embd, 0.0f);
+    s->heads->q.assign((size_t) (draft_max + 1) * s->heads->n_vocab, 0.0f);
+    s->heads->p.assign((size_t) (draft_max + 1) * s->heads->n_vocab, 0.0f);
     s->last_h.assign((size_t) s->n_embd, 0.0f);
 }
 
@@ -310,7 +320,8 @@ size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out) {
             head_decode(s, h, &H.d[(size_t) j - 1], 1, P + j,
                         [&](size_t) { return H.g.data() + (size_t) (j - 1) * n_embd; });
         }
-        H.d[(size_t) j] = head_output(s, H.heads[head], H.g.data() + (size_t) j * n_embd);
+        float * q = rejection_mode(s) ? H.q.data() + (size_t) j * H.n_vocab : nullptr;
+        H.d[(size_t) j] = head_output(s, H.heads[head], H.g.data() + (size_t) j * n_embd, q);
     }
     queue_trim(H);
     std::copy(H.d.begin(), H.d.begin() + k, out);
@@ -336,7 +347,50 @@ void recover_target(pmtp_session * s) {
 
 }  // namespace
 
-void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_step_result * out) {
+bool rejection_mode(const pmtp_session * s) {
+    return s->sampling.accept == 1 && s->sampling.temperature > 0.0f;
+}
+
+namespace {
+
+// Match rule: sample each row with the session's sampler; accept while it equals the draft.
+size_t accept_matching(pmtp_session * s, const llama_token * drafts, size_t n, llama_token & next) {
+    for (size_t j = 0; j <= n; ++j) {
+        const llama_token tok = llama_sampler_sample(s->sampler.get(), s->ctx.get(), (int32_t) j);
+        if (j < n && tok == drafts[j]) {
+            continue;
+        }
+        next = tok;
+        return j;
+    }
+    return n;  // unreachable: row n always breaks
+}
+
+// Rejection sampling against the draft distributions q; emitted tokens still go into the
+// sampler's history so that a later plain step sees the same context.
+size_t accept_rejection(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, llama_token & next) {
+    mtp_heads & H = *s->heads;
+    for (size_t j = 0; j <= n; ++j) {
+        sampling_probs(s->sampling, llama_get_logits_ith(s->ctx.get(), (int32_t) j), H.n_vocab,
+                       H.p.data() + j * (size_t) H.n_vocab);
+    }
+    const size_t n_acc = rejection_verify(H.p.data(), q, drafts, n, H.n_vocab, s->rng, next);
+    for (size_t j = 0; j < n_acc; ++j) {
+        llama_sampler_accept(s->sampler.get(), drafts[j]);
+    }
+    llama_sampler_accept(s->sampler.get(), next);
+    return n_acc;
+}
+
+}  // namespace
+
+void mtp_step(pmtp_session * s, int32_t k, pmtp_step_result * out) {
+    llama_token drafts[8];
+    const size_t n = mtp_draft(s, k, drafts);
+    mtp_verify(s, drafts, n, rejection_mode(s) ? s->heads->q.data() : nullptr, out);
+}
+
+void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, pmtp_step_result * out) {
     mtp_heads & H = *s->heads;
     if (s->pending < 0) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to verify: sample a token first");
@@ -355,18 +409,12 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_ste
     s->history.push_back(s->pending);
     s->pending = -1;
 
-    size_t n_acc = 0;
     llama_token next = -1;
-    for (size_t j = 0; j <= n; ++j) {
-        const llama_token tok = llama_sampler_sample(s->sampler.get(), s->ctx.get(), (int32_t) j);
-        if (j < n && tok == rows[j + 1]) {
-            out->tokens[n_acc] = tok;
-            out->from_draft[n_acc] = true;
-            n_acc++;
-            continue;
-        }
-        next = tok;
-        break;
+    const size_t n_acc = q ? accept_rejection(s, rows.data() + 1, n, q, next)
+                           : accept_matching(s, rows.data() + 1, n, next);
+    for (size_t j = 0; j < n_acc; ++j) {
+        out->tokens[j]     = rows[j + 1];
+        out->from_draft[j] = true;
     }
     out->tokens[n_acc]     = next;
     out->from_draft[n_acc] = false;
@@ -402,8 +450,10 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, pmtp_ste
     s->stats.n_emitted  += n_acc + 1;
     for (size_t i = 0; i < n && i < 8; ++i) {
         s->stats.drafted_at[i]++;
-        if (i < n_acc) {
-            s->stats.accepted_at[i]++;
+        s->stats.accepted_at[i] += i < n_acc;
+        if (q) {
+            s->stats.drafted_at_rejection[i]++;
+            s->stats.accepted_at_rejection[i] += i < n_acc;
         }
     }
 }

@@ -145,6 +145,10 @@ typedef struct pmtp_sampling {
     float    frequency_penalty;  /* 0: off                                              */
     int32_t  penalty_last_n;     /* tokens the penalties look back over                 */
     uint32_t seed;
+    int32_t  accept;             /* draft acceptance at temperature > 0:                */
+                                 /* 0 match (draft == target's sample), 1 rejection     */
+                                 /* sampling (drafts drawn from the heads' q, accepted  */
+                                 /* with min(1, p/q), residual max(0, p - q) on reject) */
 } pmtp_sampling;
 
 /* Counters since the session was created (or pmtp_stats_reset). */
@@ -155,6 +159,8 @@ typedef struct pmtp_stats {
     uint64_t n_emitted;          /* tokens produced by steps (accepted + sampled)      */
     uint64_t accepted_at[8];     /* drafts accepted at position i                       */
     uint64_t drafted_at[8];      /* drafts proposed at position i                       */
+    uint64_t accepted_at_rejection[8]; /* the same two, for steps that used rejection   */
+    uint64_t drafted_at_rejection[8];  /* sampling (the arrays above count all steps)   */
     uint64_t swa_recoveries;     /* guard violations repaired by re-prefill             */
     double   t_draft_s;
     double   t_verify_s;
@@ -209,6 +215,16 @@ PMTP_API int pmtp_step(pmtp_session * session, int32_t draft, pmtp_step_result *
  * decodes [pending, drafts...], accepts greedily with the sampler and rolls back. */
 PMTP_API int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, size_t * n_out);
 PMTP_API int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_step_result * out);
+
+/* Rejection-sampling verifier, pure over dense distributions (exposed for tests):
+ * p: [n + 1, n_vocab] target probabilities, q: [n, n_vocab] draft probabilities,
+ * drafts: [n] tokens drawn from q. Writes the accepted drafts and one more token
+ * (residual or bonus) to out_tokens [n + 1]; *n_accepted = accepted drafts. */
+PMTP_API int pmtp_rejection_verify(const float * p, const float * q, const int32_t * drafts, size_t n,
+                                   int32_t n_vocab, uint64_t seed, int32_t * out_tokens, int32_t * n_accepted);
+/* The distribution the session's sampler draws from for these logits (temperature,
+ * top_k, top_p, min_p as llama.cpp's chain applies them): probs [n_vocab]. */
+PMTP_API int pmtp_sampling_probs(const pmtp_sampling * sampling, const float * logits, int32_t n_vocab, float * probs);
 
 /* --- cffi cdef end --- */
 

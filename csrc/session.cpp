@@ -129,6 +129,9 @@ void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp) {
     if (sp.penalty_last_n < -1) {
         fail(PMTP_ERR_INVALID_ARG, "penalty_last_n must be >= -1 (-1 = whole context)");
     }
+    if (sp.accept != 0 && sp.accept != 1) {
+        fail(PMTP_ERR_INVALID_ARG, "accept must be 0 (match) or 1 (rejection sampling)");
+    }
 
     llama_sampler_chain_params chp = llama_sampler_chain_default_params();
     chp.no_perf = true;
@@ -148,8 +151,13 @@ void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp) {
         llama_sampler_chain_add(chain.get(), llama_sampler_init_temp(sp.temperature));
         llama_sampler_chain_add(chain.get(), llama_sampler_init_dist(sp.seed));
     }
+    if (penalties && sp.accept == 1 && sp.temperature > 0.0f && s->heads) {
+        fail(PMTP_ERR_INVALID_ARG, "repeat/presence/frequency penalties with MTP at temperature > 0 need "
+             "accept='match'; rejection sampling does not model them yet");
+    }
     s->sampler  = std::move(chain);
     s->sampling = sp;
+    seed_rng(s->rng, sp.seed == 0xFFFFFFFF ? std::random_device{}() : sp.seed);
     rebuild_sampler_history(s);
 }
 

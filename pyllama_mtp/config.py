@@ -107,6 +107,7 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     penalty_last_n: int = 64
     seed: int = 0xFFFFFFFF
+    accept: str | None = None     # MTP at temperature > 0: "rejection" (default) or "match"
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
@@ -120,6 +121,13 @@ class SamplingParams:
         _require(self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
         _require(_is_int(self.penalty_last_n) and self.penalty_last_n >= -1, "penalty_last_n must be an int >= -1")
         _require(_is_int(self.seed) and 0 <= self.seed <= 0xFFFFFFFF, f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        _require(self.accept in (None, "match", "rejection"),
+                 f"accept must be 'match' or 'rejection', got {self.accept!r}")
+
+    @property
+    def accept_id(self) -> int:
+        """0 match, 1 rejection sampling (the default; greedy decoding is the same either way)."""
+        return 0 if self.accept == "match" else 1
 
     @property
     def greedy(self) -> bool:

@@ -237,9 +237,7 @@ class Session(_Handle):
         return lib.pmtp_session_draft_max(self._check_open())
 
     def set_sampling(self, sampling: SamplingParams) -> None:
-        s = ffi.new("pmtp_sampling *")
-        for name in SamplingParams.__dataclass_fields__:
-            setattr(s, name, getattr(sampling, name))
+        s = _native_sampling(sampling)
         check(lib.pmtp_session_set_sampling(self._check_open(), s))
         self.sampling = sampling
 
@@ -288,12 +286,47 @@ class Session(_Handle):
         check(lib.pmtp_session_stats(self._check_open(), raw))
         out = {name: int(getattr(raw, name)) for name in _STAT_COUNTERS}
         out.update({name: float(getattr(raw, name)) for name in _STAT_TIMES})
-        out["accepted_at"] = list(raw.accepted_at)
-        out["drafted_at"] = list(raw.drafted_at)
+        for name in ("accepted_at", "drafted_at", "accepted_at_rejection", "drafted_at_rejection"):
+            out[name] = list(getattr(raw, name))
         return out
 
     def reset_stats(self) -> None:
         lib.pmtp_session_stats_reset(self._check_open())
+
+
+def _native_sampling(sampling: SamplingParams):
+    s = ffi.new("pmtp_sampling *")
+    for name in SamplingParams.__dataclass_fields__:
+        if name != "accept":
+            setattr(s, name, getattr(sampling, name))
+    s.accept = sampling.accept_id
+    return s
+
+
+def sampling_probs(sampling: SamplingParams, logits: np.ndarray) -> np.ndarray:
+    """The distribution the sampler draws from for ``logits`` (what rejection sampling
+    uses as p and q): temperature, top_k, top_p and min_p as llama.cpp's chain applies them."""
+    logits = np.ascontiguousarray(logits, dtype=np.float32)
+    probs = np.empty_like(logits)
+    check(lib.pmtp_sampling_probs(_native_sampling(sampling), ffi.from_buffer("float[]", logits), logits.size,
+                                  ffi.from_buffer("float[]", probs)))
+    return probs
+
+
+def rejection_verify(p: np.ndarray, q: np.ndarray, drafts, seed: int) -> tuple[list[int], int]:
+    """The engine's verifier on given distributions: p [n+1, V] target, q [n, V] draft,
+    drafts [n] drawn from q. Returns (emitted tokens, number of accepted drafts)."""
+    p = np.ascontiguousarray(p, dtype=np.float32)
+    q = np.ascontiguousarray(q, dtype=np.float32).reshape(-1, p.shape[1])
+    n = len(drafts)
+    if p.shape[0] != n + 1 or q.shape[0] != n:
+        raise InvalidArgumentError(f"need p of {n + 1} rows and q of {n} rows for {n} drafts")
+    out = ffi.new("int32_t[]", n + 1)
+    n_acc = ffi.new("int32_t *")
+    check(lib.pmtp_rejection_verify(ffi.from_buffer("float[]", p), ffi.from_buffer("float[]", q) if n else ffi.NULL,
+                                    ffi.new("int32_t[]", list(drafts)) if n else ffi.NULL, n, p.shape[1], seed,
+                                    out, n_acc))
+    return list(out[0:n_acc[0] + 1]), n_acc[0]
 
 
 def build_info() -> dict:

@@ -68,12 +68,13 @@ class Llama:
                  use_mmap: bool = True, flash_attn: bool | None = None, type_k: str | None = None,
                  type_v: str | None = None, split_mode: str = "layer", main_gpu: int = 0,
                  tensor_split: Sequence[float] | None = None, chat_template: str | None = None,
-                 swa_guard: bool = True, unsafe_split_verify: bool = False, verbose: bool = False,
-                 progress=None):
+                 swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
+                 verbose: bool = False, progress=None):
         if verbose:
             _llama_log.setLevel(logging.INFO)
             if not logging.getLogger().handlers:
                 logging.basicConfig()
+        self.accept = SamplingParams(accept=accept).accept   # validated before anything loads
         use_mtp = mtp is not False and mtp is not None
         separate_mtp = use_mtp and mtp is not True
         if use_mtp and draft == "auto":
@@ -152,11 +153,12 @@ class Llama:
     # --------------------------------------------------------- generation
 
     def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                  frequency_penalty, seed) -> SamplingParams:
+                  frequency_penalty, seed, accept) -> SamplingParams:
         return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
                               repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
                               frequency_penalty=frequency_penalty,
-                              seed=self.seed if seed is None else seed)
+                              seed=self.seed if seed is None else seed,
+                              accept=self.accept if accept is None else accept)
 
     def _prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, (str, bytes)):
@@ -233,13 +235,14 @@ class Llama:
 
     def _call_args(self, prompt, max_tokens, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                    min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
-                   frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None):
+                   frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None,
+                   accept: str | None = None):
         """Validate one call's options before anything runs; returns the arguments of _stream."""
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
             raise InvalidArgumentError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                  frequency_penalty, seed)
+                                  frequency_penalty, seed, accept)
         k = validate_draft(self.draft if draft is None else draft, self.draft)
         return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
 
@@ -257,7 +260,8 @@ class Llama:
 
         Options: temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
         frequency_penalty, stop (str or list), seed, draft (MTP draft length for this call,
-        0 = plain decoding)."""
+        0 = plain decoding), accept ("rejection" or "match": how drafts are accepted at
+        temperature > 0)."""
         return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
 
     def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:

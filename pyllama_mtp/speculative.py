@@ -37,6 +37,8 @@ class GenerationStats:
     emitted: int = 0              # tokens that verify steps produced (accepted + sampled)
     drafted_per_position: tuple[int, ...] = ()
     accepted_per_position: tuple[int, ...] = ()
+    drafted_per_position_rejection: tuple[int, ...] = ()   # the subset of steps that used rejection sampling
+    accepted_per_position_rejection: tuple[int, ...] = ()
     swa_recoveries: int = 0
     t_draft_s: float = 0.0
     t_verify_s: float = 0.0
@@ -59,6 +61,16 @@ class GenerationStats:
         return tuple(a / d if d else 0.0 for a, d in zip(self.accepted_per_position, self.drafted_per_position) if d)
 
     @property
+    def acceptance_per_position_by_rule(self) -> dict[str, tuple[float, ...]]:
+        """Acceptance per draft position for each acceptance rule ("match", "rejection")."""
+        def rates(acc, dra):
+            return tuple(a / d for a, d in zip(acc, dra) if d)
+        match_acc = tuple(a - r for a, r in zip(self.accepted_per_position, self.accepted_per_position_rejection))
+        match_dra = tuple(a - r for a, r in zip(self.drafted_per_position, self.drafted_per_position_rejection))
+        return {"match": rates(match_acc, match_dra),
+                "rejection": rates(self.accepted_per_position_rejection, self.drafted_per_position_rejection)}
+
+    @property
     def mean_accepted_length(self) -> float:
         """Accepted drafts per verify step."""
         return self.accepted / self.n_steps if self.n_steps else 0.0
@@ -77,7 +89,10 @@ class GenerationStats:
     def from_native(cls, raw: dict, **extra) -> "GenerationStats":
         return cls(n_steps=raw["n_steps"], drafted=raw["n_drafted"], accepted=raw["n_accepted"],
                    emitted=raw["n_emitted"], drafted_per_position=tuple(raw["drafted_at"]),
-                   accepted_per_position=tuple(raw["accepted_at"]), swa_recoveries=raw["swa_recoveries"],
+                   accepted_per_position=tuple(raw["accepted_at"]),
+                   drafted_per_position_rejection=tuple(raw["drafted_at_rejection"]),
+                   accepted_per_position_rejection=tuple(raw["accepted_at_rejection"]),
+                   swa_recoveries=raw["swa_recoveries"],
                    t_draft_s=raw["t_draft_s"], t_verify_s=raw["t_verify_s"], t_catchup_s=raw["t_catchup_s"],
                    t_prefill_s=raw["t_prefill_s"], t_decode_s=raw["t_decode_s"], **extra)
 
@@ -90,6 +105,10 @@ class GenerationStats:
             accepted=self.accepted - before.accepted, emitted=self.emitted - before.emitted,
             drafted_per_position=sub(self.drafted_per_position, before.drafted_per_position),
             accepted_per_position=sub(self.accepted_per_position, before.accepted_per_position),
+            drafted_per_position_rejection=sub(self.drafted_per_position_rejection,
+                                               before.drafted_per_position_rejection),
+            accepted_per_position_rejection=sub(self.accepted_per_position_rejection,
+                                                before.accepted_per_position_rejection),
             swa_recoveries=self.swa_recoveries - before.swa_recoveries,
             t_draft_s=self.t_draft_s - before.t_draft_s, t_verify_s=self.t_verify_s - before.t_verify_s,
             t_catchup_s=self.t_catchup_s - before.t_catchup_s, t_prefill_s=self.t_prefill_s - before.t_prefill_s,
@@ -100,6 +119,7 @@ class GenerationStats:
             "n_steps": self.n_steps, "drafted": self.drafted, "accepted": self.accepted,
             "acceptance_rate": self.acceptance_rate,
             "acceptance_per_position": list(self.acceptance_per_position),
+            "acceptance_per_position_by_rule": {k: list(v) for k, v in self.acceptance_per_position_by_rule.items()},
             "mean_accepted_length": self.mean_accepted_length,
             "swa_recoveries": self.swa_recoveries,
             "t_draft_s": self.t_draft_s, "t_verify_s": self.t_verify_s, "t_catchup_s": self.t_catchup_s,

@@ -40,8 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-o", "--output", default="md", choices=sorted(output.FORMATTERS), help="output format")
     ap.add_argument("--draft", default=None,
                     help="MTP draft lengths (default: 0,1,2,3 for models with MTP layers, else 0)")
-    ap.add_argument("--accept", default="match", choices=["match", "rejection"],
-                    help="draft acceptance rule (default: match)")
+    ap.add_argument("--accept", default="rejection", choices=["match", "rejection"],
+                    help="draft acceptance at --temp > 0: rejection sampling (default) or exact match")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")
     ap.add_argument("--seed", type=int, default=42, help="seed of the random prompt tokens and sampling")
     ap.add_argument("--plot", metavar="FILE.png", help="draw tok/s and speedup against draft length")
@@ -64,8 +64,6 @@ def _progress(enabled: bool, text: str) -> None:
 def run(args) -> list[dict]:
     if args.repetitions < 1:
         raise UsageError("-r: repetitions must be >= 1")
-    if args.accept == "rejection":
-        raise NotImplementedError("--accept rejection (rejection sampling at temperature > 0) is not implemented yet")
     depths = parse_int_list(args.n_depth, "-d")
     n_prompt = parse_int_list(args.n_prompt, "-p")
     n_gen = parse_int_list(args.n_gen, "-n")
@@ -76,7 +74,7 @@ def run(args) -> list[dict]:
                        parse_choice_list(args.cache_type_v, "-ctv", _KV_TYPES), parse_int_list(args.flash_attn, "-fa"))
     if any(v < 0 for v in depths + n_prompt + n_gen):
         raise UsageError("-p, -n and -d take values >= 0")
-    sampling = SamplingParams(temperature=args.temp, seed=args.seed)
+    sampling = SamplingParams(temperature=args.temp, seed=args.seed, accept=args.accept)
     env = environment()
     records = []
     show = not args.no_progress

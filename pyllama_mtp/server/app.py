@@ -64,6 +64,7 @@ class _Options(BaseModel):
     # extensions
     mtp: bool | None = None
     draft: int | None = None
+    accept: str | None = None
 
 
 class CompletionRequest(_Options):
@@ -86,7 +87,8 @@ def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> d
         draft = 0
     return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, draft=draft)
+                frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, draft=draft,
+                accept=req.accept)
 
 
 def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
