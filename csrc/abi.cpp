@@ -285,6 +285,7 @@ pmtp_sampling pmtp_sampling_default(void) {
     s.repeat_penalty    = 1.0f;
     s.penalty_last_n    = 64;
     s.seed              = 0xFFFFFFFF;
+    s.n_logprobs        = -1;
     s.accept            = 1;
     return s;
 }
@@ -370,11 +371,12 @@ int pmtp_logits(const pmtp_session * session, float * out, size_t cap) {
     });
 }
 
-int pmtp_sample(pmtp_session * session, int32_t * out_token) {
+int pmtp_sample(pmtp_session * session, pmtp_step_result * out) {
     return guarded([&] {
         need(session, "session");
-        need(out_token, "out_token");
-        *out_token = session_sample(session);
+        need(out, "out");
+        std::memset(out, 0, sizeof(*out));
+        session_sample(session, out, 0);
     });
 }
 

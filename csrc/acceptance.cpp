@@ -124,3 +124,31 @@ size_t rejection_verify(const float * p, const float * q, const llama_token * dr
     next = sample_dense(p + n * (size_t) n_vocab, n_vocab, rng);
     return n;
 }
+
+void fill_logprobs(const pmtp_sampling & sp, const float * logits, int32_t n_vocab, int32_t i, pmtp_step_result * out) {
+    if (sp.n_logprobs < 0) {
+        return;
+    }
+    const llama_token tok = out->tokens[i];
+    const float max_l = *std::max_element(logits, logits + n_vocab);
+    double sum = 0.0;
+    for (int32_t t = 0; t < n_vocab; ++t) {
+        sum += std::exp((double) (logits[t] - max_l));
+    }
+    const float lse = max_l + (float) std::log(sum);
+    out->logprob[i] = logits[tok] - lse;
+    const int32_t k = std::min(sp.n_logprobs, std::min<int32_t>(20, n_vocab));
+    out->n_top = k;
+    if (k == 0) {
+        return;
+    }
+    std::vector<int32_t> ids((size_t) n_vocab);
+    std::iota(ids.begin(), ids.end(), 0);
+    std::partial_sort(ids.begin(), ids.begin() + k, ids.end(), [&](int32_t a, int32_t b) {
+        return logits[a] > logits[b] || (logits[a] == logits[b] && a < b);
+    });
+    for (int32_t j = 0; j < k; ++j) {
+        out->top_tokens[i][j]   = ids[(size_t) j];
+        out->top_logprobs[i][j] = logits[ids[(size_t) j]] - lse;
+    }
+}

@@ -60,6 +60,8 @@ int32_t n_vocab_of(const pmtp_model * m);
 void sampling_probs(const pmtp_sampling & sp, const float * logits, int32_t n_vocab, float * probs);
 llama_token sample_dense(const float * probs, int32_t n_vocab, std::mt19937_64 & rng);
 void seed_rng(std::mt19937_64 & rng, uint64_t seed);
+// Logprob (and top-k when asked) of out->tokens[i] under the raw logits of its row.
+void fill_logprobs(const pmtp_sampling & sp, const float * logits, int32_t n_vocab, int32_t i, pmtp_step_result * out);
 // Returns the number of accepted drafts; next is the residual or bonus token.
 size_t rejection_verify(const float * p, const float * q, const llama_token * drafts, size_t n, int32_t n_vocab,
                         std::mt19937_64 & rng, llama_token & next);
@@ -106,7 +108,8 @@ void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp);
 void session_reset(pmtp_session * s);
 void session_rollback(pmtp_session * s, int32_t n_keep);
 void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n);
-llama_token session_sample(pmtp_session * s);
+// Sample the pending token into out->tokens[i] (with its logprobs when asked).
+llama_token session_sample(pmtp_session * s, pmtp_step_result * out, int32_t i);
 void session_step_plain(pmtp_session * s, pmtp_step_result * out);
 void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits);
 void check_swa_window(pmtp_session * s);

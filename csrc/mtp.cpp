@@ -421,6 +421,9 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const fl
     out->n_tokens   = (int32_t) n_acc + 1;
     out->n_drafted  = (int32_t) n;
     out->n_accepted = (int32_t) n_acc;
+    for (size_t j = 0; j <= n_acc; ++j) {  // token j was sampled from verify row j
+        fill_logprobs(s->sampling, llama_get_logits_ith(s->ctx.get(), (int32_t) j), s->n_vocab, (int32_t) j, out);
+    }
 
     // Keep [0, P + n_acc]: the pending token and the accepted drafts.
     llama_memory_seq_rm(s->mem(), 0, P + 1 + (llama_pos) n_acc, -1);

@@ -145,6 +145,8 @@ typedef struct pmtp_sampling {
     float    frequency_penalty;  /* 0: off                                              */
     int32_t  penalty_last_n;     /* tokens the penalties look back over                 */
     uint32_t seed;
+    int32_t  n_logprobs;         /* -1: none; 0: each token's logprob; k <= 20: and the */
+                                 /* k most likely tokens (the target's raw distribution)*/
     int32_t  accept;             /* draft acceptance at temperature > 0:                */
                                  /* 0 match (draft == target's sample), 1 rejection     */
                                  /* sampling (drafts drawn from the heads' q, accepted  */
@@ -171,13 +173,19 @@ typedef struct pmtp_stats {
 } pmtp_stats;
 
 /* What one pmtp_step produced: tokens in order; from_draft[i] says whether token i was
- * a draft the target accepted (the last token of a step never is). */
+ * a draft the target accepted (the last token of a step never is). With n_logprobs >= 0
+ * each token also carries log p under the target's own logits (log-softmax), accepted
+ * drafts included, and with n_logprobs = k the k most likely tokens. */
 typedef struct pmtp_step_result {
     int32_t tokens[9];
     bool    from_draft[9];
     int32_t n_tokens;
     int32_t n_drafted;
     int32_t n_accepted;
+    float   logprob[9];
+    int32_t top_tokens[9][20];
+    float   top_logprobs[9][20];
+    int32_t n_top;
 } pmtp_step_result;
 
 PMTP_API pmtp_session_params pmtp_session_default_params(void);
@@ -203,8 +211,8 @@ PMTP_API int pmtp_prefill(pmtp_session * session, const int32_t * tokens, size_t
 /* Copy the kept logits of the last decoded token: [n_vocab]. */
 PMTP_API int pmtp_logits(const pmtp_session * session, float * out, size_t cap);
 /* Sample from the kept logits with the session's sampler chain and remember the
- * token as pending (the next pmtp_step decodes it). */
-PMTP_API int pmtp_sample(pmtp_session * session, int32_t * out_token);
+ * token as pending (the next pmtp_step decodes it); out gets that one token. */
+PMTP_API int pmtp_sample(pmtp_session * session, pmtp_step_result * out);
 /* One cycle from the pending token. draft = 0: decode it, sample the next (1 token).
  * draft = k > 0: MTP heads draft k tokens, one target decode verifies them,
  * accepted drafts and one sampled token come back (1 .. k+1 tokens). */

@@ -129,6 +129,9 @@ void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp) {
     if (sp.penalty_last_n < -1) {
         fail(PMTP_ERR_INVALID_ARG, "penalty_last_n must be >= -1 (-1 = whole context)");
     }
+    if (sp.n_logprobs < -1 || sp.n_logprobs > 20) {
+        fail(PMTP_ERR_INVALID_ARG, "n_logprobs must be in [-1, 20] (-1 = off)");
+    }
     if (sp.accept != 0 && sp.accept != 1) {
         fail(PMTP_ERR_INVALID_ARG, "accept must be 0 (match) or 1 (rejection sampling)");
     }
@@ -256,7 +259,7 @@ void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n) {
     s->stats.t_prefill_s += now_s() - t0;
 }
 
-llama_token session_sample(pmtp_session * s) {
+llama_token session_sample(pmtp_session * s, pmtp_step_result * out, int32_t i) {
     if (s->logits_row < 0) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to sample from: prefill a prompt first");
     }
@@ -267,6 +270,10 @@ llama_token session_sample(pmtp_session * s) {
     const llama_token t = llama_sampler_sample(s->sampler.get(), s->ctx.get(), s->logits_row);
     s->stats.t_sample_s += now_s() - t0;
     s->pending = t;
+    out->tokens[i]     = t;
+    out->from_draft[i] = false;
+    out->n_tokens      = i + 1;
+    fill_logprobs(s->sampling, llama_get_logits_ith(s->ctx.get(), s->logits_row), s->n_vocab, i, out);
     if (s->heads) {
         // Queue the pending token's row for the heads: it pairs with h[n_past - 1].
         mtp_push_rows(s, &t, s->last_h.data(), nullptr, 1, s->n_past());
@@ -286,10 +293,7 @@ void session_step_plain(pmtp_session * s, pmtp_step_result * out) {
         const float * h = llama_get_embeddings_nextn_ith(s->ctx.get(), 0);
         std::memcpy(s->last_h.data(), h, sizeof(float) * (size_t) s->n_embd);
     }
-    const llama_token next = session_sample(s);
-    out->tokens[0]     = next;
-    out->from_draft[0] = false;
-    out->n_tokens      = 1;
+    session_sample(s, out, 0);
     s->stats.n_emitted += 1;
 }
 

@@ -108,6 +108,7 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int = 0xFFFFFFFF
     accept: str | None = None     # MTP at temperature > 0: "rejection" (default) or "match"
+    n_logprobs: int = -1          # -1 off; 0 each token's logprob; k <= 20 also the top k
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
@@ -121,6 +122,8 @@ class SamplingParams:
         _require(self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
         _require(_is_int(self.penalty_last_n) and self.penalty_last_n >= -1, "penalty_last_n must be an int >= -1")
         _require(_is_int(self.seed) and 0 <= self.seed <= 0xFFFFFFFF, f"seed must be an int in [0, 2**32), got {self.seed!r}")
+        _require(_is_int(self.n_logprobs) and -1 <= self.n_logprobs <= 20,
+                 f"logprobs must be an int in [0, 20], got {self.n_logprobs!r}")
         _require(self.accept in (None, "match", "rejection"),
                  f"accept must be 'match' or 'rejection', got {self.accept!r}")
 

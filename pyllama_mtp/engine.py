@@ -183,6 +183,8 @@ class StepResult:
     from_draft: tuple[bool, ...]   # accepted MTP drafts; the last token never is
     n_drafted: int
     n_accepted: int
+    logprobs: tuple[float, ...] | None = None                        # per token, when asked
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None   # per token: (token, logprob)
 
 
 _STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries")
@@ -216,7 +218,6 @@ class Session(_Handle):
         check(lib.pmtp_session_new(model._check_open(), p, out))
         self._own(out[0])
         self._step = ffi.new("pmtp_step_result *")
-        self._token = ffi.new("int32_t *")
         self._n_vocab = model.info.n_vocab
         self.sampling = SamplingParams()
 
@@ -258,13 +259,22 @@ class Session(_Handle):
         return out
 
     def sample(self) -> int:
-        check(lib.pmtp_sample(self._check_open(), self._token))
-        return self._token[0]
+        """Sample the first token after a prefill; ``last_result`` has it with its logprobs."""
+        check(lib.pmtp_sample(self._check_open(), self._step))
+        return self._step.tokens[0]
+
+    @property
+    def last_result(self) -> StepResult:
+        return self._result()
 
     def _result(self) -> StepResult:
         r = self._step
         n = r.n_tokens
-        return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted)
+        if self.sampling.n_logprobs < 0:
+            return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted)
+        top = tuple(tuple(zip(r.top_tokens[i][0:r.n_top], r.top_logprobs[i][0:r.n_top])) for i in range(n))
+        return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted,
+                          tuple(r.logprob[0:n]), top)
 
     def step(self, draft: int = 0) -> StepResult:
         check(lib.pmtp_step(self._check_open(), draft, self._step))

@@ -18,7 +18,7 @@ from typing import Iterator, Sequence
 from . import openai_shapes
 from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
-from .engine import Model, Session, build_info
+from .engine import Model, Session, StepResult, build_info
 from .errors import ContextFullError, InvalidArgumentError, PmtpError
 from .speculative import GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
@@ -33,6 +33,8 @@ class Chunk:
     tokens: tuple[int, ...]
     from_draft: tuple[bool, ...]    # per token: an MTP draft the target accepted
     finish_reason: str | None = None
+    logprobs: tuple[float, ...] | None = None          # per token (when asked)
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
 @dataclass(frozen=True)
@@ -42,6 +44,18 @@ class Completion:
     finish_reason: str              # "stop" (EOS or stop string) or "length"
     n_prompt_tokens: int
     stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+def _first(step: StepResult, n: int) -> StepResult:
+    """The step's first n tokens (the rest fall after EOG or the token limit)."""
+    if n == len(step.tokens):
+        return step
+    return dataclasses.replace(
+        step, tokens=step.tokens[:n], from_draft=step.from_draft[:n],
+        logprobs=None if step.logprobs is None else step.logprobs[:n],
+        top_logprobs=None if step.top_logprobs is None else step.top_logprobs[:n])
 
 
 def _stops(stop) -> list[str]:
@@ -198,37 +212,37 @@ class Llama:
         self._kv_tokens = list(tokens)
 
     def _token_steps(self, tokens: list[int], max_tokens: int | None, sampling: SamplingParams,
-                     draft: int) -> Iterator[tuple[list[int], list[bool], str | None]]:
-        """Yield (tokens, from_draft, finish_reason) per step; EOG ends with "stop"."""
+                     draft: int) -> Iterator[tuple[StepResult, str | None]]:
+        """Yield each step's emitted tokens (cut at EOG, max_tokens or the context end)
+        and the finish reason of the last step."""
         session = self.session
         eog = self.model.eog_tokens
         session.set_sampling(sampling)
         self._kv_tokens = []  # unknown until the prompt is loaded
         self._load_prompt(tokens)
-        generated = [session.sample()]
+        session.sample()
+        result = session.last_result
+        generated = list(result.tokens)
         limit = max_tokens if max_tokens is not None else self.n_ctx
         try:
-            step_tokens, step_draft = [generated[0]], [False]
             while True:
-                out_toks, out_draft, finish = [], [], None
-                for tok, drafted in zip(step_tokens, step_draft):
+                n, finish = 0, None
+                for tok in result.tokens:
                     if tok in eog:
                         finish = "stop"
                         break
-                    out_toks.append(tok)
-                    out_draft.append(drafted)
+                    n += 1
                     limit -= 1
                     if limit == 0:
                         finish = "length"
                         break
                 if finish is None and session.n_past >= self.n_ctx:
                     finish = "length"
-                yield out_toks, out_draft, finish
+                yield _first(result, n), finish
                 if finish is not None:
                     return
                 result = session.step(draft)
                 generated.extend(result.tokens)
-                step_tokens, step_draft = result.tokens, result.from_draft
         finally:
             # Everything generated except the newest token is in the KV cache.
             self._kv_tokens = tokens + generated[:-1]
@@ -236,13 +250,15 @@ class Llama:
     def _call_args(self, prompt, max_tokens, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                    min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
                    frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None,
-                   accept: str | None = None):
+                   accept: str | None = None, logprobs: int | None = None):
         """Validate one call's options before anything runs; returns the arguments of _stream."""
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
             raise InvalidArgumentError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
         sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
                                   frequency_penalty, seed, accept)
+        if logprobs is not None:
+            sampling = dataclasses.replace(sampling, n_logprobs=logprobs)
         k = validate_draft(self.draft if draft is None else draft, self.draft)
         return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
 
@@ -261,25 +277,25 @@ class Llama:
         Options: temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
         frequency_penalty, stop (str or list), seed, draft (MTP draft length for this call,
         0 = plain decoding), accept ("rejection" or "match": how drafts are accepted at
-        temperature > 0)."""
+        temperature > 0), logprobs (None; 0 for each token's logprob; k <= 20 for the top k
+        too, from the target's raw logits, accepted drafts included)."""
         return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
 
     def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
         pieces = self.model.token_pieces
         decoder = Utf8StreamDecoder()
         matcher = StopMatcher(stops)
-        for toks, drafted, finish in self._token_steps(tokens, max_tokens, sampling, draft):
-            text = decoder.feed(b"".join(pieces[t] for t in toks))
+        for step, finish in self._token_steps(tokens, max_tokens, sampling, draft):
+            text = decoder.feed(b"".join(pieces[t] for t in step.tokens))
             safe, stopped = matcher.feed(text)
-            if stopped:
-                yield Chunk(safe, tuple(toks), tuple(drafted), "stop")
-                return
-            if finish is not None:
+            if not stopped and finish is not None:
                 tail, stopped = matcher.feed(decoder.flush())
-                yield Chunk(safe + tail + ("" if stopped else matcher.flush()), tuple(toks), tuple(drafted),
-                            "stop" if stopped else finish)
+                safe += tail if stopped else tail + matcher.flush()
+            if stopped:
+                finish = "stop"
+            yield Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
+            if finish is not None:
                 return
-            yield Chunk(safe, tuple(toks), tuple(drafted))
 
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
         """Generate a whole completion; keyword arguments as for :meth:`stream`."""
@@ -287,19 +303,23 @@ class Llama:
         before = GenerationStats.from_native(self.session.stats())
         t0 = time.perf_counter()
         t_first = None
-        texts, tokens, finish = [], [], "length"
+        texts, tokens, finish, lps, tops = [], [], "length", [], []
         for chunk in self._stream(*args):
             if t_first is None:
                 t_first = time.perf_counter()
             texts.append(chunk.text)
             tokens.extend(chunk.tokens)
+            lps.extend(chunk.logprobs or ())
+            tops.extend(chunk.top_logprobs or ())
             finish = chunk.finish_reason or finish
         t_end = time.perf_counter()
         t_first = t_first or t_end
         span = GenerationStats.from_native(self.session.stats()).minus(before)
         stats = dataclasses.replace(span, n_prompt_tokens=len(args[0]), n_generated=len(tokens),
                                     t_prompt_s=t_first - t0, t_generate_s=t_end - t_first)
-        return Completion("".join(texts), tuple(tokens), finish, len(args[0]), stats)
+        with_lp = args[2].n_logprobs >= 0
+        return Completion("".join(texts), tuple(tokens), finish, len(args[0]), stats,
+                          tuple(lps) if with_lp else None, tuple(tops) if with_lp else None)
 
     # --------------------------------------------------------------- chat
 
@@ -338,6 +358,17 @@ class Llama:
     def _usage_extra(self, stats: GenerationStats) -> dict:
         return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
 
+    def _logprobs_object(self, result: Completion, chat: bool):
+        """OpenAI logprobs for a finished completion (None when not asked)."""
+        if result.logprobs is None:
+            return None
+        pieces = self.model.token_pieces
+        tokens = [pieces[t] for t in result.tokens]
+        tops = [[(pieces[t], lp) for t, lp in alts] for alts in result.top_logprobs]
+        if chat:
+            return openai_shapes.chat_logprobs(tokens, result.logprobs, tops)
+        return openai_shapes.completion_logprobs(tokens, result.logprobs, tops)
+
     def create_completion(self, prompt, max_tokens: int | None = 16, *, stream: bool = False, **kwargs):
         """OpenAI ``/v1/completions`` shaped result (a dict, or an iterator of chunk dicts)."""
         cid, created, name = openai_shapes.new_id("cmpl"), int(time.time()), self._model_name()
@@ -347,10 +378,15 @@ class Llama:
         result = self.generate(prompt, max_tokens, **kwargs)
         return openai_shapes.completion_response(cid, name, created, result.text, result.finish_reason,
                                                  result.n_prompt_tokens, len(result.tokens),
+                                                 logprobs=self._logprobs_object(result, chat=False),
                                                  extra_usage=self._usage_extra(result.stats))
 
-    def create_chat_completion(self, messages, max_tokens: int | None = None, *, stream: bool = False, **kwargs):
-        """OpenAI ``/v1/chat/completions`` shaped result (a dict, or an iterator of chunk dicts)."""
+    def create_chat_completion(self, messages, max_tokens: int | None = None, *, stream: bool = False,
+                               top_logprobs: int | None = None, **kwargs):
+        """OpenAI ``/v1/chat/completions`` shaped result (a dict, or an iterator of chunk dicts).
+        ``logprobs=True`` (with ``top_logprobs=k``) adds the chat logprobs object."""
+        if kwargs.get("logprobs") is True or kwargs.get("logprobs") is False:
+            kwargs["logprobs"] = (top_logprobs or 0) if kwargs["logprobs"] else None
         cid, created, name = openai_shapes.new_id("chatcmpl"), int(time.time()), self._model_name()
         tokens = self._chat_tokens(messages)
         if stream:
@@ -358,6 +394,7 @@ class Llama:
         result = self.generate(tokens, max_tokens, **kwargs)
         return openai_shapes.chat_response(cid, name, created, result.text, result.finish_reason,
                                            result.n_prompt_tokens, len(result.tokens),
+                                           logprobs=self._logprobs_object(result, chat=True),
                                            extra_usage=self._usage_extra(result.stats))
 
     def _chat_chunks(self, cid, created, name, tokens, max_tokens, kwargs):

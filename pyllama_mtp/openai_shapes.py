@@ -76,3 +76,31 @@ def chat_chunk(id: str, model: str, created: int, delta: dict, finish_reason: st
     _check_finish_reason(finish_reason, final=False)
     choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
     return _envelope(id, "chat.completion.chunk", model, created, choice)
+
+
+def completion_logprobs(pieces: list[bytes], logprobs, top_logprobs) -> dict:
+    """The legacy ``/v1/completions`` logprobs object: token strings, their logprobs,
+    the top alternatives per position as {token: logprob} (each a (bytes, logprob)
+    pair on input), and text offsets."""
+    texts = [p.decode("utf-8", errors="replace") for p in pieces]
+    offsets, pos = [], 0
+    for t in texts:
+        offsets.append(pos)
+        pos += len(t)
+    tops = None
+    if top_logprobs is not None and any(top_logprobs):
+        tops = [{piece.decode("utf-8", errors="replace"): lp for piece, lp in alternatives}
+                for alternatives in top_logprobs]
+    return {"tokens": texts, "token_logprobs": list(logprobs), "top_logprobs": tops, "text_offset": offsets}
+
+
+def chat_logprobs(pieces: list[bytes], logprobs, top_logprobs) -> dict:
+    """The chat ``logprobs`` object: per token its text, logprob, bytes and the top
+    alternatives (each a (bytes, logprob) pair)."""
+    def entry(piece: bytes, lp: float) -> dict:
+        return {"token": piece.decode("utf-8", errors="replace"), "logprob": lp, "bytes": list(piece)}
+    content = []
+    for i, (piece, lp) in enumerate(zip(pieces, logprobs)):
+        alternatives = top_logprobs[i] if top_logprobs is not None else ()
+        content.append({**entry(piece, lp), "top_logprobs": [entry(p, alp) for p, alp in alternatives]})
+    return {"content": content, "refusal": None}

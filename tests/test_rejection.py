@@ -146,3 +146,43 @@ def test_penalties_with_rejection_sampling_ask_for_match(oracle_path):
         with pytest.raises(InvalidArgumentError, match="accept='match'"):
             llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2)
         assert llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2, accept="match").tokens
+
+
+class TestLogprobs:
+    """Logprobs of accepted drafts are the target's own, identical with MTP on and off."""
+
+    @pytest.fixture(scope="class")
+    def pair(self, models_dir):
+        from pyllama_mtp import testing
+        path = str(testing.write_step35(models_dir / "lp-oracle.gguf", seed=9, oracle=True, acceptance=0.8))
+        with Llama(path, n_ctx=256, threads=2) as plain, Llama(path, n_ctx=256, threads=2, mtp=True, draft=3) as mtp:
+            yield plain, mtp
+
+    def test_greedy_logprobs_equal_with_mtp_on_and_off(self, pair):
+        plain, mtp = pair
+        a = plain.generate("a", max_tokens=40, logprobs=5)
+        b = mtp.generate("a", max_tokens=40, logprobs=5)
+        assert a.tokens == b.tokens and b.stats.accepted > 10
+        np.testing.assert_allclose(a.logprobs, b.logprobs, rtol=0, atol=1e-5)
+        assert [[t for t, _ in alts] for alts in a.top_logprobs] == [[t for t, _ in alts] for alts in b.top_logprobs]
+        assert all(lp <= 0 for lp in b.logprobs)
+        for tok, alts in zip(b.tokens, b.top_logprobs):
+            assert alts[0][0] == tok and len(alts) == 5  # greedy: the chosen token is the most likely
+            assert [lp for _, lp in alts] == sorted((lp for _, lp in alts), reverse=True)
+
+    def test_streamed_chunks_carry_logprobs_for_drafted_tokens(self, pair):
+        _, mtp = pair
+        chunks = list(mtp.stream("a", max_tokens=30, logprobs=0))
+        drafted = [(lp, d) for c in chunks for lp, d in zip(c.logprobs, c.from_draft)]
+        assert any(d for _, d in drafted) and all(lp <= 0 for lp, _ in drafted)
+
+    def test_openai_shapes_carry_logprobs(self, pair):
+        from openai.types import Completion
+        from openai.types.chat import ChatCompletion
+        _, mtp = pair
+        c = Completion.model_validate(mtp.create_completion("a", max_tokens=8, logprobs=2))
+        assert len(c.choices[0].logprobs.token_logprobs) == 8
+        chat = ChatCompletion.model_validate(mtp.create_chat_completion(
+            [{"role": "user", "content": "a"}], max_tokens=6, logprobs=True, top_logprobs=3))
+        assert len(chat.choices[0].logprobs.content) == 6
+        assert len(chat.choices[0].logprobs.content[0].top_logprobs) == 3

@@ -167,3 +167,13 @@ def test_api_key_is_required(server):
     with pytest.raises(openai.AuthenticationError):
         no_key.completions.create(model="tiny", prompt="x", max_tokens=2)
     assert httpx.post(f"{server}/v1/completions", json={"prompt": "x"}).status_code == 401
+
+
+def test_logprobs_through_the_server(client):
+    result = client.completions.create(model="tiny", prompt="a", max_tokens=12, logprobs=3)
+    assert len(result.choices[0].logprobs.token_logprobs) == 12
+    # keys are token strings: byte tokens that decode to the same U+FFFD share one key
+    assert all(1 <= len(alts) <= 3 for alts in result.choices[0].logprobs.top_logprobs)
+    chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=5,
+                                          logprobs=True, top_logprobs=2)
+    assert len(chat.choices[0].logprobs.content) == 5

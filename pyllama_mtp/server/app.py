@@ -70,10 +70,21 @@ class _Options(BaseModel):
 class CompletionRequest(_Options):
     prompt: str | list[int]
     max_tokens: int | None = 16
+    logprobs: int | None = None            # legacy: how many alternatives per token
+
+    @property
+    def n_logprobs(self) -> int | None:
+        return self.logprobs
 
 
 class ChatRequest(_Options):
     messages: list[dict]
+    logprobs: bool = False
+    top_logprobs: int | None = None
+
+    @property
+    def n_logprobs(self) -> int | None:
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> dict:
@@ -88,7 +99,7 @@ def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> d
     return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
                 min_p=req.min_p, repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
                 frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, draft=draft,
-                accept=req.accept)
+                accept=req.accept, logprobs=req.n_logprobs)
 
 
 def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
@@ -186,19 +197,27 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     def usage_extra(stats) -> dict:
         return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
 
-    async def collect(tokens, kwargs, request):
-        text, n_tokens, finish, stats = [], 0, "length", None
+    async def collect(tokens, kwargs, request, chat: bool):
+        text, generated, finish, stats, lps, tops = [], [], "length", None, [], []
         try:
             async for item in run(tokens, kwargs, request):
                 if hasattr(item, "text"):
                     text.append(item.text)
-                    n_tokens += len(item.tokens)
+                    generated.extend(item.tokens)
+                    lps.extend(item.logprobs or ())
+                    tops.extend(item.top_logprobs or ())
                     finish = item.finish_reason or finish
                 else:
                     stats = item
         except PmtpError as e:
             raise ApiError(400, str(e)) from None
-        return "".join(text), n_tokens, finish, stats
+        logprobs = None
+        if kwargs.get("logprobs") is not None:
+            pieces = llm.model.token_pieces
+            alternatives = [[(pieces[t], lp) for t, lp in alts] for alts in tops]
+            build = openai_shapes.chat_logprobs if chat else openai_shapes.completion_logprobs
+            logprobs = build([pieces[t] for t in generated], lps, alternatives)
+        return "".join(text), len(generated), finish, stats, logprobs
 
     @app.get("/health")
     async def health():
@@ -233,9 +252,9 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                         yield openai_shapes.completion_chunk(cid, settings.model_name, created, item.text,
                                                              item.finish_reason)
             return sse(events())
-        text, n, finish, stats = await collect(tokens, kwargs, request)
+        text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=False)
         return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
-                                                 extra_usage=usage_extra(stats))
+                                                 logprobs=logprobs, extra_usage=usage_extra(stats))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
@@ -256,8 +275,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                             yield openai_shapes.chat_chunk(cid, settings.model_name, created, {},
                                                            item.finish_reason)
             return sse(events())
-        text, n, finish, stats = await collect(tokens, kwargs, request)
+        text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=True)
         return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(tokens), n,
-                                           extra_usage=usage_extra(stats))
+                                           logprobs=logprobs, extra_usage=usage_extra(stats))
 
     return app
