@@ -20,7 +20,7 @@ from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, StepResult, build_info
 from .errors import ContextFullError, InvalidArgumentError, PmtpError
-from .speculative import GenerationStats, validate_draft
+from .speculative import DraftPolicy, GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
 
 _llama_log = logging.getLogger("pyllama_mtp.llama_cpp")
@@ -91,10 +91,8 @@ class Llama:
         self.accept = SamplingParams(accept=accept).accept   # validated before anything loads
         use_mtp = mtp is not False and mtp is not None
         separate_mtp = use_mtp and mtp is not True
-        if use_mtp and draft == "auto":
-            validate_draft(draft, 0)
-        if use_mtp and (not isinstance(draft, int) or isinstance(draft, bool) or draft < 1):
-            raise InvalidArgumentError(f"draft must be an int >= 1 when mtp is on, got {draft!r}")
+        if use_mtp and draft != "auto" and (not isinstance(draft, int) or isinstance(draft, bool) or draft < 1):
+            raise InvalidArgumentError(f"draft must be an int >= 1 or 'auto' when mtp is on, got {draft!r}")
         load = dict(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, split_mode=split_mode, main_gpu=main_gpu,
                     tensor_split=tuple(tensor_split) if tensor_split is not None else None)
         self.model = Model(ModelConfig(os.fspath(model_path), load_mtp=use_mtp and not separate_mtp, **load),
@@ -103,19 +101,25 @@ class Llama:
         try:
             if separate_mtp:
                 self.mtp_model = Model(ModelConfig(os.fspath(mtp), load_mtp=True, **load))
+            heads = (self.mtp_model or self.model).info.n_layer_mtp
+            # "auto" keeps every chained head ready (or 4 drafts for a single head)
+            draft_max = (heads if heads > 1 else 4) if draft == "auto" else draft
             ctx = ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,
                                 threads=threads if threads is not None else ContextConfig().threads,
                                 threads_batch=threads_batch, type_k=type_k, type_v=type_v,
-                                flash_attn=flash_attn, draft_max=draft if use_mtp else 0,
+                                flash_attn=flash_attn, draft_max=draft_max if use_mtp else 0,
                                 swa_guard=swa_guard, unsafe_split_verify=unsafe_split_verify)
             self.session = Session(self.model, ctx, mtp_model=self.mtp_model)
         except BaseException:
             self.close()
             raise
-        self.draft = draft if use_mtp else 0
+        self.draft = draft if use_mtp else 0                 # the default per call
+        self.draft_max = self.session.draft_max
         self.seed = seed if seed is not None else 0xFFFFFFFF
         self._chat_template = chat_template
         self._kv_tokens: list[int] = []   # mirror of the tokens in the target KV cache
+        # one policy per Llama: what it learns about acceptance and costs carries over calls
+        self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
         self._stats_base = GenerationStats()
 
     # ------------------------------------------------------------ lifecycle
@@ -224,6 +228,7 @@ class Llama:
         result = session.last_result
         generated = list(result.tokens)
         limit = max_tokens if max_tokens is not None else self.n_ctx
+        policy = self._policy if draft == "auto" else None
         try:
             while True:
                 n, finish = 0, None
@@ -241,7 +246,11 @@ class Llama:
                 yield _first(result, n), finish
                 if finish is not None:
                     return
-                result = session.step(draft)
+                k = policy.choose() if policy else draft
+                t0 = time.perf_counter()
+                result = session.step(k)
+                if policy:
+                    policy.update(k, result.n_accepted, time.perf_counter() - t0)
                 generated.extend(result.tokens)
         finally:
             # Everything generated except the newest token is in the KV cache.
@@ -259,7 +268,7 @@ class Llama:
                                   frequency_penalty, seed, accept)
         if logprobs is not None:
             sampling = dataclasses.replace(sampling, n_logprobs=logprobs)
-        k = validate_draft(self.draft if draft is None else draft, self.draft)
+        k = validate_draft(self.draft if draft is None else draft, self.draft_max)
         return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
 
     def check_request(self, prompt, max_tokens: int | None = 256, **kwargs) -> list[int]:

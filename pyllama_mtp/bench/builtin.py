@@ -47,12 +47,16 @@ def resolve(name: str, progress=lambda text: None) -> str:
     return str(path)
 
 
-def default_drafts(path: str) -> list[int]:
-    """0,1,2,3 (capped at the model's MTP head count) when the file has MTP layers, else 0."""
-    from ..engine import Model
+def max_draft(path: str) -> int:
+    """The longest draft the file supports: its chained head count, 4 for a single
+    head, 0 without MTP tensors."""
     from ..config import ModelConfig
+    from ..engine import Model
     with Model(ModelConfig(path, load_mtp=False)) as m:
         n = m.info.n_layer_mtp if m.info.has_mtp_tensors else 0
-    if n == 0:
-        return [0]
-    return list(range(0, (min(n, 3) if n > 1 else 3) + 1))
+    return 0 if n == 0 else (n if n > 1 else 4)
+
+
+def default_drafts(path: str) -> list[int]:
+    """0,1,2,3 (capped at the model's MTP head count) when the file has MTP layers, else 0."""
+    return list(range(0, min(max_draft(path), 3) + 1))

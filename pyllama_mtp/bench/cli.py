@@ -81,11 +81,11 @@ def run(args) -> list[dict]:
     for i, inst in enumerate(instances):
         path = builtin.resolve(inst.model, progress=lambda t: _progress(show, t))
         drafts = parse_draft_list(args.draft) if args.draft else builtin.default_drafts(path)
-        if "auto" in drafts:
-            raise NotImplementedError("--draft auto (adaptive draft length) is not implemented yet")
         tests = bench_tests(n_prompt, n_gen, pg, depths, drafts)
         n_ctx = max((t.n_depth + t.n_prompt + t.n_gen + 16 for t in tests), default=256)
-        runner = InstanceRunner(path, inst, n_ctx, max(drafts), args.seed)
+        fixed = [d for d in drafts if d != "auto"]
+        draft_max = max(fixed + ([builtin.max_draft(path)] if "auto" in drafts else []), default=0)
+        runner = InstanceRunner(path, inst, n_ctx, draft_max, args.seed)
         try:
             for j, test in enumerate(tests):
                 _progress(show, f"[{i + 1}/{len(instances)}] {os.path.basename(inst.model)} t={inst.threads} "

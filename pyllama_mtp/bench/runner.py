@@ -12,6 +12,7 @@ import numpy as np
 
 from ..config import ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
+from ..speculative import DraftPolicy
 from .params import Instance, BenchTest
 
 
@@ -93,9 +94,16 @@ class InstanceRunner:
         if test.n_gen:
             s.sample()
             produced = 1
-            draft = int(test.n_draft)
+            policy = DraftPolicy(s.draft_max) if test.n_draft == "auto" else None
             while produced < test.n_gen:
-                produced += len(s.step(draft).tokens)
+                if policy is None:
+                    produced += len(s.step(int(test.n_draft)).tokens)
+                    continue
+                k = policy.choose()
+                t_step = time.perf_counter()
+                result = s.step(k)
+                policy.update(k, result.n_accepted, time.perf_counter() - t_step)
+                produced += len(result.tokens)
         elapsed = time.perf_counter_ns() - t0
         if m is not None:
             after = s.stats()

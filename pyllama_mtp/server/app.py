@@ -63,7 +63,7 @@ class _Options(BaseModel):
     n: int = 1
     # extensions
     mtp: bool | None = None
-    draft: int | None = None
+    draft: int | str | None = None
     accept: str | None = None
 
 

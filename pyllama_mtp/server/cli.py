@@ -18,7 +18,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "-m", required=True, help="GGUF model path")
     ap.add_argument("--mtp", action="store_true", help="use the MTP layers inside the model file")
     ap.add_argument("--mtp-model", help="MTP-only GGUF to use with a trunk-only --model (implies MTP)")
-    ap.add_argument("--draft", default="3", help="MTP draft length (default 3); requests may ask for less")
+    ap.add_argument("--draft", default="3",
+                    help="MTP draft length, or 'auto' to pick it every step (default 3); requests may ask for less")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
@@ -42,10 +43,9 @@ def main(argv=None) -> int:
         raise NotImplementedError("--parallel > 1 (continuous batching of several sequences) is not implemented "
                                   "yet; run with --parallel 1, requests are then served one after another")
     try:
-        draft = int(args.draft)
+        draft = args.draft if args.draft == "auto" else int(args.draft)
     except ValueError:
-        print(f"pyllama-mtp-server: --draft {args.draft!r}: give an int (draft 'auto' is not implemented yet)",
-              file=sys.stderr)
+        print(f"pyllama-mtp-server: --draft {args.draft!r}: give an int or 'auto'", file=sys.stderr)
         return 2
     import uvicorn
 
