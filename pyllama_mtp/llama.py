@@ -259,8 +259,12 @@ class Llama:
     def _call_args(self, prompt, max_tokens, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                    min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
                    frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None,
-                   accept: str | None = None, logprobs: int | None = None):
+                   accept: str | None = None, logprobs: int | None = None, mtp: bool | None = None):
         """Validate one call's options before anything runs; returns the arguments of _stream."""
+        if mtp is not None and not isinstance(mtp, bool):
+            raise InvalidArgumentError(f"mtp must be True or False per call, got {mtp!r}")
+        if mtp is False:
+            draft = 0
         if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
                                        or max_tokens < 1):
             raise InvalidArgumentError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
@@ -284,8 +288,8 @@ class Llama:
         """Generate from ``prompt`` (text or token ids), one chunk per decode step.
 
         Options: temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-        frequency_penalty, stop (str or list), seed, draft (MTP draft length for this call,
-        0 = plain decoding), accept ("rejection" or "match": how drafts are accepted at
+        frequency_penalty, stop (str or list), seed, mtp (False: plain decoding for this
+        call), draft (MTP draft length for this call, 0 = plain decoding, or "auto"), accept ("rejection" or "match": how drafts are accepted at
         temperature > 0), logprobs (None; 0 for each token's logprob; k <= 20 for the top k
         too, from the target's raw logits, accepted drafts included)."""
         return self._stream(*self._call_args(prompt, max_tokens, **kwargs))

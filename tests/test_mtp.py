@@ -202,3 +202,10 @@ def test_swa_guard_catches_split_verify_and_recovers(tmp_path):
                 assert recoveries > 0
         assert drift[True] < 1e-5, drift
         assert drift[False] > 1e-3, drift
+
+
+def test_mtp_can_be_switched_off_per_call(mtp3, plain):
+    prompt = prompt_of(plain, 4)
+    off = mtp3.generate(prompt, max_tokens=40, mtp=False)
+    assert off.stats.drafted == 0
+    assert off.tokens == plain.generate(prompt, max_tokens=40).tokens
