@@ -272,6 +272,10 @@ class Llama:
                                   frequency_penalty, seed, accept)
         if logprobs is not None:
             sampling = dataclasses.replace(sampling, n_logprobs=logprobs)
+        penalties = repeat_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0
+        if sampling.accept is None and penalties:
+            # rejection sampling does not model penalties yet; matching stays exact with them
+            sampling = dataclasses.replace(sampling, accept="match")
         k = validate_draft(self.draft if draft is None else draft, self.draft_max)
         return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
 

@@ -140,12 +140,14 @@ def test_rejection_accepts_more_than_match_at_high_temperature(models_dir):
     assert rejection.acceptance_rate > match.acceptance_rate
 
 
-def test_penalties_with_rejection_sampling_ask_for_match(oracle_path):
+def test_penalties_with_explicit_rejection_sampling_ask_for_match(oracle_path):
     from pyllama_mtp import InvalidArgumentError
     with Llama(oracle_path, n_ctx=128, threads=1, mtp=True, draft=2) as llm:
         with pytest.raises(InvalidArgumentError, match="accept='match'"):
-            llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2)
+            llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2, accept="rejection")
         assert llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2, accept="match").tokens
+        # left to itself the Llama falls back to matching when penalties are on
+        assert llm.generate("a", max_tokens=4, temperature=0.8, repeat_penalty=1.2).tokens
 
 
 class TestLogprobs:
