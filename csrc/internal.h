@@ -91,6 +91,8 @@ struct pmtp_session {
     llama_token         pending = -1;    // sampled, not yet decoded (-1 = none)
     int32_t             logits_row = -1; // output row of the kept logits in ctx
     std::vector<float>  last_h;          // target hidden state at n_past - 1, [n_embd]
+    bool                recurrent = false;  // recurrent or hybrid model (state rolls back by snapshots)
+    int32_t             n_last_decode = 0;  // tokens in the last target decode (whose snapshots are kept)
 
     heads_ptr           heads;           // null when MTP is off
     pmtp_stats          stats{};

@@ -84,7 +84,10 @@ void check_compatible(const pmtp_model * trunk, const pmtp_model * mtp) {
     if (n_vocab_of(trunk) != n_vocab_of(mtp)) {
         mismatch("vocabulary size", std::to_string(n_vocab_of(trunk)), std::to_string(n_vocab_of(mtp)));
     }
-    if (trunk->n_layer != mtp->n_layer || trunk->n_layer_mtp != mtp->n_layer_mtp) {
+    // A trunk exported without its MTP layers (conversion/qwen.py --no-mtp) declares none;
+    // one exported with them stripped (step35) declares the same count as the MTP file.
+    const bool mtp_counts_differ = trunk->n_layer_mtp != 0 && trunk->n_layer_mtp != mtp->n_layer_mtp;
+    if (trunk->n_layer != mtp->n_layer || mtp_counts_differ) {
         mismatch("layer counts (trunk+MTP)", std::to_string(trunk->n_layer) + "+" + std::to_string(trunk->n_layer_mtp),
                  std::to_string(mtp->n_layer) + "+" + std::to_string(mtp->n_layer_mtp));
     }

@@ -46,12 +46,18 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
     }
 }
 
-// The whole verify batch of one sequence must sit in one ubatch (SWA hazard).
-uint32_t ubatch_for(const pmtp_session_params & p) {
+// The whole verify batch of one sequence must sit in one ubatch (SWA hazard). Recurrent
+// state keeps n_rs_seq = draft_max snapshots, and upstream's split_equal asserts (aborts
+// the process) unless n_ubatch > n_rs_seq + 1, for every decode, so those need one more.
+uint32_t ubatch_for(const pmtp_session_params & p, bool recurrent) {
+    uint32_t n = p.n_ubatch;
     if (p.draft_max > 0 && !p.unsafe_split_verify) {
-        return std::max<uint32_t>(p.n_ubatch, (uint32_t) p.draft_max + 1);
+        n = std::max<uint32_t>(n, (uint32_t) p.draft_max + 1);
     }
-    return p.n_ubatch;
+    if (p.draft_max > 0 && recurrent) {
+        n = std::max<uint32_t>(n, (uint32_t) p.draft_max + 2);
+    }
+    return n;
 }
 
 void rebuild_sampler_history(pmtp_session * s) {
@@ -72,10 +78,11 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
     s->n_vocab = n_vocab_of(model);
     s->n_embd  = llama_model_n_embd_out(model->model.get());
     s->n_swa   = llama_model_n_swa(model->model.get());
+    s->recurrent = llama_model_is_recurrent(model->model.get()) || llama_model_is_hybrid(model->model.get());
 
     llama_context_params cp = llama_context_default_params();
     cp.n_ctx           = p.n_ctx;
-    cp.n_ubatch        = ubatch_for(p);
+    cp.n_ubatch        = ubatch_for(p, s->recurrent);
     cp.n_batch         = std::max(p.n_batch, cp.n_ubatch);
     cp.n_seq_max       = 1;
     cp.n_threads       = p.n_threads;
@@ -197,6 +204,7 @@ void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama
         fail(PMTP_ERR_DECODE, "llama_decode failed with status " + std::to_string(rc));
     }
     s->logits_row = (int32_t) n - 1;
+    s->n_last_decode = (int32_t) n;
 }
 
 void check_swa_window(pmtp_session * s) {
@@ -218,6 +226,7 @@ void check_swa_window(pmtp_session * s) {
 
 void session_reset(pmtp_session * s) {
     llama_memory_clear(s->mem(), true);
+    s->n_last_decode = 0;
     s->history.clear();
     s->pending    = -1;
     s->logits_row = -1;
@@ -297,6 +306,25 @@ void session_step_plain(pmtp_session * s, pmtp_step_result * out) {
     s->stats.n_emitted += 1;
 }
 
+namespace {
+
+// How far back the recurrent state can go. The target keeps n_rs_seq + 1 = draft_max + 1
+// snapshot slots, slot r holding the state r tokens before the end of the last ubatch, but
+// only the last min(n_tokens, n_rs_seq + 1) of that ubatch's tokens are written (ggml's
+// gated_delta_net / ssm conv: older slots keep whatever an earlier ubatch left there), so
+// r must stay below the ubatch's token count. Upstream's seq_rm only checks r <= n_rs_seq
+// and would restore a stale slot (e.g. two tokens back after a single-token decode).
+int32_t rs_rollback_max(const pmtp_session * s) {
+    const int32_t slots = s->params.draft_max + 1;
+    // a decode longer than a ubatch keeps its trailing n_rs_seq + 1 tokens in its last ubatch
+    // (split_equal's keep-tail) when a ubatch can hold them; assume nothing otherwise
+    const int32_t n_ub = (int32_t) s->n_ubatch;
+    const int32_t last_ubatch = s->n_last_decode <= n_ub ? s->n_last_decode : (n_ub >= slots ? slots : 1);
+    return std::max(0, std::min(last_ubatch, slots) - 1);
+}
+
+}  // namespace
+
 void session_rollback(pmtp_session * s, int32_t n_keep) {
     if (n_keep < 0 || n_keep > s->n_past()) {
         fail(PMTP_ERR_INVALID_ARG, "rollback to " + std::to_string(n_keep) + " outside [0, " + std::to_string(s->n_past()) + "]");
@@ -316,7 +344,8 @@ void session_rollback(pmtp_session * s, int32_t n_keep) {
     // drop one more token from the target and decode it again.
     const int32_t n_target = s->heads ? n_keep - 1 : n_keep;
     const llama_token redo = s->history[(size_t) n_keep - 1];
-    if (!llama_memory_seq_rm(s->mem(), 0, n_target, -1)) {
+    const bool snapshots_ok = !s->recurrent || s->n_past() - n_target <= rs_rollback_max(s);
+    if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), 0, n_target, -1)) {
         fail(PMTP_ERR_INVALID_ARG, "this model's state cannot be rolled back to " + std::to_string(n_keep) +
              " tokens (recurrent state); reset and prefill again");
     }

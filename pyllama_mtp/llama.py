@@ -222,7 +222,6 @@ class Llama:
         session = self.session
         eog = self.model.eog_tokens
         session.set_sampling(sampling)
-        self._kv_tokens = []  # unknown until the prompt is loaded
         self._load_prompt(tokens)
         session.sample()
         result = session.last_result

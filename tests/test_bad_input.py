@@ -156,3 +156,41 @@ class TestCallArguments:
         from pyllama_mtp import InvalidArgumentError
         with pytest.raises(InvalidArgumentError, match="empty"):
             llm.generate([], max_tokens=2)
+
+
+def _quantized_copy(src: str, dst: str) -> str:
+    """dst: the same model with its 2-D weights stored as Q8_0 (gguf's own quantizer)."""
+    import gguf
+    import numpy as np
+    from gguf.quants import quantize
+    reader = gguf.GGUFReader(src)
+    writer = gguf.GGUFWriter(dst, str(reader.fields["general.architecture"].contents()))
+    for field in reader.fields.values():
+        if field.name.startswith("GGUF.") or field.name == "general.architecture":
+            continue
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=field.types[-1])
+    for t in reader.tensors:
+        data = np.array(t.data, dtype=np.float32).reshape([int(x) for x in reversed(t.shape)])
+        if data.ndim == 2 and data.shape[1] % 32 == 0:
+            q = quantize(data, gguf.GGMLQuantizationType.Q8_0)
+            writer.add_tensor(t.name, q, raw_shape=q.shape, raw_dtype=gguf.GGMLQuantizationType.Q8_0)
+        else:
+            writer.add_tensor(t.name, data)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return dst
+
+
+def test_q8_0_model_generates_without_crashing(tmp_path):
+    """Q8_0 weights used to crash the process on AMX CPUs (vendor/patches/0003)."""
+    src = testing.write_llama(tmp_path / "f32.gguf", seed=0, n_embd=128, n_ff=256)
+    path = _quantized_copy(str(src), str(tmp_path / "q8.gguf"))
+    proc = run_isolated(f"""
+        from pyllama_mtp import Llama
+        with Llama({path!r}, n_ctx=128, threads=2) as llm:
+            print(len(llm.generate("hello", max_tokens=8).tokens))
+    """)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().endswith("8")
