@@ -100,6 +100,11 @@ def extract_subdirectory(sdist: Path, subdirectory: str, dest: Path) -> None:
             m.name = rel
             members.append(m)
         tar.extractall(tmp, members=members, filter="data")
+    # Fresh mtimes: a file that goes back to an older version (a patch removed) must still
+    # look newer than the objects built from the patched one, or the build keeps them.
+    for path in tmp.rglob("*"):
+        if path.is_file():
+            os.utime(path)
     shutil.rmtree(dest, ignore_errors=True)
     tmp.rename(dest)
 
