@@ -209,3 +209,15 @@ def test_mtp_can_be_switched_off_per_call(mtp3, plain):
     off = mtp3.generate(prompt, max_tokens=40, mtp=False)
     assert off.stats.drafted == 0
     assert off.tokens == plain.generate(prompt, max_tokens=40).tokens
+
+
+def test_greedy_mtp_equals_plain_with_f16_weights(tmp_path):
+    """F16 weights take other CPU kernels (AMX tiles on CPUs that have them)."""
+    from pyllama_mtp import testing
+    path = str(testing.write_step35(tmp_path / "f16.gguf", seed=31, n_swa=8, dtype="f16", n_embd=128))
+    with Llama(path, n_ctx=1024, threads=2) as plain_llm:
+        prompt = prompt_of(plain_llm, 9)
+        expected = plain_llm.generate(prompt, max_tokens=N_GEN).tokens
+    with Llama(path, n_ctx=1024, threads=2, mtp=True, draft=3) as llm:
+        for draft in (1, 3):
+            assert llm.generate(prompt, max_tokens=N_GEN, draft=draft).tokens == expected
