@@ -68,6 +68,7 @@ class InstanceRunner:
             type_k=instance.type_k, type_v=instance.type_v,
             flash_attn=None if instance.flash_attn < 0 else bool(instance.flash_attn), draft_max=draft_max))
         self.rng = np.random.default_rng(seed)
+        self.policy: DraftPolicy | None = None
         self.n_vocab = self.model.info.n_vocab
 
     def close(self) -> None:
@@ -94,7 +95,7 @@ class InstanceRunner:
         if test.n_gen:
             s.sample()
             produced = 1
-            policy = DraftPolicy(s.draft_max) if test.n_draft == "auto" else None
+            policy = self.policy if test.n_draft == "auto" else None
             while produced < test.n_gen:
                 if policy is None:
                     produced += len(s.step(int(test.n_draft)).tokens)
@@ -117,6 +118,9 @@ class InstanceRunner:
 
     def run(self, test: BenchTest, repetitions: int, sampling: SamplingParams) -> Measurement:
         m = Measurement(self.instance, test)
+        # draft="auto" learns across the warm-up and the repetitions, as it does across the
+        # calls of one Llama
+        self.policy = DraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
         self._run_once(test, None, sampling)  # warm-up
         for _ in range(repetitions):
             m.samples_ns.append(self._run_once(test, m, sampling))
