@@ -472,7 +472,9 @@ def _nextn(cfg: _Step35, w: _Weights, il: int, head_next: np.ndarray | None) -> 
     ]
 
 
-def _step35_tensors(cfg: _Step35, seed: int) -> list[_Tensor]:
+def _shared_tensors(cfg, seed: int):
+    """Weights source, oracle tables, and the embedding / output tensors every
+    hybrid-or-MoE writer starts with: (w, head_next, tensors)."""
     n = cfg.n_embd
     trunk_next, head_next, alias = _oracle_tables(seed, cfg.acceptance) if cfg.oracle else (None, None, None)
     w = _Weights(seed, n, alias)
@@ -481,6 +483,11 @@ def _step35_tensors(cfg: _Step35, seed: int) -> list[_Tensor]:
         _Tensor("output_norm.weight", (n,), _ones(n)),
         _Tensor("output.weight", (N_VOCAB, n), lambda: w.lm_head("output.weight", trunk_next)),
     ]
+    return w, head_next, tensors
+
+
+def _step35_tensors(cfg: _Step35, seed: int) -> list[_Tensor]:
+    w, head_next, tensors = _shared_tensors(cfg, seed)
     for il in range(cfg.n_layer):
         tensors += _step35_block(cfg, w, il)
     for il in range(cfg.n_layer, cfg.n_layer_all):
@@ -828,14 +835,8 @@ def _qwen35_block(cfg: _Qwen35, w: _Weights, il: int) -> list[_Tensor]:
 
 
 def _qwen35_tensors(cfg: _Qwen35, seed: int) -> list[_Tensor]:
+    w, head_next, tensors = _shared_tensors(cfg, seed)
     n = cfg.n_embd
-    trunk_next, head_next, alias = _oracle_tables(seed, cfg.acceptance) if cfg.oracle else (None, None, None)
-    w = _Weights(seed, n, alias)
-    tensors = [
-        _Tensor("token_embd.weight", (N_VOCAB, n), lambda: w.embeddings),
-        _Tensor("output_norm.weight", (n,), _ones(n)),
-        _Tensor("output.weight", (N_VOCAB, n), lambda: w.lm_head("output.weight", trunk_next)),
-    ]
     for il in range(cfg.n_layer):
         tensors += _qwen35_block(cfg, w, il)
     il, p = cfg.n_layer, f"blk.{cfg.n_layer}.nextn."
