@@ -43,3 +43,31 @@ def run_isolated(code: str, timeout: float = 120) -> subprocess.CompletedProcess
     """Run code in a fresh interpreter: a crash there cannot take the test run down."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def first_diff(a, b) -> int:
+    """Index of the first token where two outputs differ (for failure messages)."""
+    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
+
+
+def fresh_logits(model, tokens):
+    """Next-token logits after ``tokens`` in a context that never saw anything else."""
+    from pyllama_mtp.config import ContextConfig
+    from pyllama_mtp.engine import Session
+    with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
+        s.prefill(tokens)
+        return s.logits()
+
+
+def greedy_continuation(model, tokens, n):
+    """The target's own greedy next n + 1 tokens after ``tokens``, one decode at a time."""
+    import numpy as np
+    from pyllama_mtp.config import ContextConfig
+    from pyllama_mtp.engine import Session
+    with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
+        s.prefill(tokens)
+        out = []
+        for _ in range(n + 1):
+            out.append(int(np.argmax(s.logits())))
+            s.prefill([out[-1]])
+        return out

@@ -10,6 +10,8 @@ from pyllama_mtp import Llama
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
 
+from conftest import first_diff, fresh_logits, greedy_continuation
+
 N_GEN = 320          # many times the sliding window (8)
 WINDOW = 8
 
@@ -117,10 +119,6 @@ def test_stats_count_drafts_per_position(mtp3, plain):
     assert len(stats.acceptance_per_position) == 3
 
 
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
-
-
 class TestRollback:
     """Force accept/reject patterns through the granular verbs and compare the
     target's next-token logits with a fresh context that never saw rejected tokens."""
@@ -130,11 +128,6 @@ class TestRollback:
         with Model(ModelConfig(step35_path, load_mtp=True)) as m:
             yield m
 
-    def fresh_logits(self, model, tokens):
-        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
-            s.prefill(tokens)
-            return s.logits()
-
     @pytest.mark.parametrize("pattern", ["rrr", "arr", "aar", "aaa", "ar", "a", "r"])
     def test_every_accept_reject_pattern_leaves_exact_state(self, model, pattern):
         with Session(model, ContextConfig(n_ctx=256, threads=2, draft_max=3)) as s:
@@ -143,7 +136,7 @@ class TestRollback:
             first = s.sample()
             history = prompt + [first]
             # learn the target's own greedy continuation to build drafts that will be accepted
-            truth = self.greedy_continuation(model, history, len(pattern))
+            truth = greedy_continuation(model, history, len(pattern))
             drafts = [t if c == "a" else (t + 1) % model.info.n_vocab for t, c in zip(truth, pattern)]
             result = s.verify(drafts)
             n_acc = pattern.index("r") if "r" in pattern else len(pattern)
@@ -151,17 +144,8 @@ class TestRollback:
             assert list(result.tokens) == truth[:n_acc + 1]
             # the state now holds history + accepted drafts; the pending token is not decoded yet
             s.step(0)
-            expected = self.fresh_logits(model, history + truth[:n_acc + 1])
+            expected = fresh_logits(model, history + truth[:n_acc + 1])
             np.testing.assert_allclose(s.logits(), expected, rtol=1e-4, atol=1e-4)
-
-    def greedy_continuation(self, model, tokens, n):
-        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
-            s.prefill(tokens)
-            out = []
-            for _ in range(n + 1):
-                out.append(int(np.argmax(s.logits())))
-                s.prefill([out[-1]])
-            return out
 
 
 def generate_tokens(session, prompt, n, draft):

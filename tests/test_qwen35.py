@@ -11,6 +11,8 @@ import pytest
 from pyllama_mtp import Llama, testing
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
+
+from conftest import first_diff, fresh_logits, greedy_continuation
 from pyllama_mtp.errors import InvalidArgumentError
 
 N_GEN = 320
@@ -63,10 +65,6 @@ def prompt_of(n):
     """A deterministic prompt of exactly n ordinary tokens."""
     rng = np.random.default_rng(n)
     return [int(t) for t in rng.integers(3, testing.N_VOCAB - 8, size=n)]
-
-
-def first_diff(a, b):
-    return next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), min(len(a), len(b)))
 
 
 # ------------------------------------------------------------------------- the model itself
@@ -231,19 +229,6 @@ class TestRollback:
         with Model(ModelConfig(qwen35_path, load_mtp=True)) as m:
             yield m
 
-    def fresh_logits(self, model, tokens):
-        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
-            s.prefill(tokens)
-            return s.logits()
-
-    def greedy_continuation(self, model, tokens, n):
-        with Session(model, ContextConfig(n_ctx=256, threads=2)) as s:
-            s.prefill(tokens)
-            out = []
-            for _ in range(n + 1):
-                out.append(int(np.argmax(s.logits())))
-                s.prefill([out[-1]])
-            return out
 
     def drafts_for(self, truth, pattern):
         return [t if c == "a" else (t + 1) % testing.N_VOCAB for t, c in zip(truth, pattern)]
@@ -257,13 +242,13 @@ class TestRollback:
     def test_every_accept_reject_pattern_leaves_exact_state(self, model, pattern):
         s, history = self.start(model)
         with s:
-            truth = self.greedy_continuation(model, history, len(pattern))
+            truth = greedy_continuation(model, history, len(pattern))
             result = s.verify(self.drafts_for(truth, pattern))
             n_acc = pattern.index("r") if "r" in pattern else len(pattern)
             assert result.n_accepted == n_acc
             assert list(result.tokens) == truth[:n_acc + 1]
             s.step(0)   # decode the pending token: the logits then follow history + accepted + pending
-            np.testing.assert_allclose(s.logits(), self.fresh_logits(model, history + truth[:n_acc + 1]),
+            np.testing.assert_allclose(s.logits(), fresh_logits(model, history + truth[:n_acc + 1]),
                                        rtol=1e-4, atol=1e-4)
 
     def test_consecutive_verifies_with_mixed_patterns(self, model):
@@ -271,12 +256,12 @@ class TestRollback:
         s, history = self.start(model, draft_max=6)
         with s:
             for pattern in ["arr", "r", "aaaaaa", "aar", "rrrrrr", "aaaar", "a", "ar"]:
-                truth = self.greedy_continuation(model, history, len(pattern))
+                truth = greedy_continuation(model, history, len(pattern))
                 result = s.verify(self.drafts_for(truth, pattern))
                 assert list(result.tokens) == truth[:result.n_accepted + 1]
                 history += list(result.tokens)
             s.step(0)
-            np.testing.assert_allclose(s.logits(), self.fresh_logits(model, history), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(s.logits(), fresh_logits(model, history), rtol=1e-4, atol=1e-4)
 
     @pytest.mark.parametrize("path_fixture", ["qwen35_path", "qwen35moe_path", "qwen35_oracle_partial_path"])
     def test_long_mtp_run_leaves_the_state_of_plain_decoding(self, request, path_fixture):
@@ -301,7 +286,7 @@ class TestRollback:
                 for t in history[3:] + [pending]:
                     plain.prefill([t])
                 expected = plain.logits()
-            fresh = self.fresh_logits(model, history + [pending])
+            fresh = fresh_logits(model, history + [pending])
         if path_fixture == "qwen35_oracle_partial_path":
             assert accepted_lengths == {0, 1, 2, 3}
         np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
@@ -314,7 +299,7 @@ class TestRollback:
             with s:
                 s.rollback(n_keep)
                 assert s.n_past == n_keep
-                np.testing.assert_allclose(s.logits(), self.fresh_logits(model, self.PROMPT[:n_keep]),
+                np.testing.assert_allclose(s.logits(), fresh_logits(model, self.PROMPT[:n_keep]),
                                            rtol=1e-4, atol=1e-4)
 
     def test_rollback_past_the_snapshots_is_refused_and_keeps_the_state(self, model):
@@ -330,7 +315,7 @@ class TestRollback:
                     s.rollback(n_keep)
                 assert s.n_past == n_past
             s.step(0)
-            np.testing.assert_allclose(s.logits(), self.fresh_logits(model, history), rtol=1e-4, atol=1e-4)
+            np.testing.assert_allclose(s.logits(), fresh_logits(model, history), rtol=1e-4, atol=1e-4)
 
     def test_llama_generate_after_generate_starts_clean(self, qwen35_path):
         """Consecutive generations on one Llama (prompt reuse falls back to a reset when the
