@@ -8,6 +8,13 @@
 #include <mutex>
 #include <sstream>
 
+// rpc.cpp
+size_t rpc_local_devices(pmtp_device_info * out, size_t cap);
+size_t rpc_model_devices(const pmtp_model * m, pmtp_device_info * out, size_t cap);
+void rpc_serve(const char * endpoint, const char * cache_dir, int32_t n_threads, const char * const * names, size_t n_names);
+bool rpc_version(int32_t * major, int32_t * minor, int32_t * patch);
+void rpc_set_timeout(double seconds);
+
 namespace {
 
 thread_local std::string g_last_error;
@@ -113,6 +120,10 @@ std::string build_info_json() {
     o << "{\"llama_cpp_commit\":\"0c1e57098\"";
     o << ",\"system_info\":\"" << json_escape(llama_print_system_info()) << "\"";
     o << ",\"gpu_offload\":" << (llama_supports_gpu_offload() ? "true" : "false");
+    int32_t rpc_major = 0, rpc_minor = 0, rpc_patch = 0;
+    const bool has_rpc = rpc_version(&rpc_major, &rpc_minor, &rpc_patch);
+    o << ",\"rpc\":" << (has_rpc ? "true" : "false");
+    o << ",\"rpc_protocol\":\"" << rpc_major << "." << rpc_minor << "." << rpc_patch << "\"";
     o << ",\"backends\":[";
     for (size_t i = 0; i < ggml_backend_reg_count(); ++i) {
         o << (i ? "," : "") << "\"" << json_escape(ggml_backend_reg_name(ggml_backend_reg_get(i))) << "\"";
@@ -144,6 +155,7 @@ std::string model_meta(const pmtp_model * m, const char * key);
 std::vector<llama_token> tokenize(const pmtp_model * m, const char * text, size_t len, bool add_special, bool parse_special);
 std::string token_piece(const pmtp_model * m, llama_token t, bool special);
 std::string detokenize(const pmtp_model * m, const llama_token * toks, size_t n, bool remove_special, bool unparse_special);
+
 
 extern "C" {
 
@@ -476,6 +488,34 @@ int pmtp_sampling_probs(const pmtp_sampling * sampling, const float * logits, in
         }
         sampling_probs(*sampling, logits, n_vocab, probs);
     });
+}
+
+bool pmtp_rpc_version(int32_t * major, int32_t * minor, int32_t * patch) {
+    return rpc_version(major, minor, patch);
+}
+
+int pmtp_rpc_set_timeout(double seconds) {
+    return guarded([&] { rpc_set_timeout(seconds); });
+}
+
+int pmtp_local_devices(pmtp_device_info * out, size_t cap, size_t * n_out) {
+    return guarded([&] {
+        need(n_out, "n_out");
+        *n_out = rpc_local_devices(out, cap);
+    });
+}
+
+int pmtp_model_devices(const pmtp_model * model, pmtp_device_info * out, size_t cap, size_t * n_out) {
+    return guarded([&] {
+        need(model, "model");
+        need(n_out, "n_out");
+        *n_out = rpc_model_devices(model, out, cap);
+    });
+}
+
+int pmtp_rpc_serve(const char * endpoint, const char * cache_dir, int32_t n_threads,
+                   const char * const * device_names, size_t n_devices) {
+    return guarded([&] { rpc_serve(endpoint, cache_dir, n_threads, device_names, n_devices); });
 }
 
 }  // extern "C"

@@ -42,6 +42,14 @@ struct pmtp_model {
     bool        mtp_loaded    = false; // loaded with load_mtp and has_mtp
     std::string mtp_missing;           // first missing MTP tensor, for error messages
 
+    // RPC: the workers this model is spread over, their failure counts when it loaded
+    // (a later increase means a connection was lost), and the devices of its split.
+    std::vector<std::string>        rpc_endpoints;
+    std::vector<uint64_t>           rpc_failures;
+    std::vector<ggml_backend_dev_t> devices;   // NULL-terminated, as llama_model_params wants
+    ggml_backend_dev_t              mtp_device = nullptr;
+    mutable std::string             rpc_lost;  // set once a worker is lost: the model is unusable
+
     const llama_vocab * vocab() const { return llama_model_get_vocab(model.get()); }
 };
 
@@ -103,6 +111,14 @@ struct pmtp_session {
     int32_t n_past() const { return (int32_t) history.size(); }
     llama_memory_t mem() const { return llama_get_memory(ctx.get()); }
 };
+
+// rpc.cpp
+// Connects to p.rpc_servers and fills m->devices / m->mtp_device for llama_model_params.
+void rpc_prepare(pmtp_model * m, const pmtp_model_params & p);
+// Throws PMTP_ERR_RPC when a worker of m failed since it loaded (the model is then unusable).
+void rpc_check(const pmtp_model * m);
+// After a decode: waits for its results, then rpc_check (no-op without workers).
+void rpc_check_decode(const pmtp_model * m, llama_context * ctx);
 
 // session.cpp
 void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_params & p);

@@ -161,6 +161,8 @@ pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
     for (size_t i = 0; i < p.n_tensor_split; ++i) {
         split[i] = p.tensor_split[i];
     }
+    rpc_prepare(m.get(), p);
+
     llama_model_params mp = llama_model_default_params();
     mp.n_gpu_layers = p.n_gpu_layers;
     mp.split_mode   = (llama_split_mode) p.split_mode;
@@ -171,8 +173,11 @@ pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
     mp.progress_callback           = p.progress;
     mp.progress_callback_user_data = p.progress_user;
     mp.load_mode    = p.use_mmap ? LLAMA_LOAD_MODE_MMAP : LLAMA_LOAD_MODE_NONE;
+    mp.devices      = m->devices.empty() ? nullptr : m->devices.data();
+    mp.mtp_device   = m->mtp_device;
 
     m->model.reset(llama_model_load_from_file(path.c_str(), mp));
+    rpc_check(m.get());  // a worker lost while loading explains a failed load best
     if (!m->model) {
         const std::string why = last_llama_error();
         fail(PMTP_ERR_MODEL_LOAD, path + ": llama.cpp could not load this " + g.arch + " model" +

@@ -155,6 +155,7 @@ void head_decode(pmtp_session * s, mtp_head & h, const llama_token * tokens, siz
             fail(rc == 1 ? PMTP_ERR_CONTEXT_FULL : PMTP_ERR_DECODE,
                  "MTP head decode failed with status " + std::to_string(rc));
         }
+        rpc_check_decode(s->heads->model, h.ctx.get());
         h.n_kv = pos0 + (int32_t) (off + m);
     }
 }

@@ -39,7 +39,8 @@ enum pmtp_status {
     PMTP_ERR_OUT_OF_MEMORY = 7,
     PMTP_ERR_ABORTED       = 8,  /* cancelled by a callback                             */
     PMTP_ERR_BUFFER        = 9,  /* output buffer too small; *n_out says how much       */
-    PMTP_ERR_INTERNAL      = 10
+    PMTP_ERR_INTERNAL      = 10,
+    PMTP_ERR_RPC           = 11  /* an RPC worker is unreachable or lost its connection */
 };
 
 typedef struct pmtp_model   pmtp_model;
@@ -71,6 +72,10 @@ typedef struct pmtp_model_params {
     bool             vocab_only;
     pmtp_progress_fn progress;
     void *           progress_user;
+    const char * const * rpc_servers; /* [n_rpc_servers] "host:port" RPC workers whose  */
+    size_t           n_rpc_servers;   /* devices join the layer split (before local GPUs)*/
+    int32_t          mtp_placement;   /* 0: MTP layers + output layer on the local device */
+                                      /* when rpc_servers are given; 1: by the layer split */
 } pmtp_model_params;
 
 PMTP_API pmtp_model_params pmtp_model_default_params(void);
@@ -233,6 +238,30 @@ PMTP_API int pmtp_rejection_verify(const float * p, const float * q, const int32
 /* The distribution the session's sampler draws from for these logits (temperature,
  * top_k, top_p, min_p as llama.cpp's chain applies them): probs [n_vocab]. */
 PMTP_API int pmtp_sampling_probs(const pmtp_sampling * sampling, const float * logits, int32_t n_vocab, float * probs);
+
+/* ---- RPC: a model spread over hosts, and serving this host's devices ---- */
+
+typedef struct pmtp_device_info {
+    char     name[64];
+    char     description[128];
+    char     endpoint[128];      /* "host:port" of an RPC worker; "" for local devices  */
+    int32_t  type;               /* ggml_backend_dev_type: 0 CPU, 1 GPU, 2 IGPU, 3 ACCEL*/
+    uint64_t memory_free;
+    uint64_t memory_total;
+} pmtp_device_info;
+
+/* RPC protocol version of this build; false when the build has no RPC backend. */
+PMTP_API bool pmtp_rpc_version(int32_t * major, int32_t * minor, int32_t * patch);
+/* Connect/send/receive timeout of RPC connections opened from now on (0 = none). */
+PMTP_API int pmtp_rpc_set_timeout(double seconds);
+/* This host's devices (what a worker can serve). */
+PMTP_API int pmtp_local_devices(pmtp_device_info * out, size_t cap, size_t * n_out);
+/* Devices a model uses: the local CPU first, then the devices of its split. */
+PMTP_API int pmtp_model_devices(const pmtp_model * model, pmtp_device_info * out, size_t cap, size_t * n_out);
+/* Serve devices (by name; none = every GPU, else the CPU) over RPC at endpoint. Blocks
+ * while serving; returns only when the server cannot start or stops (an error). */
+PMTP_API int pmtp_rpc_serve(const char * endpoint, const char * cache_dir, int32_t n_threads,
+                            const char * const * device_names, size_t n_devices);
 
 /* --- cffi cdef end --- */
 

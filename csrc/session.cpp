@@ -99,6 +99,7 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
         fail(PMTP_ERR_INVALID_ARG, "a quantized V cache needs flash attention (flash_attn=-1 or 1)");
     }
 
+    rpc_check(model);
     s->ctx.reset(llama_init_from_model(model->model.get(), cp));
     if (!s->ctx) {
         fail(PMTP_ERR_OUT_OF_MEMORY, "could not create a context with n_ctx=" + std::to_string(p.n_ctx) +
@@ -203,6 +204,7 @@ void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama
         }
         fail(PMTP_ERR_DECODE, "llama_decode failed with status " + std::to_string(rc));
     }
+    rpc_check_decode(s->model, s->ctx.get());
     s->logits_row = (int32_t) n - 1;
     s->n_last_decode = (int32_t) n;
 }

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from .errors import (AbortedError, ClosedError, ContextFullError, DecodeError, InternalError,
                      InvalidArgumentError, ModelLoadError, MtpError, OutOfMemoryError, PmtpError,
-                     SwaGuardError)
+                     RpcError, SwaGuardError)
 
 __version__ = "0.1.0"
 
@@ -29,7 +29,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "PmtpError", "ModelLoadError", "InvalidArgumentError", "ContextFullError",
-           "DecodeError", "MtpError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError",
+           "DecodeError", "MtpError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError", "RpcError",
            "InternalError", *_LAZY]
 
 

@@ -30,6 +30,7 @@ _STATUS_ERRORS = {
     8: errors.AbortedError,
     9: errors.InternalError,  # a buffer too small is our bug, not the caller's
     10: errors.InternalError,
+    11: errors.RpcError,
 }
 
 log = logging.getLogger("pyllama_mtp.llama_cpp")

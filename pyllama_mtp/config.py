@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from .errors import InvalidArgumentError
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
+_MTP_PLACEMENTS = {"local": 0, "split": 1}
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 # The MTP engine's step result holds at most 8 drafts.
 MAX_DRAFT = 8
@@ -38,6 +39,9 @@ class ModelConfig:
     split_mode: str = "layer"
     main_gpu: int = 0
     tensor_split: tuple[float, ...] | None = None
+    rpc: tuple[str, ...] = ()          # "host:port" RPC workers whose devices join the split
+    mtp_placement: str = "local"       # with rpc: MTP layers + output layer on this host, or "split"
+    rpc_timeout: float = 120.0         # seconds without an answer before a worker counts as lost
 
     def __post_init__(self):
         _require(isinstance(self.path, (str, os.PathLike)), f"model path must be a str or PathLike, got {type(self.path).__name__}")
@@ -50,10 +54,36 @@ class ModelConfig:
             _require(all(math.isfinite(x) and x >= 0 for x in split) and sum(split) > 0,
                      "tensor_split must be non-negative proportions with a positive sum")
             object.__setattr__(self, "tensor_split", split)
+        object.__setattr__(self, "rpc", parse_rpc_endpoints(self.rpc))
+        _require(self.mtp_placement in _MTP_PLACEMENTS,
+                 f"mtp_placement must be one of {sorted(_MTP_PLACEMENTS)}, got {self.mtp_placement!r}")
+        _require(isinstance(self.rpc_timeout, (int, float)) and not isinstance(self.rpc_timeout, bool)
+                 and math.isfinite(self.rpc_timeout) and self.rpc_timeout >= 0,
+                 f"rpc_timeout must be a number of seconds >= 0 (0 = wait forever), got {self.rpc_timeout!r}")
 
     @property
     def split_mode_id(self) -> int:
         return _SPLIT_MODES[self.split_mode]
+
+    @property
+    def mtp_placement_id(self) -> int:
+        return _MTP_PLACEMENTS[self.mtp_placement]
+
+
+def parse_rpc_endpoints(rpc) -> tuple[str, ...]:
+    """'h1:p1,h2:p2' or a sequence of 'host:port' -> a tuple, each checked."""
+    if rpc is None:
+        return ()
+    if isinstance(rpc, str):
+        rpc = [part.strip() for part in rpc.split(",") if part.strip()]
+    _require(all(isinstance(ep, str) for ep in rpc), f"rpc must be 'host:port' strings, got {rpc!r}")
+    out = tuple(rpc)
+    for ep in out:
+        host, sep, port = ep.rpartition(":")
+        _require(bool(sep and host and port.isdigit() and 1 <= int(port) <= 65535),
+                 f"RPC endpoint {ep!r} is not host:port (e.g. 192.168.1.20:50052)")
+    _require(len(set(out)) == len(out), f"an RPC endpoint is listed twice: {list(out)}")
+    return out
 
 
 @dataclass(frozen=True)

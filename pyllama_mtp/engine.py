@@ -73,6 +73,46 @@ class ModelInfo:
     is_recurrent: bool
 
 
+_DEVICE_TYPES = {0: "cpu", 1: "gpu", 2: "igpu", 3: "accel"}
+
+
+@dataclass(frozen=True)
+class DeviceInfo:
+    name: str
+    description: str
+    type: str                 # "cpu", "gpu", "igpu" or "accel"
+    endpoint: str | None      # "host:port" of the RPC worker that serves it; None when local
+    memory_free: int          # bytes (0 when a device does not report, or a worker was lost)
+    memory_total: int
+
+
+def _devices(fn, *args) -> list[DeviceInfo]:
+    cap = 64
+    raw = ffi.new("pmtp_device_info[]", cap)
+    n = ffi.new("size_t *")
+    check(fn(*args, raw, cap, n))
+    out = []
+    for d in raw[0:min(n[0], cap)]:
+        endpoint = ffi.string(d.endpoint).decode()
+        out.append(DeviceInfo(name=ffi.string(d.name).decode(), description=ffi.string(d.description).decode(),
+                              type=_DEVICE_TYPES.get(d.type, str(d.type)), endpoint=endpoint or None,
+                              memory_free=int(d.memory_free), memory_total=int(d.memory_total)))
+    return out
+
+
+def local_devices() -> list[DeviceInfo]:
+    """This host's devices (what an RPC worker here can serve)."""
+    return _devices(lib.pmtp_local_devices)
+
+
+def rpc_protocol_version() -> str | None:
+    """The RPC protocol version this build speaks ("major.minor.patch"); None without RPC."""
+    v = ffi.new("int32_t[3]")
+    if not lib.pmtp_rpc_version(v, v + 1, v + 2):
+        return None
+    return f"{v[0]}.{v[1]}.{v[2]}"
+
+
 class Model(_Handle):
     """A loaded GGUF model: metadata and tokenizer; sessions do the compute."""
     _free = lib.pmtp_model_free
@@ -96,6 +136,14 @@ class Model(_Handle):
             callback = ffi.callback("bool(float, void *)", lambda p, _u: bool(progress(float(p)) is not False))
             keep.append(callback)
             params.progress = callback
+        if config.rpc:
+            endpoints = [ffi.new("char[]", ep.encode()) for ep in config.rpc]
+            array = ffi.new("const char *[]", endpoints)
+            keep += [endpoints, array]
+            params.rpc_servers = array
+            params.n_rpc_servers = len(endpoints)
+            params.mtp_placement = config.mtp_placement_id
+            check(lib.pmtp_rpc_set_timeout(float(config.rpc_timeout)))
         out = ffi.new("pmtp_model **")
         check(lib.pmtp_model_load(config.path.encode(), params, out))
         self._own(out[0])
@@ -106,6 +154,12 @@ class Model(_Handle):
     @property
     def path(self) -> str:
         return self.config.path
+
+    @property
+    def devices(self) -> list[DeviceInfo]:
+        """Every device this model uses: the local CPU first, then the devices of its layer
+        split (RPC workers' devices, then local GPUs), with free/total memory now."""
+        return _devices(lib.pmtp_model_devices, self._check_open())
 
     def _read_info(self) -> ModelInfo:
         raw = ffi.new("pmtp_model_info *")
@@ -341,6 +395,4 @@ def rejection_verify(p: np.ndarray, q: np.ndarray, drafts, seed: int) -> tuple[l
 
 def build_info() -> dict:
     """What this build of llama.cpp can do: backends (CPU, RPC, CUDA, Metal), devices, CPU features."""
-    info = json.loads(_native.read_string(lib.pmtp_build_info))
-    info["rpc"] = "RPC" in info.get("backends", [])
-    return info
+    return json.loads(_native.read_string(lib.pmtp_build_info))

@@ -40,6 +40,12 @@ class AbortedError(PmtpError):
     """An operation was cancelled by a callback."""
 
 
+class RpcError(PmtpError, ConnectionError):
+    """An RPC worker is unreachable, speaks another protocol version, or was lost (killed,
+    crashed, out of memory, no answer within the timeout). The message names the endpoint.
+    A model that lost a worker cannot be used any more: close it and load it again."""
+
+
 class ClosedError(PmtpError, ValueError):
     """The object was closed; create a new one."""
 

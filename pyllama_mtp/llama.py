@@ -74,6 +74,14 @@ class Llama:
     ``mtp=True`` uses the MTP layers inside the model file; ``mtp="path.gguf"`` uses an
     MTP-only file next to a trunk-only one. ``draft`` is how many tokens the MTP heads
     propose per step (overridable per call, up to this value).
+
+    ``rpc=["host:port", ...]`` spreads the trunk over RPC workers (``pyllama-mtp-rpc-worker``
+    on each host): with ``n_gpu_layers=N`` the last N layers go to the workers' devices (and
+    local GPUs), split by ``tensor_split``; the first layers stay on this CPU. With
+    ``mtp_placement="local"`` (the default) the MTP layers and the output layer stay on this
+    host, so drafting costs no network round trips; ``"split"`` places them like any layer.
+    A worker that does not answer within ``rpc_timeout`` seconds counts as lost: the call
+    raises ``RpcError`` and the Llama must be closed and created again.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int = 3,
@@ -83,6 +91,7 @@ class Llama:
                  type_v: str | None = None, split_mode: str = "layer", main_gpu: int = 0,
                  tensor_split: Sequence[float] | None = None, chat_template: str | None = None,
                  swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
+                 rpc: str | Sequence[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
                  verbose: bool = False, progress=None):
         if verbose:
             _llama_log.setLevel(logging.INFO)
@@ -95,12 +104,15 @@ class Llama:
             raise InvalidArgumentError(f"draft must be an int >= 1 or 'auto' when mtp is on, got {draft!r}")
         load = dict(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, split_mode=split_mode, main_gpu=main_gpu,
                     tensor_split=tuple(tensor_split) if tensor_split is not None else None)
-        self.model = Model(ModelConfig(os.fspath(model_path), load_mtp=use_mtp and not separate_mtp, **load),
+        remote = dict(rpc=rpc, mtp_placement=mtp_placement, rpc_timeout=rpc_timeout)
+        self.model = Model(ModelConfig(os.fspath(model_path), load_mtp=use_mtp and not separate_mtp, **load, **remote),
                            progress=progress)
         self.mtp_model = None
         try:
             if separate_mtp:
-                self.mtp_model = Model(ModelConfig(os.fspath(mtp), load_mtp=True, **load))
+                # a separate MTP file stays on this host unless its placement follows the split
+                mtp_remote = remote if mtp_placement == "split" else {}
+                self.mtp_model = Model(ModelConfig(os.fspath(mtp), load_mtp=True, **load, **mtp_remote))
             heads = (self.mtp_model or self.model).info.n_layer_mtp
             # "auto" keeps every chained head ready (or 4 drafts for a single head)
             draft_max = (heads if heads > 1 else 4) if draft == "auto" else draft
@@ -121,6 +133,12 @@ class Llama:
         # one policy per Llama: what it learns about acceptance and costs carries over calls
         self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
         self._stats_base = GenerationStats()
+
+    @property
+    def devices(self):
+        """Every device the model uses (local CPU, RPC workers' devices, local GPUs) with
+        free/total memory; see ``DeviceInfo``."""
+        return self.model.devices
 
     # ------------------------------------------------------------ lifecycle
 
