@@ -37,7 +37,14 @@ void log_trampoline(ggml_log_level level, const char * text, void *) {
     }
     g_log_partial.pop_back();
     if (g_log_level == GGML_LOG_LEVEL_ERROR) {
-        g_last_llama_error = g_log_partial;
+        // llama.cpp ends a failed load with a generic line; the reason comes before it
+        static const std::string reason = "error loading model: ";
+        const size_t at = g_log_partial.find(reason);
+        if (at != std::string::npos) {
+            g_last_llama_error = g_log_partial.substr(at + reason.size());
+        } else if (g_last_llama_error.empty() || g_log_partial.find("failed to load model") == std::string::npos) {
+            g_last_llama_error = g_log_partial;
+        }
     }
     if (g_log_fn) {
         g_log_fn(g_log_level, g_log_partial.c_str(), g_log_user);

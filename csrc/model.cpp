@@ -180,6 +180,10 @@ pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
     rpc_check(m.get());  // a worker lost while loading explains a failed load best
     if (!m->model) {
         const std::string why = last_llama_error();
+        if (!m->rpc_endpoints.empty() && why.find("RPC") != std::string::npos) {
+            fail(PMTP_ERR_RPC, path + ": an RPC worker could not take its share of the model (" + why +
+                 "); free memory on that worker, or give it fewer layers with n_gpu_layers / tensor_split");
+        }
         fail(PMTP_ERR_MODEL_LOAD, path + ": llama.cpp could not load this " + g.arch + " model" +
              (why.empty() ? std::string() : ": " + why));
     }
