@@ -291,3 +291,35 @@ def test_worker_stops_cleanly_on_sigterm(tmp_path):
 def test_worker_lists_devices():
     r = run_worker_cli("--list-devices")
     assert r.returncode == 0 and r.stdout.startswith("CPU")
+
+
+def test_server_over_a_worker_then_losing_it(step35_path, step35_reference, tmp_path):
+    """The OpenAI server with --rpc answers like the library; once its worker is gone a
+    request gets a 503 error object (not a dead server) and /health says why."""
+    openai = pytest.importorskip("openai")
+    httpx = pytest.importorskip("httpx")
+    from pyllama_mtp.rpc_local import wait_listening
+    with LocalWorker(log_path=tmp_path / "w.log") as worker:
+        port = free_port()
+        proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", step35_path, "--mtp",
+                                 "--draft", "2", "--port", str(port), "--n-ctx", "512", "--threads", "1",
+                                 "--rpc", worker.endpoint, "-ngl", "2", "--alias", "tiny"],
+                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        try:
+            wait_listening(port, timeout=60, proc=proc)
+            base = f"http://127.0.0.1:{port}"
+            client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
+            with Llama(step35_path, threads=1, n_ctx=512) as ref:
+                expected = ref.generate(PROMPT, max_tokens=24).text
+            got = client.completions.create(model="tiny", prompt=PROMPT, max_tokens=24, temperature=0)
+            assert got.choices[0].text == expected
+            worker.kill()
+            with pytest.raises(openai.APIStatusError) as err:
+                client.completions.create(model="tiny", prompt=PROMPT + " again", max_tokens=24, temperature=0)
+            assert err.value.status_code == 503 and worker.endpoint in err.value.message
+            health = httpx.get(f"{base}/health")
+            assert health.status_code == 503 and worker.endpoint in health.json()["reason"]
+            assert proc.poll() is None
+        finally:
+            proc.terminate()
+            proc.wait(timeout=20)

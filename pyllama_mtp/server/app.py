@@ -19,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import openai_shapes
 from ..chat import ChatTemplateError
-from ..errors import ContextFullError, InvalidArgumentError, PmtpError
+from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
 from ..llama import Llama
 from .metrics import Metrics
 from .worker import Job, Worker
@@ -175,6 +175,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         except (InvalidArgumentError, ChatTemplateError, ValueError) as e:
             raise ApiError(400, str(e)) from None
 
+    lost_worker: list[str] = []   # why the model became unusable (an RPC worker was lost)
+
     async def run(tokens, kwargs, request: Request):
         """Async iterator over the worker's chunks for one job."""
         loop = asyncio.get_running_loop()
@@ -188,6 +190,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                 item = await inbox.get()
                 if item is Worker.DONE:
                     return
+                if isinstance(item, RpcError):
+                    lost_worker.append(str(item))   # the model is unusable from now on
                 if isinstance(item, Exception):
                     raise item
                 yield item
@@ -209,6 +213,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                     finish = item.finish_reason or finish
                 else:
                     stats = item
+        except RpcError as e:
+            raise ApiError(503, str(e), "server_error") from None
         except PmtpError as e:
             raise ApiError(400, str(e)) from None
         logprobs = None
@@ -221,6 +227,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
 
     @app.get("/health")
     async def health():
+        if lost_worker:
+            return JSONResponse({"status": "error", "reason": lost_worker[0]}, status_code=503)
         return {"status": "ok"}
 
     @app.get("/v1/models")

@@ -29,6 +29,15 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--api-key", default=os.environ.get("PYLLAMA_MTP_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $PYLLAMA_MTP_API_KEY)")
     ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1, help="layers to offload (-1 = all)")
+    ap.add_argument("--tensor-split", "-ts", default=None,
+                    help="proportions of the offloaded layers per device, comma-separated (e.g. 3,1)")
+    ap.add_argument("--rpc", default=None, metavar="HOST:PORT,...",
+                    help="RPC workers (pyllama-mtp-rpc-worker) whose devices take part of the layers")
+    ap.add_argument("--mtp-placement", choices=["local", "split"], default="local",
+                    help="with --rpc: keep the MTP layers and the output layer on this host (local, default) "
+                         "or place them by the layer split")
+    ap.add_argument("--rpc-timeout", type=float, default=120.0,
+                    help="seconds without an answer before an RPC worker counts as lost (default 120)")
     ap.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: up to 8)")
     ap.add_argument("--alias", help="model name clients use (default: the file name)")
     ap.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted")
@@ -52,9 +61,22 @@ def main(argv=None) -> int:
     from ..llama import Llama
     from .app import ServerSettings, create_app
 
+    from ..errors import PmtpError
+
     mtp = args.mtp_model or args.mtp
-    llm = Llama(args.model, mtp=mtp, draft=draft, n_ctx=args.n_ctx, n_batch=args.n_batch,
-                n_gpu_layers=args.n_gpu_layers, threads=args.threads, verbose=args.verbose)
+    try:
+        split = [float(x) for x in args.tensor_split.split(",")] if args.tensor_split else None
+    except ValueError:
+        print(f"pyllama-mtp-server: --tensor-split {args.tensor_split!r}: give comma-separated numbers", file=sys.stderr)
+        return 2
+    try:
+        llm = Llama(args.model, mtp=mtp, draft=draft, n_ctx=args.n_ctx, n_batch=args.n_batch,
+                    n_gpu_layers=args.n_gpu_layers, tensor_split=split, threads=args.threads,
+                    rpc=args.rpc, mtp_placement=args.mtp_placement, rpc_timeout=args.rpc_timeout,
+                    verbose=args.verbose)
+    except PmtpError as e:
+        print(f"pyllama-mtp-server: error: {e}", file=sys.stderr)
+        return 1
     name = args.alias or os.path.basename(args.model)
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
     log.info("serving %s (MTP %s) on http://%s:%d", name, f"draft {draft}" if mtp else "off", args.host, args.port)
