@@ -1,0 +1,170 @@
+#!/usr/bin/env python3
+"""Decode speed of one oracle step35 model spread over RPC workers on this host, MTP off
+and on, with added network latency. Everything in one run:
+
+  * local only; 1 worker; 2 workers (workers are pyllama-mtp-rpc-worker subprocesses);
+  * RTT 0 (direct loopback) and, through a delaying proxy, e.g. 0.5 ms and 2 ms;
+  * draft 0 (MTP off) and 1..3, with the MTP layers local (default) and, for the largest
+    draft, placed by the layer split;
+  * network round trips per generated token (counted by the proxy);
+  * a fit of per-token time = compute + round trips x RTT to the measured points;
+  * model load time from a worker with --cache, cold and warm.
+
+    python scripts/bench_rpc.py --size-gb 0.5 --acceptance 0.9 -t 2 -n 96 --rtt-ms 0 0.5 2
+
+Workers and client share this machine's cores: the layers of one token are computed one
+device after another, so they do not compete, but the absolute speed is below that of
+separate hosts. Ratios (MTP vs off, at the same RTT) are what this measures.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from bench_vs_upstream import ensure_model  # noqa: E402  (same oracle files)
+
+from pyllama_mtp import Llama  # noqa: E402
+from pyllama_mtp.rpc_local import DelayProxy, LocalWorker  # noqa: E402
+
+PROMPT = [10, 11, 12, 13]   # token ids, as in bench_vs_upstream.py
+
+
+def decode_rate(llm: Llama, n_gen: int, draft: int, reps: int) -> float:
+    rates = []
+    llm.generate(PROMPT, max_tokens=4, draft=draft)      # warm-up: buffers, graphs
+    for _ in range(reps):
+        r = llm.generate(PROMPT, max_tokens=n_gen, draft=draft)
+        rates.append(r.stats.tokens_per_second)
+    return statistics.median(rates)
+
+
+def run_config(model: Path, endpoints: list[str], proxies: list[DelayProxy], draft: int, args,
+               placement: str = "local") -> dict:
+    kw = dict(threads=args.threads, n_ctx=max(512, 2 * args.n_gen))
+    if endpoints:
+        kw.update(rpc=endpoints, n_gpu_layers=args.remote_layers, mtp_placement=placement)
+    with Llama(model, mtp=draft > 0, draft=max(draft, 1), **kw) as llm:
+        for p in proxies:
+            p.reset_count()
+        res = llm.generate(PROMPT, max_tokens=args.n_gen, draft=draft)
+        n_rt = sum(p.round_trips for p in proxies)   # prompt included: a few round trips in all
+        rate = decode_rate(llm, args.n_gen, draft, args.reps)
+        return {"tok_s": rate, "tokens": len(res.tokens),
+                "round_trips_per_token": (n_rt / len(res.tokens)) if proxies else None,
+                "acceptance": res.stats.acceptance_rate if draft else None}
+
+
+def fit_latency_model(points: list[tuple[float, float, float]]) -> tuple[float, float] | None:
+    """points: (rtt_s, round_trips_per_token, seconds_per_token). Least squares of
+    s_per_token = compute + k * rt_per_token * rtt for one configuration: returns (compute, k)."""
+    if len(points) < 2:
+        return None
+    xs = [rt * rtt for rtt, rt, _ in points]
+    ys = [s for _, _, s in points]
+    mx, my = statistics.fmean(xs), statistics.fmean(ys)
+    sxx = sum((x - mx) ** 2 for x in xs)
+    if sxx == 0:
+        return None
+    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
+    return my - k * mx, k
+
+
+def cache_load_times(model: Path, args) -> dict:
+    with tempfile.TemporaryDirectory() as cache:
+        out = {}
+        for label in ("cold", "warm"):
+            with LocalWorker(threads=args.threads, cache_dir=cache) as w:
+                t0 = time.perf_counter()
+                with Llama(model, threads=args.threads, n_ctx=256, rpc=[w.endpoint], n_gpu_layers=args.remote_layers):
+                    out[label] = time.perf_counter() - t0
+        return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size-gb", type=float, default=0.5)
+    ap.add_argument("--acceptance", type=float, default=0.9)
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("-n", "--n-gen", type=int, default=96)
+    ap.add_argument("--reps", type=int, default=2)
+    ap.add_argument("--drafts", type=int, nargs="+", default=[0, 1, 2, 3])
+    ap.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 0.5, 2.0])
+    ap.add_argument("--remote-layers", type=int, default=-1,
+                    help="trunk layers on the workers (n_gpu_layers; -1 = all)")
+    ap.add_argument("--json", type=Path, help="also write the results here")
+    args = ap.parse_args(argv)
+
+    model = ensure_model(ROOT / "build" / "bench" / f"oracle-{args.size_gb}gb-a{args.acceptance}.gguf",
+                         args.size_gb, args.acceptance)
+    rows = []
+    for d in args.drafts:
+        rows.append({"workers": 0, "rtt_ms": 0.0, "draft": d, "placement": "-", **run_config(model, [], [], d, args)})
+        print(json.dumps(rows[-1]), file=sys.stderr)
+    for n_workers in (1, 2):
+        workers = [LocalWorker(threads=args.threads) for _ in range(n_workers)]
+        try:
+            for rtt in args.rtt_ms:
+                proxies = [DelayProxy(w.port, rtt / 2000.0) for w in workers] if rtt > 0 else []
+                endpoints = [p.endpoint for p in proxies] if proxies else [w.endpoint for w in workers]
+                configs = [(d, "local") for d in args.drafts] + [(max(args.drafts), "split")]
+                for d, placement in configs:
+                    if d == 0 and placement == "split":
+                        continue
+                    r = run_config(model, endpoints, proxies, d, args, placement)
+                    rows.append({"workers": n_workers, "rtt_ms": rtt, "draft": d, "placement": placement, **r})
+                    print(json.dumps(rows[-1]), file=sys.stderr)
+                for p in proxies:
+                    p.close()
+        finally:
+            for w in workers:
+                w.kill()
+
+    # the count does not depend on the latency: direct runs take it from the proxied ones
+    counted = {(r["workers"], r["draft"], r["placement"]): r["round_trips_per_token"] for r in rows
+               if r["round_trips_per_token"] is not None}
+    for r in rows:
+        if r["round_trips_per_token"] is None and r["workers"]:
+            r["round_trips_per_token"] = counted.get((r["workers"], r["draft"], r["placement"]))
+    fits = {}
+    for n_workers in (1, 2):
+        for d in args.drafts:
+            pts = [(r["rtt_ms"] / 1000, r["round_trips_per_token"], 1 / r["tok_s"]) for r in rows
+                   if r["workers"] == n_workers and r["draft"] == d and r["placement"] == "local"
+                   and r["round_trips_per_token"] is not None]
+            fit = fit_latency_model(pts)
+            if fit:
+                fits[f"{n_workers}w-d{d}"] = {"compute_ms": fit[0] * 1000, "k": fit[1],
+                                              "rt_per_token": statistics.fmean(p[1] for p in pts)}
+    cache = cache_load_times(model, args)
+
+    base = {(r["workers"], r["rtt_ms"]): r["tok_s"] for r in rows if r["draft"] == 0}
+    print(f"\n{model.name}: {model.stat().st_size / 1e9:.2f} GB, {args.threads} threads, {args.n_gen} tokens, "
+          f"medians of {args.reps}")
+    print("| workers | RTT ms | draft | MTP layers | tok/s | vs MTP off | round trips/token | acceptance |")
+    print("|---:|---:|---:|---|---:|---:|---:|---:|")
+    for r in rows:
+        off = base.get((r["workers"], r["rtt_ms"]))
+        rt = "-" if r["round_trips_per_token"] is None else f"{r['round_trips_per_token']:.2f}"
+        acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
+        print(f"| {r['workers']} | {r['rtt_ms']:g} | {r['draft']} | {r['placement']} | {r['tok_s']:.1f} | "
+              f"{r['tok_s'] / off:.2f}x | {rt} | {acc} |")
+    print("\nper-token time = compute + k x round trips x RTT, fitted per configuration:")
+    for key, f in fits.items():
+        print(f"  {key}: compute {f['compute_ms']:.1f} ms/token, {f['rt_per_token']:.2f} round trips/token, "
+              f"k = {f['k']:.2f}")
+    print(f"\nload from a worker with --cache: cold {cache['cold']:.2f} s, warm {cache['warm']:.2f} s")
+    if args.json:
+        args.json.write_text(json.dumps({"rows": rows, "fits": fits, "cache": cache}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
