@@ -105,11 +105,14 @@ class DelayProxy:
     """TCP proxy on 127.0.0.1 adding ``one_way_s`` seconds to each direction (RTT = 2x).
 
     Bytes are forwarded in the order they arrived, each chunk no earlier than its arrival
-    time plus the delay, so bandwidth stays that of loopback and only latency is added."""
+    time plus the delay. Without ``bytes_per_s`` the bandwidth stays that of loopback and
+    only latency is added; with it, each direction is also paced to that rate."""
 
-    def __init__(self, target_port: int, one_way_s: float, port: int | None = None):
+    def __init__(self, target_port: int, one_way_s: float, port: int | None = None,
+                 bytes_per_s: float | None = None):
         self.target_port = target_port
         self.one_way_s = float(one_way_s)
+        self.bytes_per_s = bytes_per_s
         self.port = port or free_port()
         self.endpoint = f"127.0.0.1:{self.port}"
         self.round_trips = 0
@@ -144,6 +147,14 @@ class DelayProxy:
     def _pipe(self, src: socket.socket, dst: socket.socket, direction: str) -> None:
         queue: collections.deque = collections.deque()
         ready = threading.Condition()
+        line_free = [0.0]   # when the paced link has sent everything queued so far
+
+        def due_time(n_bytes: int) -> float:
+            now = time.monotonic()
+            if not self.bytes_per_s:
+                return now + self.one_way_s
+            line_free[0] = max(line_free[0], now) + n_bytes / self.bytes_per_s
+            return line_free[0] + self.one_way_s
 
         def reader():
             try:
@@ -153,7 +164,7 @@ class DelayProxy:
                         break
                     self._note(direction)
                     with ready:
-                        queue.append((time.monotonic() + self.one_way_s, data))
+                        queue.append((due_time(len(data)), data))
                         ready.notify()
             except OSError:
                 pass

@@ -78,14 +78,18 @@ def fit_latency_model(points: list[tuple[float, float, float]]) -> tuple[float, 
 
 
 def cache_load_times(model: Path, args) -> dict:
+    """Load time over a link paced to --link-gbit, with a fresh worker each time sharing one
+    --cache directory: the second load sends hashes for tensors above 10 MB, not their bytes."""
+    out = {}
     with tempfile.TemporaryDirectory() as cache:
-        out = {}
-        for label in ("cold", "warm"):
-            with LocalWorker(threads=args.threads, cache_dir=cache) as w:
+        for label in ("no cache", "cache cold", "cache warm"):
+            with LocalWorker(threads=args.threads, cache_dir=None if label == "no cache" else cache) as w, \
+                    DelayProxy(w.port, 0.0, bytes_per_s=args.link_gbit * 1e9 / 8) as link:
                 t0 = time.perf_counter()
-                with Llama(model, threads=args.threads, n_ctx=256, rpc=[w.endpoint], n_gpu_layers=args.remote_layers):
+                with Llama(model, threads=args.threads, n_ctx=256, rpc=[link.endpoint],
+                           n_gpu_layers=args.remote_layers):
                     out[label] = time.perf_counter() - t0
-        return out
+    return out
 
 
 def main(argv=None) -> int:
@@ -99,6 +103,7 @@ def main(argv=None) -> int:
     ap.add_argument("--rtt-ms", type=float, nargs="+", default=[0.0, 0.5, 2.0])
     ap.add_argument("--remote-layers", type=int, default=-1,
                     help="trunk layers on the workers (n_gpu_layers; -1 = all)")
+    ap.add_argument("--link-gbit", type=float, default=1.0, help="link speed for the --cache load test")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
@@ -160,7 +165,8 @@ def main(argv=None) -> int:
     for key, f in fits.items():
         print(f"  {key}: compute {f['compute_ms']:.1f} ms/token, {f['rt_per_token']:.2f} round trips/token, "
               f"k = {f['k']:.2f}")
-    print(f"\nload from a worker with --cache: cold {cache['cold']:.2f} s, warm {cache['warm']:.2f} s")
+    print(f"\nmodel load over a {args.link_gbit:g} Gbit/s link: " +
+          ", ".join(f"{k} {v:.2f} s" for k, v in cache.items()))
     if args.json:
         args.json.write_text(json.dumps({"rows": rows, "fits": fits, "cache": cache}, indent=1))
     return 0
