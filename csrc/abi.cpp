@@ -5,6 +5,7 @@
 #include "ggml-backend.h"
 
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <sstream>
 
@@ -131,6 +132,9 @@ std::string build_info_json() {
 }
 
 }  // namespace
+
+// The guard of every exported function, for those defined in other files (quantize.cpp).
+int run_guarded(const std::function<void()> & f) { return guarded(f); }
 
 std::string last_llama_error() {
     std::lock_guard<std::mutex> lock(g_log_mutex);
