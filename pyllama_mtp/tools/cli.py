@@ -3,6 +3,7 @@
     pyllama-mtp inspect model.gguf [--json]
     pyllama-mtp graft trunk.gguf mtp-only.gguf -o full.gguf
     pyllama-mtp quantize model-f16.gguf model-q4_k_m.gguf Q4_K_M [--mtp-type q8_0]
+    pyllama-mtp extract-mtp HF_DIR -o mtp.gguf --trunk trunk.gguf [--type bf16]
 """
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import json
 import sys
 
 from ..errors import PmtpError
+from .extract_mtp import extract_mtp
 from .graft import graft
 from .inspection import format_report, inspect_model
 from .quantize import FILE_TYPES, MTP_TYPES, quantize
@@ -19,7 +21,7 @@ PROG = "pyllama-mtp"
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = argparse.ArgumentParser(prog=PROG, description="Inspect, graft and quantize GGUF files with MTP layers.")
+    ap = argparse.ArgumentParser(prog=PROG, description="Inspect, graft, quantize and extract GGUF files with MTP layers.")
     sub = ap.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("inspect", help="what a GGUF file holds and what is wrong with it (reads the header only)",
@@ -52,6 +54,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allow-requantize", action="store_true", help="accept an already quantized input")
     p.add_argument("-f", "--force", action="store_true", help="replace the output file if it exists")
     p.set_defaults(run=_quantize)
+
+    p = sub.add_parser("extract-mtp", help="the MTP-only GGUF of a Step-3.5/3.7 Hugging Face checkpoint",
+                       description="Read only the MTP layers (and the shared embeddings/output) of a Step-3.5/3.7 "
+                                   "checkpoint directory and write the MTP-only GGUF that the pinned converter's "
+                                   "--mtp would write; load it next to the trunk with Llama(trunk, mtp=OUT).")
+    p.add_argument("src", metavar="HF_DIR", help="checkpoint directory: config.json, safetensors shards, index")
+    p.add_argument("-o", "--output", required=True, metavar="MTP.gguf", help="the file to write")
+    p.add_argument("--trunk", required=True, metavar="TRUNK.gguf",
+                   help="a GGUF of the same model (trunk-only or full): the tokenizer comes from it")
+    p.add_argument("--type", dest="out_type", choices=["bf16", "f16", "q8_0", "f32"], default="bf16",
+                   help="type of the 2-D weights (norms stay F32; default bf16)")
+    p.add_argument("-f", "--force", action="store_true", help="replace the output file if it exists")
+    p.set_defaults(run=_extract_mtp)
     return ap
 
 
@@ -73,11 +88,17 @@ def _quantize(args) -> None:
     print(f"wrote {r.path} ({r.file_size / 2**20:.1f} MiB): {r.file_type}; MTP tensors: {mtp}")
 
 
+def _extract_mtp(args) -> None:
+    r = extract_mtp(args.src, args.output, trunk=args.trunk, out_type=args.out_type, overwrite=args.force)
+    print(f"wrote {r.path} ({r.file_size / 2**20:.1f} MiB): {r.n_tensors} tensors, {r.n_mtp_layers} MTP layers, "
+          f"from {len(r.shards_read)} shard(s); load it with Llama({args.trunk!r}, mtp={str(r.path)!r})")
+
+
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     try:
         args.run(args)
-    except (PmtpError, OSError) as e:
+    except (PmtpError, OSError, NotImplementedError) as e:
         print(f"{PROG}: error: {e}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
