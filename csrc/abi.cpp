@@ -422,6 +422,21 @@ int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, siz
     });
 }
 
+int pmtp_head_logits(const pmtp_session * session, int32_t head, float * out, size_t cap) {
+    return guarded([&] {
+        need(session, "session");
+        need(out, "out");
+        if (!session->heads) {
+            fail(PMTP_ERR_MTP, "this session has no MTP heads (draft_max = 0)");
+        }
+        if (cap < (size_t) session->n_vocab) {
+            fail(PMTP_ERR_BUFFER, "logits buffer of " + std::to_string(cap) + " floats is smaller than n_vocab " +
+                 std::to_string(session->n_vocab));
+        }
+        std::memcpy(out, mtp_head_logits(session, head), sizeof(float) * (size_t) session->n_vocab);
+    });
+}
+
 int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_step_result * out) {
     return guarded([&] {
         need(session, "session");

@@ -332,6 +332,20 @@ size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out) {
     return (size_t) k;
 }
 
+const float * mtp_head_logits(const pmtp_session * s, int32_t head) {
+    const mtp_heads & H = *s->heads;
+    if (head < 0 || (size_t) head >= H.heads.size()) {
+        fail(PMTP_ERR_INVALID_ARG, "head " + std::to_string(head) + " out of range [0, " +
+             std::to_string(H.heads.size()) + ")");
+    }
+    const mtp_head & h = H.heads[(size_t) head];
+    const float * logits = h.n_kv > 0 ? llama_get_logits_ith(h.ctx.get(), -1) : nullptr;
+    if (!logits) {
+        fail(PMTP_ERR_INVALID_ARG, "MTP head " + std::to_string(head) + " has no output yet: call pmtp_draft first");
+    }
+    return logits;
+}
+
 namespace {
 
 // Re-decode the whole history after the sliding-window guard found lost cells.

@@ -258,6 +258,12 @@ PMTP_API pmtp_quantize_params pmtp_quantize_default_params(void);
  * failure leaves nothing behind. MTP tensors never need importance data. */
 PMTP_API int pmtp_quantize(const char * in_path, const char * out_path, const pmtp_quantize_params * params);
 
+/* ---- MTP head logits (parity tests) ---- */
+
+/* Logits of the last row MTP head `head` decoded, [n_vocab]: after pmtp_draft(k) on a
+ * model with chained heads (step35), head j < k holds the distribution draft j came from. */
+PMTP_API int pmtp_head_logits(const pmtp_session * session, int32_t head, float * out, size_t cap);
+
 /* --- cffi cdef end --- */
 
 #ifdef __cplusplus

@@ -88,7 +88,11 @@ def config_json(s: Shape, arch: str) -> dict:
     if arch == "Step3p5ForCausalLM":
         return text_config(s)
     if arch == "Step3p7ForConditionalGeneration":
-        return {"architectures": [arch], "model_type": "step3p7", "text_config": text_config(s)}
+        # a tiny vision tower: transformers builds one (randomly) even for text
+        vision = {"hidden_size": 32, "num_hidden_layers": 1, "num_attention_heads": 2, "image_size": 28,
+                  "patch_size": 14, "intermediate_size": 64}
+        return {"architectures": [arch], "model_type": "step3p7", "tie_word_embeddings": False,
+                "text_config": text_config(s), "vision_config": vision}
     raise ValueError(f"arch must be one of {ARCHS}")
 
 
