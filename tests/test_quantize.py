@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from pyllama_mtp import Llama, testing
-from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError
+from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError, MtpError
 from pyllama_mtp.tools.cli import main
 from pyllama_mtp.tools.gguf_header import read_header
 from pyllama_mtp.tools.modelfile import open_model
@@ -131,6 +131,31 @@ def test_iq2_xxs_needs_imatrix_entries_for_the_trunk_only(src, tmp_path, fmt):
         assert len(llm.generate([5, 6, 7], max_tokens=8).tokens) == 8
 
 
+def test_qwen35_mtp_block_kept_at_q8_0_and_lossless(tmp_path):
+    src = testing.write_qwen35(tmp_path / "qwen35.gguf", seed=2)
+    out = tmp_path / "qwen35-q4_0.gguf"
+    r = quantize(src, out, "Q4_0", threads=2)
+    assert r.mtp_types == {"Q8_0": 8, "F32": 7}
+    assert "Q4_0" in set(types_by_group(out)["trunk"].values())
+    plain, _ = greedy_tokens(out, mtp=False)
+    with_mtp, drafted = greedy_tokens(out, mtp=True)
+    assert drafted > 0 and with_mtp == plain
+
+
+def test_trunk_only_and_mtp_only_files_quantize_separately(tmp_path):
+    trunk, mtp = testing.write_step35_pair(tmp_path / "pair", seed=3, n_embd=N_EMBD)
+    qt, qm = tmp_path / "trunk-q4_k_m.gguf", tmp_path / "mtp-q4_k_m.gguf"
+    assert quantize(trunk, qt, "Q4_K_M", threads=2).mtp_types == {}
+    assert quantize(mtp, qm, "Q4_K_M", threads=2).mtp_types == {"Q8_0": 30, "F32": 21}
+    prompt = [int(t) for t in np.random.default_rng(6).integers(3, 500, size=12)]
+    out = {}
+    for use_mtp in (False, str(qm)):
+        with Llama(str(qt), mtp=use_mtp, draft=3, n_ctx=256, threads=2) as llm:
+            got = llm.generate(prompt, max_tokens=64)
+            out[bool(use_mtp)] = (got.tokens, got.stats.drafted)
+    assert out[True][1] > 0 and out[True][0] == out[False][0]
+
+
 # --------------------------------------------------------------------------- bad input
 
 def assert_nothing_written(d, keep=()):
@@ -155,6 +180,26 @@ def test_not_a_text_model(tmp_path):
     clip = testing.write_broken(tmp_path / "clip.gguf", "not-text-arch")
     with pytest.raises(ModelLoadError, match="not a text model"):
         quantize(clip, tmp_path / "out.gguf", "Q4_0")
+
+
+def test_unknown_architecture_is_llama_cpp_s_error_not_an_abort(tmp_path):
+    src = tmp_path / "foo.gguf"
+    w = gguf.GGUFWriter(src, "foo")
+    w.add_uint32("foo.block_count", 2)
+    w.add_tensor("blk.0.attn_q.weight", np.zeros((32, 32), np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    with pytest.raises(ModelLoadError, match="unknown model architecture: 'foo'"):
+        quantize(src, tmp_path / "out.gguf", "Q4_0")
+    assert_nothing_written(tmp_path, keep=(src.name,))
+
+
+def test_partial_mtp_tensors_are_refused(tmp_path):
+    src = testing.write_broken(tmp_path / "partial.gguf", "mtp-partial")
+    with pytest.raises(MtpError, match="MTP tensors partial"):
+        quantize(src, tmp_path / "out.gguf", "Q4_0")
 
 
 @pytest.mark.parametrize("kwargs, match", [

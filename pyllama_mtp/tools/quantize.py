@@ -15,7 +15,7 @@ from pathlib import Path
 
 from gguf import GGMLQuantizationType as Q
 
-from ..errors import InvalidArgumentError, ModelLoadError
+from ..errors import InvalidArgumentError, ModelLoadError, MtpError
 from .imatrix import load_imatrix
 from .modelfile import ModelFile, open_model
 from .outfile import check_output, check_space
@@ -59,11 +59,14 @@ def quantize(src, out, file_type: str, *, mtp_type: str | None = None, threads: 
     model = open_model(src)
     if model.n_layer_all is None:
         raise ModelLoadError(f"{model.path}: no {model.arch}.block_count: not a text model; nothing to quantize")
+    if model.mtp_status == "partial":
+        raise MtpError(f"{model.path}: MTP tensors partial (missing {', '.join(model.mtp_missing[:3])}); llama.cpp "
+                       "refuses such a file, quantized or not; re-convert the model with all its MTP layers")
     out = Path(out)
     check_output(out, (model.path,), overwrite)
     if not allow_requantize:
         _check_not_quantized(model)
-    check_space(out, model.header.file_size)
+    check_space(out, model.header.file_size)      # the input's size: more than any output needs
     entries = load_imatrix(imatrix) if imatrix is not None else {}
     _run(model.path, out, FILE_TYPES[name], MTP_TYPES[mtp], threads, entries, allow_requantize, overwrite)
     written = open_model(out)
