@@ -8,10 +8,13 @@ so the MTP weights are mapped here by name. Two MTP conventions are computed:
 * ``"transformers"``: what ``generate(use_mtp=True)`` does: the first block reads the
   trunk's last hidden state as transformers reports it, each block's normed output feeds
   the next, and every block's logits come from the main ``lm_head``.
-* ``"stepfun"``: the inference code StepFun publishes for these checkpoints (and llama.cpp's
-  step35 graph): the first block reads the trunk's hidden state before the final norm, the
-  next block reads the previous block's output before its shared-head norm, and block k's
-  logits come from its own ``shared_head`` (norm, then output).
+* ``"stepfun"``: training's rows with the conventions of the inference code StepFun
+  publishes for these checkpoints (and of llama.cpp's step35 graph): block 0 reads the
+  trunk's hidden state before the final norm, block k reads block k - 1's outputs before
+  their shared-head norm at every position, and block k's logits come from its own
+  ``shared_head`` (norm, then output).
+
+:meth:`Reference.drafts_runtime_rows` feeds the blocks the rows this runtime feeds them.
 """
 from __future__ import annotations
 
@@ -88,25 +91,23 @@ class Reference:
             out = self.model(input_ids=t.tensor(np.asarray(ids))[None], output_hidden_states=True)
         return out.logits[0].numpy(), out.hidden_states[-1], self._pre_norm
 
-    def drafts_llama_cpp(self, ids) -> np.ndarray:
-        """The rows llama.cpp's step35 MTP driver gives block k (upstream's draft-mtp and this
-        runtime alike): every position p of the prompt and the pending token pairs x_p with
-        the trunk's pre-norm hidden state of p - 1 (zeros for p = 0), then k draft rows pair
-        d_m with block m - 1's last pre-norm output; logits from block k's own shared head."""
+    def drafts_runtime_rows(self, ids) -> np.ndarray:
+        """The rows this runtime gives block k: every position p >= 1 of the prompt and the
+        pending token pairs x_p with the trunk's pre-norm hidden state of p - 1 (as in
+        training for block 0), then k draft rows pair d_m with block m - 1's last pre-norm
+        output; logits from block k's own shared head (norm, then output)."""
         t = _torch()
         logits, _, h_pre = self.trunk(ids)
         n = len(ids)
-        tokens = list(np.asarray(ids)) + [int(np.argmax(logits[-1]))]            # x_0 .. x_n
-        h_rows = t.cat([t.zeros_like(h_pre[:, :1]), h_pre], dim=1)               # h_-1 .. h_n-1
+        tokens = list(np.asarray(ids)[1:]) + [int(np.argmax(logits[-1]))]        # x_1 .. x_n
         drafts, outs, g = [], [], []
         with t.no_grad():
             for k in range(self.n_mtp):
                 layer = self.mtp.layers[k]
                 layer.use_post_norm = False
-                rows = h_rows if k == 0 else t.cat([h_rows, t.cat(g, dim=1)], dim=1)
-                toks = tokens + drafts[:k]
-                pos = t.arange(0, n + 1 + k)[None]
-                hs = self.mtp.forward_layer(k, rows, pos, None, input_ids=t.tensor(toks)[None])
+                rows = t.cat([h_pre] + g, dim=1)
+                pos = t.arange(0, n + k)[None]
+                hs = self.mtp.forward_layer(k, rows, pos, None, input_ids=t.tensor(tokens + drafts)[None])
                 row = t.nn.functional.linear(layer.post_norm(hs[:, -1]), self.heads[k])[0]
                 outs.append(row.numpy())
                 drafts.append(int(row.argmax()))
