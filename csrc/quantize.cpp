@@ -97,6 +97,9 @@ std::string mtp_pattern(const gguf_summary & g, const std::string & path) {
 // llama.cpp reports every failure as one status; sort the ones the caller can fix.
 [[noreturn]] void fail_quantize(const std::string & in) {
     const std::string why = last_llama_error();
+    if (why.find("imatrix size") != std::string::npos || why.find("non-finite") != std::string::npos) {
+        fail(PMTP_ERR_INVALID_ARG, in + ": " + why + "; the importance matrix was not computed for this model");
+    }
     if (why.find("imatrix") != std::string::npos || why.find("importance matrix") != std::string::npos) {
         fail(PMTP_ERR_INVALID_ARG, in + ": " + why + "; this file type needs an importance matrix for the trunk "
              "tensors (pass one with --imatrix; the MTP blocks never need one)");

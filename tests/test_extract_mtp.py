@@ -151,6 +151,8 @@ def edited_checkpoint(tmp_path, ckpt, config=None, drop=(), shard_bytes=None):
 
 @pytest.mark.parametrize("case, error, match", [
     ("arch", NotImplementedError, "not supported by extract-mtp"),
+    ("renamed-keys", ModelLoadError, "no integer 'num_attention_groups'"),
+    ("odd-values", ModelLoadError, "config.json: unexpected value"),
     ("no-mtp", MtpError, "no MTP layers"),
     ("missing-mtp-tensor", MtpError, "lacks blk.5.nextn.eh_proj.weight"),
     ("truncated-shard", ModelLoadError, "the download did not finish"),
@@ -162,6 +164,8 @@ def test_bad_checkpoints(tmp_path, ckpt, trunk, case, error, match):
         n = int.from_bytes(data[:8], "little")
         return data[:8] + data[8:8 + n].replace(b'"BF16"', b'"F8E4"') + data[8 + n:]
     kwargs = {"arch": dict(config={"architectures": ["LlamaForCausalLM"]}),
+              "renamed-keys": dict(config={"num_attention_groups": None, "num_key_value_heads": 2}),
+              "odd-values": dict(config={"attention_other_setting": "sliding"}),
               "no-mtp": dict(config={"num_nextn_predict_layers": 0}),
               "missing-mtp-tensor": dict(drop={"model.layers.5.eh_proj.weight"}),
               "truncated-shard": dict(shard_bytes=lambda p: p.read_bytes()[:4096]),

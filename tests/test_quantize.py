@@ -234,6 +234,16 @@ def test_requantizing_is_refused_unless_allowed(src, tmp_path):
     assert set(types_by_group(tmp_path / "q4.gguf")["mtp"].values()) == {"Q8_0"}
 
 
+def test_imatrix_of_another_model(src, tmp_path):
+    imatrix = tmp_path / "imatrix.dat"
+    entries = imatrix_entries(src)
+    entries["blk.1.attn_q.weight"] = entries["blk.1.attn_q.weight"][:, :128]
+    write_dat_imatrix(imatrix, entries)
+    with pytest.raises(InvalidArgumentError, match="not computed for this model"):
+        quantize(src, tmp_path / "out.gguf", "IQ2_XXS", imatrix=imatrix, threads=2)
+    assert_nothing_written(tmp_path, keep=(imatrix.name,))
+
+
 def test_bad_imatrix_file(src, tmp_path):
     bad = tmp_path / "imatrix.dat"
     bad.write_bytes(b"\x01\x00")

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGML_QUANT_VERSION, GGMLQuantizationType as Q, GGUFWriter, quant_shape_to_byte_shape, quants, size_label
 
-from ..errors import MtpError
+from ..errors import ModelLoadError, MtpError
 from .modelfile import ModelFile, open_model
 from .outfile import check_output, check_space, partial_path
 from .safetensors_file import SafetensorsFile, weight_map
@@ -113,7 +113,12 @@ def _write(path: Path, name: str, config: dict, trunk: ModelFile, plan, out_type
     w.add_type("model")
     w.add_name(trunk.header.get("general.name") or name)
     w.add_size_label(size_label(*w.get_total_parameter_count()))   # of this file's tensors, as the converter
-    write_metadata(w, config, out_type)
+    try:
+        write_metadata(w, config, out_type)
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as e:
+        # a config.json whose values have other types or shapes than StepFun's
+        raise ModelLoadError(f"config.json: unexpected value ({type(e).__name__}: {e}); extract-mtp reads the "
+                             "config.json StepFun ships; re-download the checkpoint") from None
     w.add_quantization_version(GGML_QUANT_VERSION)
     for key, field in trunk.header.fields.items():
         if key.startswith("tokenizer."):

@@ -62,6 +62,11 @@ OUT_TYPES = {"f32": (LlamaFileType.ALL_F32, Q.F32), "f16": (LlamaFileType.MOSTLY
              "bf16": (LlamaFileType.MOSTLY_BF16, Q.BF16), "q8_0": (LlamaFileType.MOSTLY_Q8_0, Q.Q8_0)}
 
 
+# the config.json keys write_metadata cannot do without
+_REQUIRED_INTS = ("num_hidden_layers", "hidden_size", "num_attention_heads", "num_attention_groups", "head_dim",
+                  "sliding_window", "moe_num_experts", "moe_top_k", "moe_intermediate_size", "share_expert_dim")
+
+
 @dataclass(frozen=True)
 class MtpTensor:
     source: str              # name in the checkpoint's weight map
@@ -91,9 +96,10 @@ def read_config(model_dir: Path) -> dict[str, Any]:
                                   "convert_hf_to_gguf.py --mtp")
     if isinstance(config.get("text_config"), dict):
         config = {**config, **config["text_config"]}
-    for key in ("num_hidden_layers", "hidden_size"):
-        if not isinstance(config.get(key), int):
-            raise ModelLoadError(f"{path}: no integer '{key}'; re-download the checkpoint")
+    for key in _REQUIRED_INTS:
+        if type(config.get(key)) is not int:
+            raise ModelLoadError(f"{path}: no integer '{key}'; extract-mtp reads the config.json StepFun ships "
+                                 "(one saved by transformers renames its keys); re-download the checkpoint")
     if int(config.get("num_nextn_predict_layers", 0) or 0) <= 0:
         raise MtpError(f"{path}: num_nextn_predict_layers is 0 or absent: this checkpoint has no MTP layers")
     return config
