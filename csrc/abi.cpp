@@ -5,6 +5,7 @@
 #include "ggml-backend.h"
 
 #include <cstring>
+#include <functional>
 #include <mutex>
 #include <sstream>
 
@@ -149,6 +150,9 @@ std::string build_info_json() {
 }
 
 }  // namespace
+
+// The guard of every exported function, for those defined in other files (quantize.cpp).
+int run_guarded(const std::function<void()> & f) { return guarded(f); }
 
 std::string last_llama_error() {
     std::lock_guard<std::mutex> lock(g_log_mutex);
@@ -434,6 +438,21 @@ int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, siz
         if (n_out) {
             *n_out = n;
         }
+    });
+}
+
+int pmtp_head_logits(const pmtp_session * session, int32_t head, float * out, size_t cap) {
+    return guarded([&] {
+        need(session, "session");
+        need(out, "out");
+        if (!session->heads) {
+            fail(PMTP_ERR_MTP, "this session has no MTP heads (draft_max = 0)");
+        }
+        if (cap < (size_t) session->n_vocab) {
+            fail(PMTP_ERR_BUFFER, "logits buffer of " + std::to_string(cap) + " floats is smaller than n_vocab " +
+                 std::to_string(session->n_vocab));
+        }
+        std::memcpy(out, mtp_head_logits(session, head), sizeof(float) * (size_t) session->n_vocab);
     });
 }
 

@@ -142,6 +142,9 @@ void mtp_rollback(pmtp_session * s, int32_t n_keep);
 void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
                    const float * h_rows, size_t n, llama_pos pos0);
 size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out);
+// Logits of the last row head `head` decoded, [n_vocab] (after mtp_draft, chained head j
+// holds draft j's); throws when the head has produced none.
+const float * mtp_head_logits(const pmtp_session * s, int32_t head);
 // q: the draft distributions [n, n_vocab] when the drafts were sampled from them
 // (rejection sampling); NULL accepts drafts that equal the target's own samples.
 void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, pmtp_step_result * out);

@@ -33,6 +33,9 @@ int64_t gguf_int(const gguf_context * g, const std::string & key, int64_t fallba
     }
 }
 
+}  // namespace
+
+// Also used by quantize.cpp: the same messages for the same bad inputs.
 void check_file(const std::string & path) {
     std::error_code ec;
     const auto st = fs::status(path, ec);
@@ -55,6 +58,8 @@ void check_file(const std::string & path) {
         fail(PMTP_ERR_MODEL_LOAD, path + ": not a GGUF file (bad magic); convert the model to GGUF first");
     }
 }
+
+namespace {
 
 // The MTP blocks need these tensors; upstream treats a file without the first
 // eh_proj as trunk-only and asserts later if the others are missing.

@@ -1,7 +1,11 @@
 // The MTP state machine: heads, draft, verify, accept, rollback, catch-up.
 //
-// A head's KV row at position p pairs token[p] with the target's hidden state
-// h[p - 1] ("clean" rows, the inputs upstream's catch-up uses). The target hands
+// A head's row p pairs token[p] with the target's hidden state h[p - 1] ("clean"
+// rows, the inputs upstream's catch-up uses). Row 0 has no hidden state before it:
+// upstream pairs it with zeros, a row no MTP block was trained on (training, and
+// StepFun's and transformers' drivers, start at token[1] with h[0]), and every later
+// row attends to it. So row 0 never enters a head, and row p sits at the head's KV
+// position p - 1 (RoPE is relative: the shift changes nothing else). The target hands
 // every such row to a queue as soon as it knows it (prefill, plain decode, the
 // accepted part of a verify, the newly sampled token); the heads take the queued
 // rows only when they next draft, in the same decode as their draft rows, so a
@@ -37,7 +41,7 @@
 struct mtp_head {
     context_ptr ctx;
     batch_ptr   batch;
-    int32_t     n_kv = 0;  // positions [0, n_kv) are in this head's KV
+    int32_t     n_kv = 0;  // rows [0, n_kv) are in this head's KV (row p at position p - 1)
 };
 
 struct mtp_heads {
@@ -123,14 +127,17 @@ llama_token argmax(const float * logits, int32_t n) {
     return (llama_token) (std::max_element(logits, logits + n) - logits);
 }
 
+// Row p lives at KV position p - 1 (row 0 is never stored); n_kv counts rows.
+llama_pos kv_pos(llama_pos row) { return row - 1; }
+
 void head_truncate(mtp_head & h, int32_t n_keep) {
     if (h.n_kv > n_keep) {
-        llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, n_keep, -1);
+        llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, std::max<llama_pos>(0, kv_pos(n_keep)), -1);
         h.n_kv = n_keep;
     }
 }
 
-// Run rows at positions pos0 .. pos0+n-1 on one head; row i pairs tokens[i] with
+// Run rows pos0 .. pos0+n-1 on one head (row 0 skipped); row i pairs tokens[i] with
 // h_in(i). Only the last row produces output (logits and hidden state).
 template <typename HRow>
 void head_decode(pmtp_session * s, mtp_head & h, const llama_token * tokens, size_t n, llama_pos pos0, HRow h_in) {
@@ -139,18 +146,24 @@ void head_decode(pmtp_session * s, mtp_head & h, const llama_token * tokens, siz
         const size_t m = std::min<size_t>(s->n_batch, n - off);
         llama_batch_ext * b = h.batch.get();
         llama_batch_ext_clear(b);
+        int32_t n_rows = 0;
         for (size_t i = off; i < off + m; ++i) {
+            const llama_pos row = pos0 + (llama_pos) i;
+            if (row == 0) {
+                continue;
+            }
             const int32_t idx = llama_batch_ext_add_token(b, 0, tokens[i]);
-            const llama_pos pos = pos0 + (llama_pos) i;
+            const llama_pos pos = kv_pos(row);
             llama_batch_ext_set_pos(b, idx, &pos);
             llama_batch_ext_set_embd_token(b, idx, {h_in(i), 1, (size_t) n_embd});
             if (i + 1 == off + m) {
                 llama_batch_ext_set_output_logits(b, idx, true);
             }
+            n_rows++;
         }
-        const int32_t rc = llama_process(h.ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
+        const int32_t rc = n_rows > 0 ? llama_process(h.ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b) : 0;
         if (rc != 0) {
-            llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, pos0 + (llama_pos) off, -1);
+            llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, std::max<llama_pos>(0, kv_pos(pos0 + (llama_pos) off)), -1);
             h.n_kv = pos0 + (int32_t) off;
             fail(rc == 1 ? PMTP_ERR_CONTEXT_FULL : PMTP_ERR_DECODE,
                  "MTP head decode failed with status " + std::to_string(rc));
@@ -331,6 +344,20 @@ size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out) {
     std::copy(H.d.begin(), H.d.begin() + k, out);
     s->stats.t_draft_s += now_s() - t0;
     return (size_t) k;
+}
+
+const float * mtp_head_logits(const pmtp_session * s, int32_t head) {
+    const mtp_heads & H = *s->heads;
+    if (head < 0 || (size_t) head >= H.heads.size()) {
+        fail(PMTP_ERR_INVALID_ARG, "head " + std::to_string(head) + " out of range [0, " +
+             std::to_string(H.heads.size()) + ")");
+    }
+    const mtp_head & h = H.heads[(size_t) head];
+    const float * logits = h.n_kv > 0 ? llama_get_logits_ith(h.ctx.get(), -1) : nullptr;
+    if (!logits) {
+        fail(PMTP_ERR_INVALID_ARG, "MTP head " + std::to_string(head) + " has no output yet: call pmtp_draft first");
+    }
+    return logits;
 }
 
 namespace {

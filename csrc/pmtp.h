@@ -263,6 +263,36 @@ PMTP_API int pmtp_model_devices(const pmtp_model * model, pmtp_device_info * out
 PMTP_API int pmtp_rpc_serve(const char * endpoint, const char * cache_dir, int32_t n_threads,
                             const char * const * device_names, size_t n_devices);
 
+/* ---- quantize ---- */
+
+/* Per-tensor importance data (what llama-imatrix measures): for the tensor named
+ * names[i], values[i] holds sizes[i] floats (row length x number of experts). */
+typedef struct pmtp_quantize_params {
+    int32_t              ftype;            /* llama_ftype of the output (e.g. 2 = Q4_0, 15 = Q4_K_M) */
+    int32_t              mtp_type;         /* ggml_type of every tensor of the MTP blocks that    */
+                                           /* llama.cpp quantizes (F32, F16, BF16 or Q8_0);       */
+                                           /* -1: llama.cpp's own choice for the file type        */
+    int32_t              n_threads;        /* <= 0: all cores                                     */
+    bool                 allow_requantize; /* accept already quantized input tensors              */
+    bool                 overwrite;        /* replace out_path if it exists                       */
+    const char * const * imatrix_names;    /* [n_imatrix]                                         */
+    const float * const * imatrix_values;  /* [n_imatrix]                                         */
+    const size_t *       imatrix_sizes;    /* [n_imatrix]                                         */
+    size_t               n_imatrix;        /* 0: no importance matrix                             */
+} pmtp_quantize_params;
+
+PMTP_API pmtp_quantize_params pmtp_quantize_default_params(void);
+/* Quantize the GGUF at in_path into out_path, keeping the MTP blocks at mtp_type. The
+ * output is written under a temporary name next to out_path and renamed on success, so a
+ * failure leaves nothing behind. MTP tensors never need importance data. */
+PMTP_API int pmtp_quantize(const char * in_path, const char * out_path, const pmtp_quantize_params * params);
+
+/* ---- MTP head logits (parity tests) ---- */
+
+/* Logits of the last row MTP head `head` decoded, [n_vocab]: after pmtp_draft(k) on a
+ * model with chained heads (step35), head j < k holds the distribution draft j came from. */
+PMTP_API int pmtp_head_logits(const pmtp_session * session, int32_t head, float * out, size_t cap);
+
 /* --- cffi cdef end --- */
 
 #ifdef __cplusplus

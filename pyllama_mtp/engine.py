@@ -340,6 +340,12 @@ class Session(_Handle):
         check(lib.pmtp_draft(self._check_open(), k, out, max(k, 1), n_out))
         return list(ffi.unpack(out, n_out[0]))
 
+    def head_logits(self, head: int) -> np.ndarray:
+        """Logits [n_vocab] of MTP head `head`'s last output (after draft(k): draft head's)."""
+        out = np.empty(self.model.info.n_vocab, dtype=np.float32)
+        check(lib.pmtp_head_logits(self._check_open(), head, ffi.from_buffer("float[]", out), out.size))
+        return out
+
     def verify(self, drafts) -> StepResult:
         toks = ffi.new("int32_t[]", list(drafts))
         check(lib.pmtp_verify(self._check_open(), toks, len(toks), self._step))

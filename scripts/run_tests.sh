@@ -4,7 +4,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python -m pip install --upgrade pip >/dev/null
-python -m pip install ".[test]"
+# parity: torch (CPU wheel) and transformers for the parity and converter tests; about
+# 30 s to install here
+python -m pip install ".[test,parity]"
 # Run from outside the source tree so the installed package (with its compiled
 # libraries) is what gets imported.
 cd tests

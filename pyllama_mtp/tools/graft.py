@@ -9,7 +9,6 @@ interrupted or failed graft never leaves a file that looks like a model.
 from __future__ import annotations
 
 import os
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -17,9 +16,10 @@ from typing import Any, Callable
 import numpy as np
 from gguf import GGML_QUANT_SIZES, GGUFEndian, GGUFValueType, GGUFWriter
 
-from ..errors import InvalidArgumentError, MtpError, PmtpError
+from ..errors import MtpError, PmtpError
 from .gguf_header import Field, TensorInfo
 from .modelfile import ModelFile, open_model
+from .outfile import check_output, check_space, partial_path
 
 _ENDIAN = {"<": GGUFEndian.LITTLE, ">": GGUFEndian.BIG}
 _SAME_MODEL = "both files must come from the same model (convert the trunk and MTP files from one checkpoint)"
@@ -38,10 +38,10 @@ def graft(trunk_path, mtp_path, out_path, *, overwrite: bool = False) -> GraftRe
     trunk, mtp = open_model(trunk_path), open_model(mtp_path)
     check_compatible(trunk, mtp)
     out = Path(out_path)
-    _check_output(out, (trunk.path, mtp.path), overwrite)
+    check_output(out, (trunk.path, mtp.path), overwrite)
     tensors = [(trunk.path, t) for t in trunk.header.tensors.values()] + [(mtp.path, t) for t in mtp.mtp_tensors]
-    _check_space(out, trunk.header.file_size + sum(t.n_bytes for t in mtp.mtp_tensors))
-    partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+    check_space(out, trunk.header.file_size + sum(t.n_bytes for t in mtp.mtp_tensors))
+    partial = partial_path(out)
     try:
         _write(partial, trunk, tensors)
         os.replace(partial, out)
@@ -106,27 +106,6 @@ def _check_mtp(mtp: ModelFile, trunk: ModelFile) -> None:
     if mtp.mtp_status == "partial":
         raise MtpError(f"{mtp.path}: MTP tensors partial (missing {', '.join(mtp.mtp_missing[:3])}); "
                        "re-convert the MTP-only file with all its MTP layers")
-
-
-def _check_output(out: Path, inputs: tuple[Path, ...], overwrite: bool) -> None:
-    if out.is_dir():
-        raise InvalidArgumentError(f"{out}: is a directory; pass a file name, e.g. -o {out / 'full.gguf'}")
-    if not out.parent.is_dir():
-        raise InvalidArgumentError(f"{out.parent}: no such directory; create it or choose another -o path")
-    if not out.exists():
-        return
-    if any(os.path.samefile(out, p) for p in inputs):
-        raise InvalidArgumentError(f"{out}: is one of the input files; choose another -o path")
-    if not overwrite:
-        raise InvalidArgumentError(f"{out}: already exists; pass --force to replace it")
-
-
-def _check_space(out: Path, needed: int) -> None:
-    """Fail before writing gigabytes, not after."""
-    free = shutil.disk_usage(out.parent).free
-    if free < needed:
-        raise PmtpError(f"{out.parent}: {needed / 2**30:.2f} GiB needed for {out.name} but {free / 2**30:.2f} GiB "
-                        "free; free some space or write elsewhere with -o")
 
 
 # --------------------------------------------------------------------------- writing
