@@ -21,7 +21,7 @@ PARALLEL = 3
 def start_server(model_path, *extra):
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", model_path, "--port", str(port),
-                             "--n-ctx", "512", "--threads", "2", "--alias", "tiny", *extra],
+                             "--n-ctx", "512", "--threads", "1", "--alias", "tiny", *extra],
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.time() + 60
@@ -54,7 +54,7 @@ def client(server):
 @pytest.fixture(scope="module")
 def reference(step35_path):
     from pyllama_mtp import Llama
-    with Llama(step35_path, n_ctx=512, threads=2) as llm:
+    with Llama(step35_path, n_ctx=512, threads=1) as llm:
         yield llm
 
 

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 
 from ..llama import Llama, SequenceOutput
 from ..speculative import BatchDraftPolicy, GenerationStats
-from .worker import Job
+from .worker import Job, Worker
 
-_DONE = object()
+_DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
 
 
 @dataclass
