@@ -48,6 +48,7 @@ class DraftPolicy:
         self.decay = decay
         self.accept = [0.8] * draft_max            # optimistic start: MTP gets tried
         self.time: dict[int, float] = {}           # k -> EMA of the step's wall time (s)
+        self.guessed: set[int] = set()             # lengths whose time is a guess, not yet measured
         self.steps = 0
         self.probes = 0
         self.interval = probe_every
@@ -106,7 +107,9 @@ class DraftPolicy:
 
     def update_time(self, k: int, seconds: float) -> None:
         old = self.time.get(k)
-        self.time[k] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        first = old is None or k in self.guessed   # a measurement replaces a guess outright
+        self.time[k] = seconds if first else self.decay * old + (1 - self.decay) * seconds
+        self.guessed.discard(k)
 
     def update_acceptance(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):    # positions that were tried
@@ -136,6 +139,13 @@ class BatchDraftPolicy:
         if n not in self.by_size:
             p = DraftPolicy(self.draft_max, **self.kw)
             p.accept = self.accept                 # one acceptance estimate for every batch size
+            if self.by_size:
+                # start from the nearest measured size's step times, scaled by the rows a step
+                # holds, instead of spending a step on every length first (sizes come and go
+                # as requests finish)
+                near = min(self.by_size, key=lambda m: abs(m - n))
+                p.time = {k: t * n / near for k, t in self.by_size[near].time.items()}
+                p.guessed = set(p.time)
             self.by_size[n] = p
         return self.by_size[n]
 
