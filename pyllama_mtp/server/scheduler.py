@@ -78,7 +78,8 @@ class BatchWorker:
         self._report()
 
     def stop(self) -> None:
-        self.jobs.put(None)
+        self.stopping = True      # seen between steps even while every slot is busy
+        self.jobs.put(None)       # wakes a scheduler waiting for work
         self.thread.join(timeout=30)
 
     # ------------------------------------------------------------ the loop
