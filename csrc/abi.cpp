@@ -295,6 +295,7 @@ pmtp_session_params pmtp_session_default_params(void) {
     p.type_v          = -1;
     p.flash_attn      = -1;
     p.swa_guard       = true;
+    p.n_seq_max       = 1;
     return p;
 }
 
@@ -321,7 +322,9 @@ int pmtp_session_new(pmtp_model * model, const pmtp_session_params * params, pmt
         *out = nullptr;
         auto s = std::make_unique<pmtp_session>();
         session_create(s.get(), model, *params);
-        session_reset(s.get());
+        for (seq_state & sq : s->seqs) {
+            session_reset(s.get(), sq);
+        }
         *out = s.release();
     });
 }
@@ -329,17 +332,17 @@ int pmtp_session_new(pmtp_model * model, const pmtp_session_params * params, pmt
 void pmtp_session_free(pmtp_session * session) { delete session; }
 
 int pmtp_session_set_sampling(pmtp_session * session, const pmtp_sampling * sampling) {
-    return guarded([&] {
-        need(session, "session");
-        need(sampling, "sampling");
-        session_set_sampling(session, *sampling);
-    });
+    return pmtp_seq_set_sampling(session, 0, sampling);
 }
 
 uint32_t pmtp_session_n_ctx(const pmtp_session * s)    { return s ? s->n_ctx : 0; }
 uint32_t pmtp_session_n_ubatch(const pmtp_session * s) { return s ? s->n_ubatch : 0; }
-int32_t  pmtp_session_n_past(const pmtp_session * s)   { return s ? s->n_past() : 0; }
+int32_t  pmtp_session_n_past(const pmtp_session * s)   { return pmtp_seq_n_past(s, 0); }
 int32_t  pmtp_session_draft_max(const pmtp_session * s) { return s && s->heads ? s->params.draft_max : 0; }
+uint32_t pmtp_session_n_seq_max(const pmtp_session * s) { return s ? s->n_seq_max : 0; }
+int32_t  pmtp_seq_n_past(const pmtp_session * s, int32_t seq) {
+    return s && seq >= 0 && seq < (int32_t) s->seqs.size() ? s->seqs[(size_t) seq].n_past() : 0;
+}
 
 int pmtp_session_stats(const pmtp_session * session, pmtp_stats * out) {
     return guarded([&] {
@@ -356,26 +359,42 @@ void pmtp_session_stats_reset(pmtp_session * session) {
 }
 
 int pmtp_reset(pmtp_session * session) {
+    return pmtp_seq_reset(session, 0);
+}
+
+int pmtp_seq_reset(pmtp_session * session, int32_t seq) {
     return guarded([&] {
         need(session, "session");
-        session_reset(session);
+        session_reset(session, session->seq(seq));
+    });
+}
+
+int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling) {
+    return guarded([&] {
+        need(session, "session");
+        need(sampling, "sampling");
+        session_set_sampling(session, session->seq(seq), *sampling);
     });
 }
 
 int pmtp_rollback(pmtp_session * session, int32_t n_keep) {
     return guarded([&] {
         need(session, "session");
-        session_rollback(session, n_keep);
+        session_rollback(session, session->seq(0), n_keep);
     });
 }
 
 int pmtp_prefill(pmtp_session * session, const int32_t * tokens, size_t n) {
+    return pmtp_seq_prefill(session, 0, tokens, n);
+}
+
+int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n) {
     return guarded([&] {
         need(session, "session");
         if (n > 0) {
             need(tokens, "tokens");
         }
-        session_prefill(session, tokens, n);
+        session_prefill(session, session->seq(seq), tokens, n);
     });
 }
 
@@ -383,44 +402,44 @@ int pmtp_logits(const pmtp_session * session, float * out, size_t cap) {
     return guarded([&] {
         need(session, "session");
         need(out, "out");
-        if (session->logits_row < 0) {
+        const seq_state & sq = session->seqs[0];
+        if (sq.logits_row < 0 || sq.logits_decode != session->n_decodes) {
             fail(PMTP_ERR_INVALID_ARG, "no logits: prefill first");
         }
         if (cap < (size_t) session->n_vocab) {
             fail(PMTP_ERR_BUFFER, "logits buffer needs n_vocab floats");
         }
-        const float * l = llama_get_logits_ith(session->ctx.get(), session->logits_row);
+        const float * l = llama_get_logits_ith(session->ctx.get(), sq.logits_row);
         std::memcpy(out, l, sizeof(float) * (size_t) session->n_vocab);
     });
 }
 
 int pmtp_sample(pmtp_session * session, pmtp_step_result * out) {
+    return pmtp_seq_sample(session, 0, out);
+}
+
+int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out) {
     return guarded([&] {
         need(session, "session");
         need(out, "out");
         std::memset(out, 0, sizeof(*out));
-        session_sample(session, out, 0);
+        session_sample(session, session->seq(seq), out, 0);
     });
 }
 
 int pmtp_step(pmtp_session * session, int32_t draft, pmtp_step_result * out) {
+    const int32_t seq = 0;
+    return pmtp_step_batch(session, &seq, &draft, 1, out);
+}
+
+int pmtp_step_batch(pmtp_session * session, const int32_t * seqs, const int32_t * drafts, size_t n,
+                    pmtp_step_result * out) {
     return guarded([&] {
         need(session, "session");
+        need(seqs, "seqs");
+        need(drafts, "drafts");
         need(out, "out");
-        std::memset(out, 0, sizeof(*out));
-        if (session->pending < 0) {
-            fail(PMTP_ERR_INVALID_ARG, "no pending token: prefill and sample first");
-        }
-        if (draft < 0) {
-            fail(PMTP_ERR_INVALID_ARG, "draft must be >= 0");
-        }
-        const int32_t room = (int32_t) session->n_ctx - session->n_past() - 1;
-        const int32_t k = session->heads ? std::min(std::min(draft, session->params.draft_max), room) : 0;
-        if (k <= 0) {
-            session_step_plain(session, out);
-            return;
-        }
-        mtp_step(session, k, out);
+        session_step(session, seqs, drafts, n, out);
     });
 }
 
@@ -434,9 +453,11 @@ int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, siz
         if (k < 1 || k > session->params.draft_max || (size_t) k > cap) {
             fail(PMTP_ERR_INVALID_ARG, "draft k must be in [1, " + std::to_string(session->params.draft_max) + "]");
         }
-        const size_t n = mtp_draft(session, k, out);
+        llama_token buf[8];
+        mtp_draft(session, {&session->seqs[0]}, {k}, buf);
+        std::copy(buf, buf + k, out);
         if (n_out) {
-            *n_out = n;
+            *n_out = (size_t) k;
         }
     });
 }
@@ -472,7 +493,7 @@ int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_s
                 fail(PMTP_ERR_INVALID_ARG, "draft token " + std::to_string(drafts[i]) + " out of range");
             }
         }
-        mtp_verify(session, drafts, n, nullptr, out);
+        session_verify(session, session->seqs[0], drafts, n, out);
     });
 }
 

@@ -80,36 +80,53 @@ struct mtp_heads;  // mtp.cpp
 struct mtp_heads_deleter { void operator()(mtp_heads * h) const; };
 using heads_ptr = std::unique_ptr<mtp_heads, mtp_heads_deleter>;
 
+// Largest number of rows one target decode may hold and still compute every row exactly
+// like a one-token decode on CPU (vendor/patches/0008 keeps batches up to this size on the
+// per-row kernels). Batched steps of several sequences are cut into decodes of this size.
+constexpr int32_t k_rows_exact = 64;
+
+// One sequence of a session: what it has decoded, its pending token and sampler.
+// A session with n_seq_max = N holds N of them (ids 0..N-1); the single-sequence
+// verbs of the ABI act on sequence 0.
+struct seq_state {
+    int32_t             id = 0;          // llama seq id (and KV stream when N > 1)
+    std::vector<llama_token> history;    // tokens in the target KV, [n_past]
+    llama_token         pending = -1;    // sampled, not yet decoded (-1 = none)
+    int32_t             logits_row = -1; // output row of the kept logits in ctx
+    uint64_t            logits_decode = 0; // session decode count when logits_row was set
+    std::vector<float>  last_h;          // target hidden state at n_past - 1, [n_embd]
+    int32_t             n_last_decode = 0;  // tokens in the last target decode (whose snapshots are kept)
+    sampler_ptr         sampler;
+    pmtp_sampling       sampling{};
+    std::mt19937_64     rng;             // draws of rejection-sampling steps
+
+    int32_t n_past() const { return (int32_t) history.size(); }
+};
+
 struct pmtp_session {
     pmtp_model *        model = nullptr;
     pmtp_session_params params{};
     context_ptr         ctx;
     batch_ptr           batch;
-    sampler_ptr         sampler;
-    pmtp_sampling       sampling{};
-    std::mt19937_64     rng;             // draws of rejection-sampling steps
     int32_t             n_vocab = 0;
     int32_t             n_embd  = 0;
     int32_t             n_swa   = 0;
-    uint32_t            n_ctx   = 0;
+    uint32_t            n_ctx   = 0;     // per sequence
     uint32_t            n_batch = 0;
     uint32_t            n_ubatch = 0;
-
-    std::vector<llama_token> history;    // tokens in the target KV, [n_past]
-    llama_token         pending = -1;    // sampled, not yet decoded (-1 = none)
-    int32_t             logits_row = -1; // output row of the kept logits in ctx
-    std::vector<float>  last_h;          // target hidden state at n_past - 1, [n_embd]
+    uint32_t            n_seq_max = 1;
     bool                recurrent = false;  // recurrent or hybrid model (state rolls back by snapshots)
-    int32_t             n_last_decode = 0;  // tokens in the last target decode (whose snapshots are kept)
+    uint64_t            n_decodes = 0;   // target decodes so far (a decode overwrites every output row)
 
+    std::vector<seq_state> seqs;         // [n_seq_max]
     heads_ptr           heads;           // null when MTP is off
     pmtp_stats          stats{};
 
     pmtp_session();
     ~pmtp_session();
 
-    int32_t n_past() const { return (int32_t) history.size(); }
     llama_memory_t mem() const { return llama_get_memory(ctx.get()); }
+    seq_state & seq(int32_t id);         // throws PMTP_ERR_INVALID_ARG when out of range
 };
 
 // rpc.cpp
@@ -122,32 +139,57 @@ void rpc_check_decode(const pmtp_model * m, llama_context * ctx);
 
 // session.cpp
 void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_params & p);
-void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp);
-void session_reset(pmtp_session * s);
-void session_rollback(pmtp_session * s, int32_t n_keep);
-void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n);
+void session_set_sampling(pmtp_session * s, seq_state & sq, const pmtp_sampling & sp);
+void session_reset(pmtp_session * s, seq_state & sq);
+void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep);
+void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n);
 // Sample the pending token into out->tokens[i] (with its logprobs when asked).
-llama_token session_sample(pmtp_session * s, pmtp_step_result * out, int32_t i);
-void session_step_plain(pmtp_session * s, pmtp_step_result * out);
-void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits);
-void check_swa_window(pmtp_session * s);
+llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i);
+// One target decode of several sequences' rows: rows of one sequence are contiguous,
+// at positions pos0[r] .. pos0[r] + n[r] - 1. all_logits: every row gives logits,
+// else each sequence's last row only. Sequences' logits_row point into this decode.
+struct target_rows {
+    std::vector<seq_state *>  seqs;
+    std::vector<llama_token>  tokens;    // [sum n]
+    std::vector<int32_t>      n;         // rows per sequence
+    std::vector<int32_t>      row0;      // first batch row of each sequence
+};
+void target_decode_rows(pmtp_session * s, const target_rows & rows, bool all_logits);
+void target_decode(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits);
+void check_swa_window(pmtp_session * s, const seq_state & sq);
+// Re-decode a sequence's whole history after the sliding-window guard found lost cells.
+void recover_target(pmtp_session * s, seq_state & sq);
+// After a rollback: check the window, re-decode the history if cells were lost.
+void guard_window(pmtp_session * s, seq_state & sq);
 double now_s();
+
+// step.cpp: one cycle for a set of sequences, drafting and verifying them together.
+// drafts[i] = 0: a plain decode of seqs[i]'s pending token.
+void session_step(pmtp_session * s, const int32_t * seqs, const int32_t * drafts, size_t n, pmtp_step_result * out);
+// Decode [pending, drafts...] of one sequence and accept greedily with its sampler.
+void session_verify(pmtp_session * s, seq_state & sq, const llama_token * drafts, size_t n, pmtp_step_result * out);
 
 // mtp.cpp
 void mtp_heads_create(pmtp_session * s, const pmtp_model * mtp_model, int32_t draft_max);
-void mtp_reset(pmtp_session * s);
-void mtp_rollback(pmtp_session * s, int32_t n_keep);
+void mtp_reset(pmtp_session * s, const seq_state & sq);
+void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep);
 // Queue rows [pos0, pos0 + n) for the heads: tokens[i] pairs with the target's hidden
 // state of the row before it (h_prev_first for i = 0, then h_rows[i - 1]).
-void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
+void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens, const float * h_prev_first,
                    const float * h_rows, size_t n, llama_pos pos0);
-size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out);
-// Logits of the last row head `head` decoded, [n_vocab] (after mtp_draft, chained head j
-// holds draft j's); throws when the head has produced none.
+// Draft k[i] tokens for each seqs[i] (all heads' decodes shared by the sequences) into
+// out[i * 8 ..]; with rejection sampling the draft distributions stay in the heads.
+void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,
+               llama_token * out);
+// The draft distributions [k, n_vocab] of a sequence's last mtp_draft (rejection sampling).
+const float * mtp_draft_probs(pmtp_session * s, const seq_state & sq);
+// Verify rows of one sequence that the target decoded at batch rows row0 .. row0 + n:
+// accept, roll back, queue the heads' rows, guard the window. q_probs: the draft
+// distributions when the drafts were sampled from them (rejection sampling); NULL
+// accepts drafts that equal the target's own samples.
+void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                const float * q_probs, pmtp_step_result * out);
+bool rejection_mode(const seq_state & sq);
+// Logits of the last row head `head` decoded, [n_vocab] (after a draft of one sequence,
+// chained head j holds draft j's); throws when the head has produced none.
 const float * mtp_head_logits(const pmtp_session * s, int32_t head);
-// q: the draft distributions [n, n_vocab] when the drafts were sampled from them
-// (rejection sampling); NULL accepts drafts that equal the target's own samples.
-void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, pmtp_step_result * out);
-bool rejection_mode(const pmtp_session * s);
-// Draft up to k tokens and verify them (one whole cycle).
-void mtp_step(pmtp_session * s, int32_t k, pmtp_step_result * out);

@@ -31,6 +31,10 @@
 // Each chained head has its own context, so its KV is never disturbed by another
 // head's rows; upstream shares one context and relies on cells being reused in
 // the same order after each removal.
+//
+// Several sequences: every head context holds all of them (seq id = the target's,
+// one unified KV stream: head numbers only choose drafts, never the output), and
+// drafting step j runs head j once for every sequence that drafts that far.
 #include "internal.h"
 
 #include "llama-ext.h"
@@ -41,16 +45,12 @@
 struct mtp_head {
     context_ptr ctx;
     batch_ptr   batch;
-    int32_t     n_kv = 0;  // rows [0, n_kv) are in this head's KV (row p at position p - 1)
 };
 
-struct mtp_heads {
-    const pmtp_model *    model = nullptr;   // the model holding the MTP blocks
-    std::vector<mtp_head> heads;
+// One sequence's side of the heads.
+struct mtp_seq {
+    std::vector<int32_t>  n_kv;              // per head: positions [0, n_kv) are in its KV
     std::vector<int32_t>  n_clean;           // per head: clean rows [0, n_clean)
-    bool                  chained = false;   // one trained head per draft step
-    int32_t               n_embd  = 0;
-    int32_t               n_vocab = 0;
 
     // rows some head still lacks: position queue_pos0 + i pairs queue_tok[i] with queue_h[i]
     llama_pos                queue_pos0 = 0;
@@ -63,7 +63,19 @@ struct mtp_heads {
     std::vector<float>    p;                 // target distributions of a verify, [k + 1, n_vocab]
 
     llama_pos queue_end() const { return queue_pos0 + (llama_pos) queue_tok.size(); }
-    const float * queue_row(llama_pos pos) const { return queue_h.data() + (size_t) (pos - queue_pos0) * n_embd; }
+};
+
+struct mtp_heads {
+    const pmtp_model *    model = nullptr;   // the model holding the MTP blocks
+    std::vector<mtp_head> heads;
+    bool                  chained = false;   // one trained head per draft step
+    int32_t               n_embd  = 0;
+    int32_t               n_vocab = 0;
+    std::vector<mtp_seq>  seqs;              // [n_seq_max]
+
+    const float * queue_row(const mtp_seq & m, llama_pos pos) const {
+        return m.queue_h.data() + (size_t) (pos - m.queue_pos0) * n_embd;
+    }
 };
 
 void mtp_heads_deleter::operator()(mtp_heads * h) const { delete h; }
@@ -100,10 +112,10 @@ void check_compatible(const pmtp_model * trunk, const pmtp_model * mtp) {
 mtp_head make_head(pmtp_session * s, const pmtp_model * m, int32_t offset) {
     llama_context_params cp = llama_context_default_params();
     cp.ctx_type        = LLAMA_CONTEXT_TYPE_MTP;
-    cp.n_ctx           = s->n_ctx;
+    cp.n_ctx           = s->n_ctx * s->n_seq_max;
     cp.n_batch         = s->n_batch;
     cp.n_ubatch        = s->n_ubatch;
-    cp.n_seq_max       = 1;
+    cp.n_seq_max       = s->n_seq_max;
     cp.n_threads       = s->params.n_threads;
     cp.n_threads_batch = s->params.n_threads_batch;
     cp.flash_attn_type = (llama_flash_attn_type) s->params.flash_attn;
@@ -128,66 +140,133 @@ llama_token argmax(const float * logits, int32_t n) {
 }
 
 // Row p lives at KV position p - 1 (row 0 is never stored); n_kv counts rows.
-llama_pos kv_pos(llama_pos row) { return row - 1; }
+llama_pos kv_pos(llama_pos row) { return std::max<llama_pos>(0, row - 1); }
 
-void head_truncate(mtp_head & h, int32_t n_keep) {
-    if (h.n_kv > n_keep) {
-        llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, std::max<llama_pos>(0, kv_pos(n_keep)), -1);
-        h.n_kv = n_keep;
+void head_truncate(mtp_heads & H, size_t j, const seq_state & sq, int32_t n_keep) {
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    if (m.n_kv[j] > n_keep) {
+        llama_memory_seq_rm(llama_get_memory(H.heads[j].ctx.get()), sq.id, kv_pos(n_keep), -1);
+        m.n_kv[j] = n_keep;
     }
 }
 
-// Run rows pos0 .. pos0+n-1 on one head (row 0 skipped); row i pairs tokens[i] with
-// h_in(i). Only the last row produces output (logits and hidden state).
-template <typename HRow>
-void head_decode(pmtp_session * s, mtp_head & h, const llama_token * tokens, size_t n, llama_pos pos0, HRow h_in) {
-    const int32_t n_embd = s->heads->n_embd;
-    for (size_t off = 0; off < n; off += s->n_batch) {
-        const size_t m = std::min<size_t>(s->n_batch, n - off);
+// One row for a head: token at pos of a sequence, paired with hidden input h.
+struct head_row {
+    seq_state *   sq;
+    llama_token   token;
+    llama_pos     pos;
+    const float * h;
+    bool          output;   // the row whose output drafts the next token
+};
+
+// Run rows on head j, in decodes of up to n_batch rows; on_output(row, batch index)
+// is called for every output row right after its decode.
+template <typename OnOutput>
+void head_process(pmtp_session * s, size_t j, const std::vector<head_row> & rows, OnOutput on_output) {
+    mtp_heads & H = *s->heads;
+    mtp_head & h = H.heads[j];
+    for (size_t off = 0; off < rows.size(); off += s->n_batch) {
+        const size_t n = std::min<size_t>(s->n_batch, rows.size() - off);
         llama_batch_ext * b = h.batch.get();
         llama_batch_ext_clear(b);
-        int32_t n_rows = 0;
-        for (size_t i = off; i < off + m; ++i) {
-            const llama_pos row = pos0 + (llama_pos) i;
-            if (row == 0) {
-                continue;
-            }
-            const int32_t idx = llama_batch_ext_add_token(b, 0, tokens[i]);
-            const llama_pos pos = kv_pos(row);
+        for (size_t i = off; i < off + n; ++i) {
+            const head_row & r = rows[i];
+            const int32_t idx = llama_batch_ext_add_token(b, r.sq->id, r.token);
+            const llama_pos pos = kv_pos(r.pos);
             llama_batch_ext_set_pos(b, idx, &pos);
-            llama_batch_ext_set_embd_token(b, idx, {h_in(i), 1, (size_t) n_embd});
-            if (i + 1 == off + m) {
+            llama_batch_ext_set_embd_token(b, idx, {r.h, 1, (size_t) H.n_embd});
+            if (r.output || i + 1 == off + n) {
                 llama_batch_ext_set_output_logits(b, idx, true);
             }
-            n_rows++;
         }
-        const int32_t rc = n_rows > 0 ? llama_process(h.ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b) : 0;
+        for (size_t i = off; i < off + n; ++i) {  // the rows may land in the KV, whatever happens
+            int32_t & n_kv = H.seqs[(size_t) rows[i].sq->id].n_kv[j];
+            n_kv = std::max(n_kv, rows[i].pos + 1);
+        }
+        const int32_t rc = llama_process(h.ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
         if (rc != 0) {
-            llama_memory_seq_rm(llama_get_memory(h.ctx.get()), 0, std::max<llama_pos>(0, kv_pos(pos0 + (llama_pos) off)), -1);
-            h.n_kv = pos0 + (int32_t) off;
+            // drop what may have landed: each sequence keeps what came before this decode
+            for (size_t i = off; i < off + n; ++i) {
+                mtp_seq & m = H.seqs[(size_t) rows[i].sq->id];
+                if (rows[i].pos < m.n_kv[j]) {
+                    llama_memory_seq_rm(llama_get_memory(h.ctx.get()), rows[i].sq->id, kv_pos(rows[i].pos), -1);
+                    m.n_kv[j] = rows[i].pos;
+                }
+                m.n_clean[j] = std::min(m.n_clean[j], m.n_kv[j]);
+            }
             fail(rc == 1 ? PMTP_ERR_CONTEXT_FULL : PMTP_ERR_DECODE,
                  "MTP head decode failed with status " + std::to_string(rc));
         }
-        rpc_check_decode(s->heads->model, h.ctx.get());
-        h.n_kv = pos0 + (int32_t) (off + m);
+        rpc_check_decode(H.model, h.ctx.get());
+        for (size_t i = off; i < off + n; ++i) {
+            if (rows[i].output) {
+                on_output(rows[i], (int32_t) (i - off));
+            }
+        }
     }
 }
 
-// Output of the last row of the last head_decode: its hidden state goes to g_out, and
-// the draft token is the head's greedy choice, or (rejection sampling) a draw from the
-// head's distribution q after the session's sampler transforms, kept in q_out.
-llama_token head_output(pmtp_session * s, mtp_head & h, float * g_out, float * q_out) {
-    const float * logits = llama_get_logits_ith(h.ctx.get(), -1);
-    const float * hid    = llama_get_embeddings_nextn_ith(h.ctx.get(), -1);
+// The clean rows [n_clean[j], end) of a sequence for head j, then `extra` draft rows
+// end .. end + extra - 1 (tokens d[0..extra), hidden inputs g[0..extra)).
+void add_head_rows(mtp_heads & H, size_t j, seq_state & sq, llama_pos end, int32_t extra, bool output,
+                   std::vector<head_row> & rows) {
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    head_truncate(H, j, sq, m.n_clean[j]);
+    for (llama_pos pos = std::max<llama_pos>(m.n_clean[j], 1); pos < end; ++pos) {  // row 0 never runs
+        rows.push_back({&sq, m.queue_tok[(size_t) (pos - m.queue_pos0)], pos, H.queue_row(m, pos), false});
+    }
+    for (int32_t i = 0; i < extra; ++i) {
+        rows.push_back({&sq, m.d[(size_t) i], end + i, m.g.data() + (size_t) i * H.n_embd, false});
+    }
+    if (output && !rows.empty()) {
+        rows.back().output = true;
+    }
+}
+
+// Output of a head's row: its hidden state goes to g_out, and the draft token is the
+// head's greedy choice, or (rejection sampling) a draw from the head's distribution q
+// after the sequence's sampler transforms, kept in q_out.
+llama_token head_output(pmtp_session * s, mtp_head & h, int32_t idx, seq_state & sq, float * g_out, float * q_out) {
+    const float * logits = llama_get_logits_ith(h.ctx.get(), idx);
+    const float * hid    = llama_get_embeddings_nextn_ith(h.ctx.get(), idx);
     if (!logits || !hid) {
         fail(PMTP_ERR_INTERNAL, "MTP head produced no output");
     }
     std::memcpy(g_out, hid, sizeof(float) * (size_t) s->heads->n_embd);
     if (q_out) {
-        sampling_probs(s->sampling, logits, s->heads->n_vocab, q_out);
-        return sample_dense(q_out, s->heads->n_vocab, s->rng);
+        sampling_probs(sq.sampling, logits, s->heads->n_vocab, q_out);
+        return sample_dense(q_out, s->heads->n_vocab, sq.rng);
     }
     return argmax(logits, s->heads->n_vocab);
+}
+
+// Drop queued rows that every head has taken; the newest row stays so that a head
+// can always run it again (a second pmtp_draft from the same pending token).
+void queue_trim(mtp_heads & H, mtp_seq & m) {
+    const llama_pos base = std::min(*std::min_element(m.n_clean.begin(), m.n_clean.end()), m.queue_end() - 1);
+    if (base > m.queue_pos0) {
+        const size_t n = (size_t) (base - m.queue_pos0);
+        m.queue_tok.erase(m.queue_tok.begin(), m.queue_tok.begin() + n);
+        m.queue_h.erase(m.queue_h.begin(), m.queue_h.begin() + n * H.n_embd);
+        m.queue_pos0 = base;
+    }
+}
+
+// Every head takes the sequence's queued rows now (long stretches without drafting).
+void mtp_flush(pmtp_session * s, seq_state & sq) {
+    mtp_heads & H = *s->heads;
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    const double t0 = now_s();
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        if (m.n_clean[j] < m.queue_end()) {
+            std::vector<head_row> rows;
+            add_head_rows(H, j, sq, m.queue_end(), 0, false, rows);
+            head_process(s, j, rows, [](const head_row &, int32_t) {});
+            m.n_clean[j] = m.queue_end();
+        }
+    }
+    queue_trim(H, m);
+    s->stats.t_catchup_s += now_s() - t0;
 }
 
 }  // namespace
@@ -215,135 +294,130 @@ void mtp_heads_create(pmtp_session * s, const pmtp_model * m, int32_t draft_max)
     if (h->n_embd != s->n_embd) {
         fail(PMTP_ERR_MTP, "MTP input width " + std::to_string(h->n_embd) + " != target hidden width " + std::to_string(s->n_embd));
     }
-    s->heads = std::move(h);  // head_decode reaches the widths through the session
-    const int32_t n_heads = s->heads->chained ? draft_max : 1;
+    const int32_t n_heads = h->chained ? draft_max : 1;
+    s->heads = std::move(h);
     for (int32_t i = 0; i < n_heads; ++i) {
         s->heads->heads.push_back(make_head(s, m, i));
     }
-    s->heads->n_clean.assign(s->heads->heads.size(), 0);
-    s->heads->d.assign((size_t) draft_max + 1, 0);
-    s->heads->g.assign((size_t) (draft_max + 1) * s->heads->n_embd, 0.0f);
-    s->heads->q.assign((size_t) (draft_max + 1) * s->heads->n_vocab, 0.0f);
-    s->heads->p.assign((size_t) (draft_max + 1) * s->heads->n_vocab, 0.0f);
-    s->last_h.assign((size_t) s->n_embd, 0.0f);
-}
-
-namespace {
-
-// Drop queued rows that every head has taken; the newest row stays so that a head
-// can always run it again (a second pmtp_draft from the same pending token).
-void queue_trim(mtp_heads & H) {
-    const llama_pos base = std::min(*std::min_element(H.n_clean.begin(), H.n_clean.end()), H.queue_end() - 1);
-    if (base > H.queue_pos0) {
-        const size_t n = (size_t) (base - H.queue_pos0);
-        H.queue_tok.erase(H.queue_tok.begin(), H.queue_tok.begin() + n);
-        H.queue_h.erase(H.queue_h.begin(), H.queue_h.begin() + n * H.n_embd);
-        H.queue_pos0 = base;
+    mtp_heads & H = *s->heads;
+    H.seqs.resize(s->n_seq_max);
+    for (mtp_seq & q : H.seqs) {
+        q.n_kv.assign(H.heads.size(), 0);
+        q.n_clean.assign(H.heads.size(), 0);
+        q.d.assign((size_t) draft_max + 1, 0);
+        q.g.assign((size_t) (draft_max + 1) * H.n_embd, 0.0f);
+        q.q.assign((size_t) (draft_max + 1) * H.n_vocab, 0.0f);
+        q.p.assign((size_t) (draft_max + 1) * H.n_vocab, 0.0f);
     }
 }
 
-// Run head j over its missing clean rows [n_clean, end) and then `extra` draft rows
-// P+1 .. P+extra (tokens d[0..extra), hidden inputs g[0..extra)); end is P+1 when drafting.
-void head_run(pmtp_session * s, size_t j, llama_pos end, int32_t extra) {
+void mtp_reset(pmtp_session * s, const seq_state & sq) {
     mtp_heads & H = *s->heads;
-    mtp_head & h = H.heads[j];
-    const llama_pos from = H.n_clean[j];
-    head_truncate(h, from);
-    const size_t n_clean_rows = (size_t) (end - from);
-    std::vector<llama_token> tokens(H.queue_tok.begin() + (from - H.queue_pos0), H.queue_tok.begin() + (end - H.queue_pos0));
-    tokens.insert(tokens.end(), H.d.begin(), H.d.begin() + extra);
-    head_decode(s, h, tokens.data(), tokens.size(), from, [&](size_t i) {
-        return i < n_clean_rows ? H.queue_row(from + (llama_pos) i) : H.g.data() + (i - n_clean_rows) * H.n_embd;
-    });
-    H.n_clean[j] = end;
-}
-
-}  // namespace
-
-void mtp_reset(pmtp_session * s) {
-    mtp_heads & H = *s->heads;
-    for (auto & h : H.heads) {
-        llama_memory_clear(llama_get_memory(h.ctx.get()), true);
-        h.n_kv = 0;
-    }
-    std::fill(H.n_clean.begin(), H.n_clean.end(), 0);
-    H.queue_pos0 = 0;
-    H.queue_tok.clear();
-    H.queue_h.clear();
-}
-
-void mtp_rollback(pmtp_session * s, int32_t n_keep) {
-    mtp_heads & H = *s->heads;
+    mtp_seq & m = H.seqs[(size_t) sq.id];
     for (size_t j = 0; j < H.heads.size(); ++j) {
-        H.n_clean[j] = std::min(H.n_clean[j], n_keep);
-        head_truncate(H.heads[j], n_keep);
-    }
-    if (H.queue_end() > n_keep) {
-        const size_t keep = (size_t) std::max<llama_pos>(0, n_keep - H.queue_pos0);
-        H.queue_tok.resize(keep);
-        H.queue_h.resize(keep * H.n_embd);
-        H.queue_pos0 = std::min(H.queue_pos0, n_keep);
-    }
-}
-
-void mtp_flush(pmtp_session * s) {
-    mtp_heads & H = *s->heads;
-    const double t0 = now_s();
-    for (size_t j = 0; j < H.heads.size(); ++j) {
-        if (H.n_clean[j] < H.queue_end()) {
-            head_run(s, j, H.queue_end(), 0);
+        llama_memory_t mem = llama_get_memory(H.heads[j].ctx.get());
+        if (s->n_seq_max == 1) {
+            llama_memory_clear(mem, true);
+        } else {
+            llama_memory_seq_rm(mem, sq.id, -1, -1);
         }
+        m.n_kv[j] = 0;
     }
-    queue_trim(H);
-    s->stats.t_catchup_s += now_s() - t0;
+    std::fill(m.n_clean.begin(), m.n_clean.end(), 0);
+    m.queue_pos0 = 0;
+    m.queue_tok.clear();
+    m.queue_h.clear();
 }
 
-void mtp_push_rows(pmtp_session * s, const llama_token * tokens, const float * h_prev_first,
+void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep) {
+    mtp_heads & H = *s->heads;
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        m.n_clean[j] = std::min(m.n_clean[j], n_keep);
+        head_truncate(H, j, sq, n_keep);
+    }
+    if (m.queue_end() > n_keep) {
+        const size_t keep = (size_t) std::max<llama_pos>(0, n_keep - m.queue_pos0);
+        m.queue_tok.resize(keep);
+        m.queue_h.resize(keep * H.n_embd);
+        m.queue_pos0 = std::min(m.queue_pos0, n_keep);
+    }
+}
+
+void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens, const float * h_prev_first,
                    const float * h_rows, size_t n, llama_pos pos0) {
     mtp_heads & H = *s->heads;
-    if (pos0 != H.queue_end()) {
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    if (pos0 != m.queue_end()) {
         fail(PMTP_ERR_INTERNAL, "MTP queue out of step: row " + std::to_string(pos0) + " after " +
-             std::to_string(H.queue_end()));
+             std::to_string(m.queue_end()));
     }
     const size_t n_embd = (size_t) H.n_embd;
     for (size_t i = 0; i < n; ++i) {
         const float * h = i == 0 ? h_prev_first : h_rows + (i - 1) * n_embd;
-        H.queue_tok.push_back(tokens[i]);
-        H.queue_h.insert(H.queue_h.end(), h, h + n_embd);
+        m.queue_tok.push_back(tokens[i]);
+        m.queue_h.insert(m.queue_h.end(), h, h + n_embd);
     }
     // Long stretches without drafting (prefill, draft=0) are taken in large batches.
-    if (H.queue_tok.size() > s->n_batch) {
-        mtp_flush(s);
+    if (m.queue_tok.size() > s->n_batch) {
+        mtp_flush(s, sq);
     }
 }
 
-size_t mtp_draft(pmtp_session * s, int32_t k, llama_token * out) {
+void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,
+               llama_token * out) {
     mtp_heads & H = *s->heads;
-    const llama_pos P = s->n_past();
-    if (s->pending < 0 || H.queue_end() != P + 1) {
-        fail(PMTP_ERR_INVALID_ARG, "nothing to draft from: sample a token first");
+    int32_t k_max = 0;
+    for (size_t r = 0; r < seqs.size(); ++r) {
+        seq_state & sq = *seqs[r];
+        mtp_seq & m = H.seqs[(size_t) sq.id];
+        const llama_pos P = sq.n_past();
+        if (sq.pending < 0 || m.queue_end() != P + 1) {
+            fail(PMTP_ERR_INVALID_ARG, "nothing to draft from: sample a token first");
+        }
+        for (auto & n : m.n_clean) {
+            n = std::min(n, P);  // row P always runs: its output is d1
+        }
+        k_max = std::max(k_max, k[r]);
     }
     const double t0 = now_s();
-    const size_t n_embd = (size_t) H.n_embd;
-    for (auto & n : H.n_clean) {
-        n = std::min(n, P);  // row P always runs: its output is d1
-    }
-    for (int32_t j = 0; j < k; ++j) {
-        size_t head = H.chained ? (size_t) j : 0;
-        if (H.chained || j == 0) {
-            head_run(s, head, P + 1, j);      // clean rows .. P, then drafts P+1 .. P+j
-        } else {
-            mtp_head & h = H.heads[0];         // one more row on the single head
-            head_decode(s, h, &H.d[(size_t) j - 1], 1, P + j,
-                        [&](size_t) { return H.g.data() + (size_t) (j - 1) * n_embd; });
+    for (int32_t j = 0; j < k_max; ++j) {
+        const size_t head = H.chained ? (size_t) j : 0;
+        std::vector<head_row> rows;
+        for (size_t r = 0; r < seqs.size(); ++r) {
+            if (k[r] <= j) {
+                continue;
+            }
+            seq_state & sq = *seqs[r];
+            mtp_seq & m = H.seqs[(size_t) sq.id];
+            const llama_pos P = sq.n_past();
+            if (H.chained || j == 0) {
+                add_head_rows(H, head, sq, P + 1, j, true, rows);  // clean rows .. P, then drafts P+1 .. P+j
+            } else {  // one more row on the single head
+                rows.push_back({&sq, m.d[(size_t) j - 1], P + j, m.g.data() + (size_t) (j - 1) * H.n_embd, true});
+            }
         }
-        float * q = rejection_mode(s) ? H.q.data() + (size_t) j * H.n_vocab : nullptr;
-        H.d[(size_t) j] = head_output(s, H.heads[head], H.g.data() + (size_t) j * n_embd, q);
+        head_process(s, head, rows, [&](const head_row & row, int32_t idx) {
+            mtp_seq & m = H.seqs[(size_t) row.sq->id];
+            float * q = rejection_mode(*row.sq) ? m.q.data() + (size_t) j * H.n_vocab : nullptr;
+            m.d[(size_t) j] = head_output(s, H.heads[head], idx, *row.sq, m.g.data() + (size_t) j * H.n_embd, q);
+        });
+        for (size_t r = 0; r < seqs.size() && (H.chained || j == 0); ++r) {
+            if (k[r] > j) {
+                H.seqs[(size_t) seqs[r]->id].n_clean[head] = seqs[r]->n_past() + 1;
+            }
+        }
     }
-    queue_trim(H);
-    std::copy(H.d.begin(), H.d.begin() + k, out);
+    for (size_t r = 0; r < seqs.size(); ++r) {
+        mtp_seq & m = H.seqs[(size_t) seqs[r]->id];
+        queue_trim(H, m);
+        std::copy(m.d.begin(), m.d.begin() + k[r], out + r * 8);
+    }
     s->stats.t_draft_s += now_s() - t0;
-    return (size_t) k;
+}
+
+const float * mtp_draft_probs(pmtp_session * s, const seq_state & sq) {
+    return s->heads->seqs[(size_t) sq.id].q.data();
 }
 
 const float * mtp_head_logits(const pmtp_session * s, int32_t head) {
@@ -352,42 +426,28 @@ const float * mtp_head_logits(const pmtp_session * s, int32_t head) {
         fail(PMTP_ERR_INVALID_ARG, "head " + std::to_string(head) + " out of range [0, " +
              std::to_string(H.heads.size()) + ")");
     }
-    const mtp_head & h = H.heads[(size_t) head];
-    const float * logits = h.n_kv > 0 ? llama_get_logits_ith(h.ctx.get(), -1) : nullptr;
+    bool ran = false;
+    for (const auto & m : H.seqs) {
+        ran = ran || m.n_kv[(size_t) head] > 0;
+    }
+    const float * logits = ran ? llama_get_logits_ith(H.heads[(size_t) head].ctx.get(), -1) : nullptr;
     if (!logits) {
         fail(PMTP_ERR_INVALID_ARG, "MTP head " + std::to_string(head) + " has no output yet: call pmtp_draft first");
     }
     return logits;
 }
 
-namespace {
-
-// Re-decode the whole history after the sliding-window guard found lost cells.
-void recover_target(pmtp_session * s) {
-    const std::vector<llama_token> hist = s->history;
-    llama_memory_clear(s->mem(), true);
-    s->history.clear();
-    for (size_t off = 0; off < hist.size(); off += s->n_batch) {
-        const size_t m = std::min<size_t>(s->n_batch, hist.size() - off);
-        target_decode(s, hist.data() + off, m, (llama_pos) off, false);
-        s->history.insert(s->history.end(), hist.begin() + off, hist.begin() + off + m);
-    }
-    s->stats.swa_recoveries++;
-    check_swa_window(s);
-}
-
-}  // namespace
-
-bool rejection_mode(const pmtp_session * s) {
-    return s->sampling.accept == 1 && s->sampling.temperature > 0.0f;
+bool rejection_mode(const seq_state & sq) {
+    return sq.sampling.accept == 1 && sq.sampling.temperature > 0.0f;
 }
 
 namespace {
 
-// Match rule: sample each row with the session's sampler; accept while it equals the draft.
-size_t accept_matching(pmtp_session * s, const llama_token * drafts, size_t n, llama_token & next) {
+// Match rule: sample each row with the sequence's sampler; accept while it equals the draft.
+size_t accept_matching(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                       llama_token & next) {
     for (size_t j = 0; j <= n; ++j) {
-        const llama_token tok = llama_sampler_sample(s->sampler.get(), s->ctx.get(), (int32_t) j);
+        const llama_token tok = llama_sampler_sample(sq.sampler.get(), s->ctx.get(), row0 + (int32_t) j);
         if (j < n && tok == drafts[j]) {
             continue;
         }
@@ -399,52 +459,37 @@ size_t accept_matching(pmtp_session * s, const llama_token * drafts, size_t n, l
 
 // Rejection sampling against the draft distributions q; emitted tokens still go into the
 // sampler's history so that a later plain step sees the same context.
-size_t accept_rejection(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, llama_token & next) {
+size_t accept_rejection(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                        const float * q, llama_token & next) {
     mtp_heads & H = *s->heads;
+    mtp_seq & m = H.seqs[(size_t) sq.id];
     for (size_t j = 0; j <= n; ++j) {
-        sampling_probs(s->sampling, llama_get_logits_ith(s->ctx.get(), (int32_t) j), H.n_vocab,
-                       H.p.data() + j * (size_t) H.n_vocab);
+        sampling_probs(sq.sampling, llama_get_logits_ith(s->ctx.get(), row0 + (int32_t) j), H.n_vocab,
+                       m.p.data() + j * (size_t) H.n_vocab);
     }
-    const size_t n_acc = rejection_verify(H.p.data(), q, drafts, n, H.n_vocab, s->rng, next);
+    const size_t n_acc = rejection_verify(m.p.data(), q, drafts, n, H.n_vocab, sq.rng, next);
     for (size_t j = 0; j < n_acc; ++j) {
-        llama_sampler_accept(s->sampler.get(), drafts[j]);
+        llama_sampler_accept(sq.sampler.get(), drafts[j]);
     }
-    llama_sampler_accept(s->sampler.get(), next);
+    llama_sampler_accept(sq.sampler.get(), next);
     return n_acc;
 }
 
 }  // namespace
 
-void mtp_step(pmtp_session * s, int32_t k, pmtp_step_result * out) {
-    llama_token drafts[8];
-    const size_t n = mtp_draft(s, k, drafts);
-    mtp_verify(s, drafts, n, rejection_mode(s) ? s->heads->q.data() : nullptr, out);
-}
-
-void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const float * q, pmtp_step_result * out) {
+void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                const float * q_probs, pmtp_step_result * out) {
     mtp_heads & H = *s->heads;
-    if (s->pending < 0) {
-        fail(PMTP_ERR_INVALID_ARG, "nothing to verify: sample a token first");
-    }
-    const llama_pos P = s->n_past();
-    if ((size_t) P + 1 > s->n_ctx) {
-        fail(PMTP_ERR_CONTEXT_FULL, "context is full (n_ctx " + std::to_string(s->n_ctx) + ")");
-    }
-    n = std::min<size_t>(n, std::min<size_t>((size_t) s->params.draft_max, s->n_ctx - (size_t) P - 1));
-
-    double t0 = now_s();
-    std::vector<llama_token> rows(n + 1);  // [pending, d1..dn]
-    rows[0] = s->pending;
-    std::copy(drafts, drafts + n, rows.begin() + 1);
-    target_decode(s, rows.data(), n + 1, P, true);
-    s->history.push_back(s->pending);
-    s->pending = -1;
+    const llama_pos P = sq.n_past();
+    const llama_token pending = sq.pending;
+    sq.history.push_back(pending);
+    sq.pending = -1;
 
     llama_token next = -1;
-    const size_t n_acc = q ? accept_rejection(s, rows.data() + 1, n, q, next)
-                           : accept_matching(s, rows.data() + 1, n, next);
+    const size_t n_acc = q_probs ? accept_rejection(s, sq, row0, drafts, n, q_probs, next)
+                                 : accept_matching(s, sq, row0, drafts, n, next);
     for (size_t j = 0; j < n_acc; ++j) {
-        out->tokens[j]     = rows[j + 1];
+        out->tokens[j]     = drafts[j];
         out->from_draft[j] = true;
     }
     out->tokens[n_acc]     = next;
@@ -453,30 +498,21 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const fl
     out->n_drafted  = (int32_t) n;
     out->n_accepted = (int32_t) n_acc;
     for (size_t j = 0; j <= n_acc; ++j) {  // token j was sampled from verify row j
-        fill_logprobs(s->sampling, llama_get_logits_ith(s->ctx.get(), (int32_t) j), s->n_vocab, (int32_t) j, out);
+        fill_logprobs(sq.sampling, llama_get_logits_ith(s->ctx.get(), row0 + (int32_t) j), s->n_vocab, (int32_t) j, out);
     }
 
     // Keep [0, P + n_acc]: the pending token and the accepted drafts.
-    llama_memory_seq_rm(s->mem(), 0, P + 1 + (llama_pos) n_acc, -1);
-    s->history.insert(s->history.end(), rows.begin() + 1, rows.begin() + 1 + n_acc);
-    s->pending = next;
-    s->stats.t_verify_s += now_s() - t0;
+    llama_memory_seq_rm(s->mem(), sq.id, P + 1 + (llama_pos) n_acc, -1);
+    sq.history.insert(sq.history.end(), drafts, drafts + n_acc);
+    sq.pending = next;
 
     // Heads: queue rows P+1 .. P+n_acc+1 (accepted drafts, then the new pending token).
-    const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n + 1, n_embd]
     const size_t n_embd = (size_t) H.n_embd;
-    std::memcpy(s->last_h.data(), h + n_acc * n_embd, sizeof(float) * n_embd);
-    std::vector<llama_token> new_rows(rows.begin() + 1, rows.begin() + 1 + n_acc);
+    const float * h = llama_get_embeddings_nextn(s->ctx.get()) + (size_t) row0 * n_embd;  // [n + 1, n_embd]
+    std::memcpy(sq.last_h.data(), h + n_acc * n_embd, sizeof(float) * n_embd);
+    std::vector<llama_token> new_rows(drafts, drafts + n_acc);
     new_rows.push_back(next);
-    mtp_push_rows(s, new_rows.data(), h, h + n_embd, new_rows.size(), P + 1);
-
-    if (s->params.swa_guard && s->n_swa > 0) {
-        try {
-            check_swa_window(s);
-        } catch (const pmtp_error &) {
-            recover_target(s);
-        }
-    }
+    mtp_push_rows(s, sq, new_rows.data(), h, h + n_embd, new_rows.size(), P + 1);
 
     s->stats.n_steps++;
     s->stats.n_drafted  += n;
@@ -485,7 +521,7 @@ void mtp_verify(pmtp_session * s, const llama_token * drafts, size_t n, const fl
     for (size_t i = 0; i < n && i < 8; ++i) {
         s->stats.drafted_at[i]++;
         s->stats.accepted_at[i] += i < n_acc;
-        if (q) {
+        if (q_probs) {
             s->stats.drafted_at_rejection[i]++;
             s->stats.accepted_at_rejection[i] += i < n_acc;
         }

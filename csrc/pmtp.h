@@ -138,6 +138,9 @@ typedef struct pmtp_session_params {
     const pmtp_model * mtp_model;/* MTP-only model for a trunk-only one; NULL = same    */
     bool     swa_guard;          /* check the sliding window after every rollback       */
     bool     unsafe_split_verify;/* testing: allow n_ubatch < draft + 1                 */
+    uint32_t n_seq_max;          /* sequences decoded together (ids 0..n_seq_max-1);    */
+                                 /* n_ctx is per sequence; > 1 needs flash attention    */
+                                 /* and a model without recurrent state                 */
 } pmtp_session_params;
 
 typedef struct pmtp_sampling {
@@ -228,6 +231,24 @@ PMTP_API int pmtp_step(pmtp_session * session, int32_t draft, pmtp_step_result *
  * decodes [pending, drafts...], accepts greedily with the sampler and rolls back. */
 PMTP_API int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, size_t * n_out);
 PMTP_API int pmtp_verify(pmtp_session * session, const int32_t * drafts, size_t n, pmtp_step_result * out);
+
+/* Several sequences in one session (n_seq_max > 1). The verbs above act on sequence 0;
+ * these take a sequence id. A prefill decodes one sequence alone; sample right after
+ * it (a later decode of any sequence overwrites the logits it keeps). */
+PMTP_API uint32_t pmtp_session_n_seq_max(const pmtp_session * session);
+PMTP_API int32_t  pmtp_seq_n_past(const pmtp_session * session, int32_t seq);
+/* Forget the sequence (its KV, heads' rows, pending token); its sampler stays. */
+PMTP_API int pmtp_seq_reset(pmtp_session * session, int32_t seq);
+PMTP_API int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling);
+PMTP_API int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n);
+PMTP_API int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out);
+/* One cycle for n sequences together: seqs[i] drafts drafts[i] tokens (0 = plain
+ * decode; capped by draft_max and the context) and out[i] gets its tokens as pmtp_step
+ * would. The heads draft for all sequences in one decode per head; the target decodes
+ * sequences with equal draft lengths and consecutive ids in one batch. Each sequence's
+ * tokens equal what pmtp_step gives it alone (greedy: bit for bit). */
+PMTP_API int pmtp_step_batch(pmtp_session * session, const int32_t * seqs, const int32_t * drafts, size_t n,
+                             pmtp_step_result * out);
 
 /* Rejection-sampling verifier, pure over dense distributions (exposed for tests):
  * p: [n + 1, n_vocab] target probabilities, q: [n, n_vocab] draft probabilities,

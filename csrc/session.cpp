@@ -1,5 +1,11 @@
-// Target context: creation, prefill, sampling, the plain decode step, rollback
-// and the sliding-window guard. The MTP heads live in mtp.cpp.
+// Target context: creation, prefill, sampling, rollback and the sliding-window
+// guard, per sequence. The MTP heads live in mtp.cpp, the step in step.cpp.
+//
+// A session with n_seq_max = N > 1 decodes N sequences in one target context.
+// Each sequence gets its own KV stream (kv_unified = false): its cells are laid
+// out exactly as in a context of its own, whatever the other sequences do, so
+// flash attention (which skips masked cells) sums its rows in the same order and
+// a row's numbers do not depend on the batch it was decoded in.
 #include "internal.h"
 
 #include <algorithm>
@@ -14,6 +20,14 @@ double now_s() {
 
 pmtp_session::pmtp_session() = default;
 pmtp_session::~pmtp_session() = default;
+
+seq_state & pmtp_session::seq(int32_t id) {
+    if (id < 0 || id >= (int32_t) seqs.size()) {
+        fail(PMTP_ERR_INVALID_ARG, "sequence id " + std::to_string(id) + " outside [0, " +
+             std::to_string(seqs.size()) + "); the session was created with n_seq_max = " + std::to_string(seqs.size()));
+    }
+    return seqs[(size_t) id];
+}
 
 namespace {
 
@@ -39,6 +53,23 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
             fail(PMTP_ERR_INVALID_ARG, "KV cache type " + std::to_string(t) + " is not a ggml type");
         }
     }
+    if (p.n_seq_max < 1 || p.n_seq_max > 64) {
+        fail(PMTP_ERR_INVALID_ARG, "n_seq_max must be in [1, 64] (got " + std::to_string(p.n_seq_max) + ")");
+    }
+    if (p.n_seq_max > 1) {
+        if (llama_model_is_recurrent(m->model.get()) || llama_model_is_hybrid(m->model.get())) {
+            fail(PMTP_ERR_INVALID_ARG, m->path + " has recurrent state (" + m->arch + "): decoding several of its "
+                 "sequences together is not implemented; use n_seq_max = 1 (the server's --parallel 1: one request "
+                 "at a time)");
+        }
+        if (p.flash_attn == 0) {
+            fail(PMTP_ERR_INVALID_ARG, "n_seq_max > 1 needs flash attention (flash_attn=-1 or 1): without it a "
+                 "row's attention sums depend on the other sequences' cache use, and greedy output would too");
+        }
+        if (p.unsafe_split_verify) {
+            fail(PMTP_ERR_INVALID_ARG, "unsafe_split_verify is for single-sequence tests only");
+        }
+    }
     const int32_t n_ctx_train = llama_model_n_ctx_train(m->model.get());
     if (p.n_ctx > (uint32_t) std::max(n_ctx_train, 1) * 4u && p.n_ctx > 1u << 20) {
         fail(PMTP_ERR_INVALID_ARG, "n_ctx " + std::to_string(p.n_ctx) + " is far beyond what the model was trained for (" +
@@ -49,10 +80,16 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
 // The whole verify batch of one sequence must sit in one ubatch (SWA hazard). Recurrent
 // state keeps n_rs_seq = draft_max snapshots, and upstream's split_equal asserts (aborts
 // the process) unless n_ubatch > n_rs_seq + 1, for every decode, so those need one more.
+// With several sequences, one decode holds up to k_rows_exact rows of whole verify
+// batches, all in one ubatch.
 uint32_t ubatch_for(const pmtp_session_params & p, bool recurrent) {
     uint32_t n = p.n_ubatch;
     if (p.draft_max > 0 && !p.unsafe_split_verify) {
         n = std::max<uint32_t>(n, (uint32_t) p.draft_max + 1);
+    }
+    if (p.n_seq_max > 1) {
+        const uint32_t rows = (uint32_t) p.n_seq_max * (uint32_t) (p.draft_max + 1);
+        n = std::max<uint32_t>(n, std::min<uint32_t>(rows, (uint32_t) k_rows_exact));
     }
     if (p.draft_max > 0 && recurrent) {
         n = std::max<uint32_t>(n, (uint32_t) p.draft_max + 2);
@@ -60,12 +97,12 @@ uint32_t ubatch_for(const pmtp_session_params & p, bool recurrent) {
     return n;
 }
 
-void rebuild_sampler_history(pmtp_session * s) {
-    llama_sampler_reset(s->sampler.get());
-    const int32_t last_n = s->sampling.penalty_last_n < 0 ? (int32_t) s->n_ctx : s->sampling.penalty_last_n;
-    const size_t from = s->history.size() > (size_t) last_n ? s->history.size() - (size_t) last_n : 0;
-    for (size_t i = from; i < s->history.size(); ++i) {
-        llama_sampler_accept(s->sampler.get(), s->history[i]);
+void rebuild_sampler_history(pmtp_session * s, seq_state & sq) {
+    llama_sampler_reset(sq.sampler.get());
+    const int32_t last_n = sq.sampling.penalty_last_n < 0 ? (int32_t) s->n_ctx : sq.sampling.penalty_last_n;
+    const size_t from = sq.history.size() > (size_t) last_n ? sq.history.size() - (size_t) last_n : 0;
+    for (size_t i = from; i < sq.history.size(); ++i) {
+        llama_sampler_accept(sq.sampler.get(), sq.history[i]);
     }
 }
 
@@ -80,16 +117,19 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
     s->n_swa   = llama_model_n_swa(model->model.get());
     s->recurrent = llama_model_is_recurrent(model->model.get()) || llama_model_is_hybrid(model->model.get());
 
+    const bool multi = p.n_seq_max > 1;
     llama_context_params cp = llama_context_default_params();
-    cp.n_ctx           = p.n_ctx;
+    // n_ctx is per sequence; llama.cpp splits its n_ctx over the streams
+    const uint32_t n_ctx_seq = p.n_ctx != 0 ? p.n_ctx : (uint32_t) std::max(llama_model_n_ctx_train(model->model.get()), 1);
+    cp.n_ctx           = multi ? n_ctx_seq * p.n_seq_max : p.n_ctx;
     cp.n_ubatch        = ubatch_for(p, s->recurrent);
     cp.n_batch         = std::max(p.n_batch, cp.n_ubatch);
-    cp.n_seq_max       = 1;
+    cp.n_seq_max       = p.n_seq_max;
     cp.n_threads       = p.n_threads;
     cp.n_threads_batch = p.n_threads_batch;
-    cp.flash_attn_type = (llama_flash_attn_type) p.flash_attn;
+    cp.flash_attn_type = multi ? LLAMA_FLASH_ATTN_TYPE_ENABLED : (llama_flash_attn_type) p.flash_attn;
     cp.no_perf         = true;
-    cp.kv_unified      = true;
+    cp.kv_unified      = !multi;  // one KV stream per sequence (see the top of this file)
     cp.swa_full        = false;
     // Recurrent state can only be rolled back over as many tokens as it has snapshots.
     cp.n_rs_seq        = (uint32_t) p.draft_max;
@@ -105,12 +145,17 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
         fail(PMTP_ERR_OUT_OF_MEMORY, "could not create a context with n_ctx=" + std::to_string(p.n_ctx) +
              " (see the log); try a smaller n_ctx or a smaller KV cache type");
     }
-    s->n_ctx    = llama_n_ctx(s->ctx.get());
-    s->n_batch  = llama_n_batch(s->ctx.get());
-    s->n_ubatch = llama_n_ubatch(s->ctx.get());
+    s->n_ctx     = llama_n_ctx_seq(s->ctx.get());
+    s->n_batch   = llama_n_batch(s->ctx.get());
+    s->n_ubatch  = llama_n_ubatch(s->ctx.get());
+    s->n_seq_max = p.n_seq_max;
     s->batch.reset(llama_batch_ext_init(s->ctx.get()));
-    s->sampling = pmtp_sampling_default();
-    session_set_sampling(s, s->sampling);
+    s->seqs.resize(p.n_seq_max);
+    for (uint32_t i = 0; i < p.n_seq_max; ++i) {
+        s->seqs[i].id = (int32_t) i;
+        s->seqs[i].last_h.assign((size_t) s->n_embd, 0.0f);
+        session_set_sampling(s, s->seqs[i], pmtp_sampling_default());
+    }
 
     if (p.draft_max > 0) {
         llama_set_embeddings_nextn(s->ctx.get(), true, /*masked=*/ false);
@@ -119,7 +164,7 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
     }
 }
 
-void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp) {
+void session_set_sampling(pmtp_session * s, seq_state & sq, const pmtp_sampling & sp) {
     auto finite = [](float x) { return std::isfinite(x); };
     if (!finite(sp.temperature) || !finite(sp.top_p) || !finite(sp.min_p) || !finite(sp.repeat_penalty) ||
         !finite(sp.presence_penalty) || !finite(sp.frequency_penalty)) {
@@ -166,38 +211,48 @@ void session_set_sampling(pmtp_session * s, const pmtp_sampling & sp) {
         fail(PMTP_ERR_INVALID_ARG, "repeat/presence/frequency penalties with MTP at temperature > 0 need "
              "accept='match'; rejection sampling does not model them yet");
     }
-    s->sampler  = std::move(chain);
-    s->sampling = sp;
-    seed_rng(s->rng, sp.seed == 0xFFFFFFFF ? std::random_device{}() : sp.seed);
-    rebuild_sampler_history(s);
+    sq.sampler  = std::move(chain);
+    sq.sampling = sp;
+    seed_rng(sq.rng, sp.seed == 0xFFFFFFFF ? std::random_device{}() : sp.seed);
+    rebuild_sampler_history(s, sq);
 }
 
-void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits) {
-    if ((size_t) pos0 + n > s->n_ctx) {
-        fail(PMTP_ERR_CONTEXT_FULL, "context is full: " + std::to_string(pos0) + " + " + std::to_string(n) +
-             " tokens > n_ctx " + std::to_string(s->n_ctx) + "; create the model with a larger n_ctx");
-    }
+void target_decode_rows(pmtp_session * s, const target_rows & rows, bool all_logits) {
     llama_batch_ext * b = s->batch.get();
     llama_batch_ext_clear(b);
-    for (size_t i = 0; i < n; ++i) {
-        if (tokens[i] < 0 || tokens[i] >= s->n_vocab) {
-            fail(PMTP_ERR_INVALID_ARG, "token id " + std::to_string(tokens[i]) + " is out of range [0, " +
-                 std::to_string(s->n_vocab) + ")");
+    size_t t = 0;
+    for (size_t r = 0; r < rows.seqs.size(); ++r) {
+        const seq_state & sq = *rows.seqs[r];
+        const int32_t n = rows.n[r];
+        if ((size_t) sq.n_past() + (size_t) n > s->n_ctx) {
+            fail(PMTP_ERR_CONTEXT_FULL, "context is full: " + std::to_string(sq.n_past()) + " + " + std::to_string(n) +
+                 " tokens > n_ctx " + std::to_string(s->n_ctx) + "; create the model with a larger n_ctx");
         }
-        const int32_t idx = llama_batch_ext_add_token(b, 0, tokens[i]);
-        const llama_pos pos = pos0 + (llama_pos) i;
-        llama_batch_ext_set_pos(b, idx, &pos);
-        if (all_logits || i + 1 == n) {
-            llama_batch_ext_set_output_logits(b, idx, true);
+        for (int32_t i = 0; i < n; ++i, ++t) {
+            const llama_token tok = rows.tokens[t];
+            if (tok < 0 || tok >= s->n_vocab) {
+                fail(PMTP_ERR_INVALID_ARG, "token id " + std::to_string(tok) + " is out of range [0, " +
+                     std::to_string(s->n_vocab) + ")");
+            }
+            const int32_t idx = llama_batch_ext_add_token(b, sq.id, tok);
+            const llama_pos pos = sq.n_past() + (llama_pos) i;
+            llama_batch_ext_set_pos(b, idx, &pos);
+            if (all_logits || i + 1 == n) {
+                llama_batch_ext_set_output_logits(b, idx, true);
+            }
         }
     }
     const int32_t rc = llama_process(s->ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
+    s->n_decodes++;
     if (rc != 0) {
         // Fatal errors can leave processed ubatches behind: drop them so n_past stays true.
-        llama_memory_seq_rm(s->mem(), 0, pos0, -1);
-        s->logits_row = -1;
+        for (seq_state * sq : rows.seqs) {
+            llama_memory_seq_rm(s->mem(), sq->id, sq->n_past(), -1);
+            sq->logits_row = -1;
+        }
         if (rc == 1) {
-            fail(PMTP_ERR_CONTEXT_FULL, "no room in the KV cache for " + std::to_string(n) + " tokens; use a larger n_ctx");
+            fail(PMTP_ERR_CONTEXT_FULL, "no room in the KV cache for " + std::to_string(rows.tokens.size()) +
+                 " tokens; use a larger n_ctx");
         }
         if (rc == 2) {
             fail(PMTP_ERR_ABORTED, "decode aborted");
@@ -205,19 +260,34 @@ void target_decode(pmtp_session * s, const llama_token * tokens, size_t n, llama
         fail(PMTP_ERR_DECODE, "llama_decode failed with status " + std::to_string(rc));
     }
     rpc_check_decode(s->model, s->ctx.get());
-    s->logits_row = (int32_t) n - 1;
-    s->n_last_decode = (int32_t) n;
+    for (size_t r = 0; r < rows.seqs.size(); ++r) {
+        rows.seqs[r]->logits_row    = rows.row0[r] + rows.n[r] - 1;
+        rows.seqs[r]->logits_decode = s->n_decodes;
+        rows.seqs[r]->n_last_decode = rows.n[r];
+    }
 }
 
-void check_swa_window(pmtp_session * s) {
+void target_decode(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n, llama_pos pos0, bool all_logits) {
+    if (pos0 != sq.n_past()) {
+        fail(PMTP_ERR_INTERNAL, "target decode at " + std::to_string(pos0) + " after " + std::to_string(sq.n_past()));
+    }
+    target_rows rows;
+    rows.seqs   = {&sq};
+    rows.tokens.assign(tokens, tokens + n);
+    rows.n      = {(int32_t) n};
+    rows.row0   = {0};
+    target_decode_rows(s, rows, all_logits);
+}
+
+void check_swa_window(pmtp_session * s, const seq_state & sq) {
     if (s->n_swa <= 0 || !s->params.swa_guard) {
         return;
     }
-    const llama_pos pos_max = llama_memory_seq_pos_max(s->mem(), 0);
+    const llama_pos pos_max = llama_memory_seq_pos_max(s->mem(), sq.id);
     if (pos_max < 0) {
         return;
     }
-    const llama_pos pos_min = llama_memory_seq_pos_min(s->mem(), 0);
+    const llama_pos pos_min = llama_memory_seq_pos_min(s->mem(), sq.id);
     // The next token at pos_max + 1 attends to [pos_max + 2 - n_swa, pos_max + 1].
     const llama_pos need = std::max<llama_pos>(0, pos_max + 2 - s->n_swa);
     if (pos_min > need) {
@@ -226,86 +296,91 @@ void check_swa_window(pmtp_session * s) {
     }
 }
 
-void session_reset(pmtp_session * s) {
-    llama_memory_clear(s->mem(), true);
-    s->n_last_decode = 0;
-    s->history.clear();
-    s->pending    = -1;
-    s->logits_row = -1;
-    s->last_h.assign((size_t) s->n_embd, 0.0f);
-    if (s->heads) {
-        mtp_reset(s);
+void recover_target(pmtp_session * s, seq_state & sq) {
+    const std::vector<llama_token> hist = sq.history;
+    llama_memory_seq_rm(s->mem(), sq.id, -1, -1);
+    sq.history.clear();
+    for (size_t off = 0; off < hist.size(); off += s->n_batch) {
+        const size_t m = std::min<size_t>(s->n_batch, hist.size() - off);
+        target_decode(s, sq, hist.data() + off, m, (llama_pos) off, false);
+        sq.history.insert(sq.history.end(), hist.begin() + off, hist.begin() + off + m);
     }
-    rebuild_sampler_history(s);
+    s->stats.swa_recoveries++;
+    check_swa_window(s, sq);
 }
 
-void session_prefill(pmtp_session * s, const llama_token * tokens, size_t n) {
+void session_reset(pmtp_session * s, seq_state & sq) {
+    if (s->n_seq_max == 1) {
+        llama_memory_clear(s->mem(), true);
+    } else {
+        llama_memory_seq_rm(s->mem(), sq.id, -1, -1);
+    }
+    sq.n_last_decode = 0;
+    sq.history.clear();
+    sq.pending    = -1;
+    sq.logits_row = -1;
+    sq.last_h.assign((size_t) s->n_embd, 0.0f);
+    if (s->heads) {
+        mtp_reset(s, sq);
+    }
+    rebuild_sampler_history(s, sq);
+}
+
+void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n) {
     if (n == 0) {
         return;
     }
-    if ((size_t) s->n_past() + n > s->n_ctx) {
+    if ((size_t) sq.n_past() + n > s->n_ctx) {
         fail(PMTP_ERR_CONTEXT_FULL, "prompt of " + std::to_string(n) + " tokens does not fit: " +
-             std::to_string(s->n_past()) + " already in a context of " + std::to_string(s->n_ctx) +
+             std::to_string(sq.n_past()) + " already in a context of " + std::to_string(s->n_ctx) +
              "; shorten the prompt or create the model with a larger n_ctx");
     }
-    if (s->pending >= 0 && s->heads) {
-        mtp_rollback(s, s->n_past());  // forget the pending token's row
+    if (sq.pending >= 0 && s->heads) {
+        mtp_rollback(s, sq, sq.n_past());  // forget the pending token's row
     }
-    s->pending = -1;
+    sq.pending = -1;
     const double t0 = now_s();
     for (size_t off = 0; off < n; off += s->n_batch) {
         const size_t m = std::min<size_t>(s->n_batch, n - off);
-        const llama_pos pos0 = s->n_past();
-        target_decode(s, tokens + off, m, pos0, false);
-        s->history.insert(s->history.end(), tokens + off, tokens + off + m);
+        const llama_pos pos0 = sq.n_past();
+        target_decode(s, sq, tokens + off, m, pos0, false);
+        sq.history.insert(sq.history.end(), tokens + off, tokens + off + m);
         if (s->heads) {
             const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [m, n_embd]
-            mtp_push_rows(s, tokens + off, s->last_h.data(), h, m, pos0);
-            std::memcpy(s->last_h.data(), h + (m - 1) * (size_t) s->n_embd, sizeof(float) * (size_t) s->n_embd);
+            mtp_push_rows(s, sq, tokens + off, sq.last_h.data(), h, m, pos0);
+            std::memcpy(sq.last_h.data(), h + (m - 1) * (size_t) s->n_embd, sizeof(float) * (size_t) s->n_embd);
         }
         for (size_t i = off; i < off + m; ++i) {
-            llama_sampler_accept(s->sampler.get(), tokens[i]);
+            llama_sampler_accept(sq.sampler.get(), tokens[i]);
         }
     }
     s->stats.t_prefill_s += now_s() - t0;
 }
 
-llama_token session_sample(pmtp_session * s, pmtp_step_result * out, int32_t i) {
-    if (s->logits_row < 0) {
+llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i) {
+    if (sq.logits_row < 0) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to sample from: prefill a prompt first");
     }
-    if (s->pending >= 0) {
+    if (sq.logits_decode != s->n_decodes) {
+        fail(PMTP_ERR_INVALID_ARG, "sequence " + std::to_string(sq.id) + "'s logits were overwritten by a later "
+             "decode of another sequence; sample right after its prefill");
+    }
+    if (sq.pending >= 0) {
         fail(PMTP_ERR_INVALID_ARG, "a sampled token is already pending; call step to decode it");
     }
     const double t0 = now_s();
-    const llama_token t = llama_sampler_sample(s->sampler.get(), s->ctx.get(), s->logits_row);
+    const llama_token t = llama_sampler_sample(sq.sampler.get(), s->ctx.get(), sq.logits_row);
     s->stats.t_sample_s += now_s() - t0;
-    s->pending = t;
+    sq.pending = t;
     out->tokens[i]     = t;
     out->from_draft[i] = false;
     out->n_tokens      = i + 1;
-    fill_logprobs(s->sampling, llama_get_logits_ith(s->ctx.get(), s->logits_row), s->n_vocab, i, out);
+    fill_logprobs(sq.sampling, llama_get_logits_ith(s->ctx.get(), sq.logits_row), s->n_vocab, i, out);
     if (s->heads) {
         // Queue the pending token's row for the heads: it pairs with h[n_past - 1].
-        mtp_push_rows(s, &t, s->last_h.data(), nullptr, 1, s->n_past());
+        mtp_push_rows(s, sq, &t, sq.last_h.data(), nullptr, 1, sq.n_past());
     }
     return t;
-}
-
-void session_step_plain(pmtp_session * s, pmtp_step_result * out) {
-    const llama_token t = s->pending;
-    const llama_pos pos = s->n_past();
-    const double t0 = now_s();
-    target_decode(s, &t, 1, pos, false);
-    s->history.push_back(t);
-    s->pending = -1;
-    s->stats.t_decode_s += now_s() - t0;
-    if (s->heads) {
-        const float * h = llama_get_embeddings_nextn_ith(s->ctx.get(), 0);
-        std::memcpy(s->last_h.data(), h, sizeof(float) * (size_t) s->n_embd);
-    }
-    session_sample(s, out, 0);
-    s->stats.n_emitted += 1;
 }
 
 namespace {
@@ -316,51 +391,62 @@ namespace {
 // gated_delta_net / ssm conv: older slots keep whatever an earlier ubatch left there), so
 // r must stay below the ubatch's token count. Upstream's seq_rm only checks r <= n_rs_seq
 // and would restore a stale slot (e.g. two tokens back after a single-token decode).
-int32_t rs_rollback_max(const pmtp_session * s) {
+int32_t rs_rollback_max(const pmtp_session * s, const seq_state & sq) {
     const int32_t slots = s->params.draft_max + 1;
     // a decode longer than a ubatch keeps its trailing n_rs_seq + 1 tokens in its last ubatch
     // (split_equal's keep-tail) when a ubatch can hold them; assume nothing otherwise
     const int32_t n_ub = (int32_t) s->n_ubatch;
-    const int32_t last_ubatch = s->n_last_decode <= n_ub ? s->n_last_decode : (n_ub >= slots ? slots : 1);
+    const int32_t last_ubatch = sq.n_last_decode <= n_ub ? sq.n_last_decode : (n_ub >= slots ? slots : 1);
     return std::max(0, std::min(last_ubatch, slots) - 1);
 }
 
 }  // namespace
 
-void session_rollback(pmtp_session * s, int32_t n_keep) {
-    if (n_keep < 0 || n_keep > s->n_past()) {
-        fail(PMTP_ERR_INVALID_ARG, "rollback to " + std::to_string(n_keep) + " outside [0, " + std::to_string(s->n_past()) + "]");
+void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
+    if (n_keep < 0 || n_keep > sq.n_past()) {
+        fail(PMTP_ERR_INVALID_ARG, "rollback to " + std::to_string(n_keep) + " outside [0, " + std::to_string(sq.n_past()) + "]");
     }
     if (n_keep == 0) {
-        session_reset(s);
+        session_reset(s, sq);
         return;
     }
-    if (n_keep == s->n_past()) {
-        if (s->pending >= 0 && s->heads) {
-            mtp_rollback(s, n_keep);
+    if (n_keep == sq.n_past()) {
+        if (sq.pending >= 0 && s->heads) {
+            mtp_rollback(s, sq, n_keep);
         }
-        s->pending    = -1;
+        sq.pending = -1;
         return;
     }
     // With MTP the heads need h[n_keep - 1], which only a decode of that token gives back:
     // drop one more token from the target and decode it again.
     const int32_t n_target = s->heads ? n_keep - 1 : n_keep;
-    const llama_token redo = s->history[(size_t) n_keep - 1];
-    const bool snapshots_ok = !s->recurrent || s->n_past() - n_target <= rs_rollback_max(s);
-    if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), 0, n_target, -1)) {
+    const llama_token redo = sq.history[(size_t) n_keep - 1];
+    const bool snapshots_ok = !s->recurrent || sq.n_past() - n_target <= rs_rollback_max(s, sq);
+    if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), sq.id, n_target, -1)) {
         fail(PMTP_ERR_INVALID_ARG, "this model's state cannot be rolled back to " + std::to_string(n_keep) +
              " tokens (recurrent state); reset and prefill again");
     }
-    s->history.resize((size_t) n_target);
-    s->pending    = -1;
-    s->logits_row = -1;
-    check_swa_window(s);
+    sq.history.resize((size_t) n_target);
+    sq.pending    = -1;
+    sq.logits_row = -1;
+    check_swa_window(s, sq);
     if (s->heads) {
-        mtp_rollback(s, n_keep);
-        target_decode(s, &redo, 1, n_target, false);
-        s->history.push_back(redo);
+        mtp_rollback(s, sq, n_keep);
+        target_decode(s, sq, &redo, 1, n_target, false);
+        sq.history.push_back(redo);
         const float * h = llama_get_embeddings_nextn_ith(s->ctx.get(), 0);
-        std::memcpy(s->last_h.data(), h, sizeof(float) * (size_t) s->n_embd);
+        std::memcpy(sq.last_h.data(), h, sizeof(float) * (size_t) s->n_embd);
     }
-    rebuild_sampler_history(s);
+    rebuild_sampler_history(s, sq);
+}
+
+void guard_window(pmtp_session * s, seq_state & sq) {
+    if (!s->params.swa_guard || s->n_swa <= 0) {
+        return;
+    }
+    try {
+        check_swa_window(s, sq);
+    } catch (const pmtp_error &) {
+        recover_target(s, sq);
+    }
 }

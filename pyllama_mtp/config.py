@@ -14,6 +14,7 @@ _MTP_PLACEMENTS = {"local": 0, "split": 1}
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
 # The MTP engine's step result holds at most 8 drafts.
 MAX_DRAFT = 8
+MAX_SEQUENCES = 64   # the native engine's limit on sequences decoded together
 
 
 def default_threads() -> int:
@@ -100,9 +101,12 @@ class ContextConfig:
     draft_max: int = 0
     swa_guard: bool = True
     unsafe_split_verify: bool = False
+    n_seq_max: int = 1            # sequences decoded together; n_ctx is per sequence
 
     def __post_init__(self):
         _require(_is_int(self.n_ctx) and self.n_ctx > 0, f"n_ctx must be a positive int, got {self.n_ctx!r}")
+        _require(_is_int(self.n_seq_max) and 1 <= self.n_seq_max <= MAX_SEQUENCES,
+                 f"n_seq_max must be an int in [1, {MAX_SEQUENCES}], got {self.n_seq_max!r}")
         _require(_is_int(self.n_batch) and self.n_batch > 0, f"n_batch must be a positive int, got {self.n_batch!r}")
         _require(_is_int(self.n_ubatch) and self.n_ubatch > 0, f"n_ubatch must be a positive int, got {self.n_ubatch!r}")
         _require(_is_int(self.threads) and self.threads > 0, f"threads must be a positive int, got {self.threads!r}")

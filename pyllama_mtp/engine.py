@@ -268,12 +268,15 @@ class Session(_Handle):
         p.mtp_model = mtp_model._check_open() if mtp_model is not None else ffi.NULL
         p.swa_guard = config.swa_guard
         p.unsafe_split_verify = config.unsafe_split_verify
+        p.n_seq_max = config.n_seq_max
         out = ffi.new("pmtp_session **")
         check(lib.pmtp_session_new(model._check_open(), p, out))
         self._own(out[0])
         self._step = ffi.new("pmtp_step_result *")
         self._n_vocab = model.info.n_vocab
         self.sampling = SamplingParams()
+        self._seq_sampling = [SamplingParams()] * config.n_seq_max   # per sequence, for results
+        self._batch_cap = 0
 
     @property
     def n_ctx(self) -> int:
@@ -291,10 +294,12 @@ class Session(_Handle):
     def draft_max(self) -> int:
         return lib.pmtp_session_draft_max(self._check_open())
 
+    @property
+    def n_seq_max(self) -> int:
+        return lib.pmtp_session_n_seq_max(self._check_open())
+
     def set_sampling(self, sampling: SamplingParams) -> None:
-        s = _native_sampling(sampling)
-        check(lib.pmtp_session_set_sampling(self._check_open(), s))
-        self.sampling = sampling
+        self.seq_set_sampling(0, sampling)
 
     def reset(self) -> None:
         check(lib.pmtp_reset(self._check_open()))
@@ -321,10 +326,10 @@ class Session(_Handle):
     def last_result(self) -> StepResult:
         return self._result()
 
-    def _result(self) -> StepResult:
-        r = self._step
+    def _result(self, r=None, seq: int = 0) -> StepResult:
+        r = self._step if r is None else r
         n = r.n_tokens
-        if self.sampling.n_logprobs < 0:
+        if self._seq_sampling[seq].n_logprobs < 0:
             return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted)
         top = tuple(tuple(zip(r.top_tokens[i][0:r.n_top], r.top_logprobs[i][0:r.n_top])) for i in range(n))
         return StepResult(tuple(r.tokens[0:n]), tuple(r.from_draft[0:n]), r.n_drafted, r.n_accepted,
@@ -350,6 +355,45 @@ class Session(_Handle):
         toks = ffi.new("int32_t[]", list(drafts))
         check(lib.pmtp_verify(self._check_open(), toks, len(toks), self._step))
         return self._result()
+
+    # ------------------------------------------- several sequences (n_seq_max > 1)
+
+    def seq_n_past(self, seq: int) -> int:
+        return lib.pmtp_seq_n_past(self._check_open(), seq)
+
+    def seq_set_sampling(self, seq: int, sampling: SamplingParams) -> None:
+        check(lib.pmtp_seq_set_sampling(self._check_open(), seq, _native_sampling(sampling)))
+        self._seq_sampling[seq] = sampling
+        if seq == 0:
+            self.sampling = sampling
+
+    def seq_reset(self, seq: int) -> None:
+        """Forget sequence ``seq`` (its slot is free for a new prompt)."""
+        check(lib.pmtp_seq_reset(self._check_open(), seq))
+
+    def seq_prefill(self, seq: int, tokens) -> None:
+        toks = ffi.new("int32_t[]", list(tokens))
+        check(lib.pmtp_seq_prefill(self._check_open(), seq, toks, len(toks)))
+
+    def seq_sample(self, seq: int) -> StepResult:
+        """Sample the first token after ``seq_prefill`` (call it right after: a decode of
+        any other sequence overwrites the logits it samples from)."""
+        check(lib.pmtp_seq_sample(self._check_open(), seq, self._step))
+        return self._result(self._step, seq)
+
+    def step_batch(self, seqs, drafts) -> list[StepResult]:
+        """One decode cycle for several sequences together: ``drafts[i]`` MTP drafts for
+        ``seqs[i]`` (0 = plain decode). Each sequence's result equals its ``step`` alone."""
+        seqs, drafts = list(seqs), list(drafts)
+        if len(seqs) != len(drafts):
+            raise InvalidArgumentError(f"{len(seqs)} sequences but {len(drafts)} draft lengths")
+        n = len(seqs)
+        if n > self._batch_cap:
+            self._batch_out = ffi.new("pmtp_step_result[]", max(n, 1))
+            self._batch_cap = n
+        check(lib.pmtp_step_batch(self._check_open(), ffi.new("int32_t[]", seqs), ffi.new("int32_t[]", drafts), n,
+                                  self._batch_out))
+        return [self._result(self._batch_out[i], seqs[i]) for i in range(n)]
 
     def stats(self) -> dict:
         raw = ffi.new("pmtp_stats *")

@@ -68,6 +68,44 @@ def _stops(stop) -> list[str]:
     return list(stop)
 
 
+class SequenceOutput:
+    """One sequence's step results -> Chunks: cuts at end-of-generation, max_tokens and
+    the context end (the chunk that ends it carries the finish reason), decodes UTF-8
+    across token boundaries and holds back text that a stop string may be starting."""
+
+    def __init__(self, pieces: list[bytes], eog: frozenset[int], max_tokens: int | None, n_ctx: int, stops):
+        self.pieces, self.eog, self.n_ctx = pieces, eog, n_ctx
+        self.left = max_tokens if max_tokens is not None else n_ctx
+        self.decoder = Utf8StreamDecoder()
+        self.matcher = StopMatcher(stops)
+        self.finish_reason: str | None = None
+
+    def _cut(self, step: StepResult, n_past: int) -> tuple[int, str | None]:
+        n = 0
+        for tok in step.tokens:
+            if tok in self.eog:
+                return n, "stop"
+            n += 1
+            self.left -= 1
+            if self.left == 0:
+                return n, "length"
+        return n, ("length" if n_past >= self.n_ctx else None)
+
+    def push(self, step: StepResult, n_past: int) -> Chunk:
+        """The chunk for one step; ``n_past``: tokens in the sequence's KV cache after it."""
+        n, finish = self._cut(step, n_past)
+        step = _first(step, n)
+        text = self.decoder.feed(b"".join(self.pieces[t] for t in step.tokens))
+        safe, stopped = self.matcher.feed(text)
+        if not stopped and finish is not None:
+            tail, stopped = self.matcher.feed(self.decoder.flush())
+            safe += tail if stopped else tail + self.matcher.flush()
+        if stopped:
+            finish = "stop"
+        self.finish_reason = finish
+        return Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
+
+
 class Llama:
     """A GGUF model with a context, ready to generate; MTP speculative decoding with ``mtp=``.
 
@@ -82,6 +120,9 @@ class Llama:
     host, so drafting costs no network round trips; ``"split"`` places them like any layer.
     A worker that does not answer within ``rpc_timeout`` seconds counts as lost: the call
     raises ``RpcError`` and the Llama must be closed and created again.
+
+    ``parallel=N`` lets the session decode N sequences together (each with ``n_ctx``
+    tokens of context): the server's ``--parallel``. ``generate``/``stream`` use the first.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int = 3,
@@ -92,7 +133,7 @@ class Llama:
                  tensor_split: Sequence[float] | None = None, chat_template: str | None = None,
                  swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
                  rpc: str | Sequence[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
-                 verbose: bool = False, progress=None):
+                 parallel: int = 1, verbose: bool = False, progress=None):
         if verbose:
             _llama_log.setLevel(logging.INFO)
             if not logging.getLogger().handlers:
@@ -120,7 +161,8 @@ class Llama:
                                 threads=threads if threads is not None else ContextConfig().threads,
                                 threads_batch=threads_batch, type_k=type_k, type_v=type_v,
                                 flash_attn=flash_attn, draft_max=draft_max if use_mtp else 0,
-                                swa_guard=swa_guard, unsafe_split_verify=unsafe_split_verify)
+                                swa_guard=swa_guard, unsafe_split_verify=unsafe_split_verify,
+                                n_seq_max=parallel)
             self.session = Session(self.model, ctx, mtp_model=self.mtp_model)
         except BaseException:
             self.close()
@@ -233,36 +275,18 @@ class Llama:
         self.session.prefill(tokens[keep:])
         self._kv_tokens = list(tokens)
 
-    def _token_steps(self, tokens: list[int], max_tokens: int | None, sampling: SamplingParams,
-                     draft: int) -> Iterator[tuple[StepResult, str | None]]:
-        """Yield each step's emitted tokens (cut at EOG, max_tokens or the context end)
-        and the finish reason of the last step."""
+    def _steps(self, tokens: list[int], sampling: SamplingParams, draft) -> Iterator[StepResult]:
+        """Yield the first sampled token, then each step's tokens, until the consumer stops."""
         session = self.session
-        eog = self.model.eog_tokens
         session.set_sampling(sampling)
         self._load_prompt(tokens)
         session.sample()
         result = session.last_result
         generated = list(result.tokens)
-        limit = max_tokens if max_tokens is not None else self.n_ctx
         policy = self._policy if draft == "auto" else None
         try:
             while True:
-                n, finish = 0, None
-                for tok in result.tokens:
-                    if tok in eog:
-                        finish = "stop"
-                        break
-                    n += 1
-                    limit -= 1
-                    if limit == 0:
-                        finish = "length"
-                        break
-                if finish is None and session.n_past >= self.n_ctx:
-                    finish = "length"
-                yield _first(result, n), finish
-                if finish is not None:
-                    return
+                yield result
                 k = policy.choose() if policy else draft
                 t0 = time.perf_counter()
                 result = session.step(k)
@@ -316,19 +340,11 @@ class Llama:
         return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
 
     def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
-        pieces = self.model.token_pieces
-        decoder = Utf8StreamDecoder()
-        matcher = StopMatcher(stops)
-        for step, finish in self._token_steps(tokens, max_tokens, sampling, draft):
-            text = decoder.feed(b"".join(pieces[t] for t in step.tokens))
-            safe, stopped = matcher.feed(text)
-            if not stopped and finish is not None:
-                tail, stopped = matcher.feed(decoder.flush())
-                safe += tail if stopped else tail + matcher.flush()
-            if stopped:
-                finish = "stop"
-            yield Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
-            if finish is not None:
+        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, max_tokens, self.n_ctx, stops)
+        for step in self._steps(tokens, sampling, draft):
+            chunk = output.push(step, self.session.n_past)
+            yield chunk
+            if chunk.finish_reason is not None:
                 return
 
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:

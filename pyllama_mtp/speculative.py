@@ -48,6 +48,7 @@ class DraftPolicy:
         self.decay = decay
         self.accept = [0.8] * draft_max            # optimistic start: MTP gets tried
         self.time: dict[int, float] = {}           # k -> EMA of the step's wall time (s)
+        self.guessed: set[int] = set()             # lengths whose time is a guess, not yet measured
         self.steps = 0
         self.probes = 0
         self.interval = probe_every
@@ -101,11 +102,61 @@ class DraftPolicy:
         return k
 
     def update(self, k: int, n_accepted: int, seconds: float) -> None:
+        self.update_time(k, seconds)
+        self.update_acceptance(k, n_accepted)
+
+    def update_time(self, k: int, seconds: float) -> None:
         old = self.time.get(k)
-        self.time[k] = seconds if old is None else self.decay * old + (1 - self.decay) * seconds
+        first = old is None or k in self.guessed   # a measurement replaces a guess outright
+        self.time[k] = seconds if first else self.decay * old + (1 - self.decay) * seconds
+        self.guessed.discard(k)
+
+    def update_acceptance(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):    # positions that were tried
             hit = 1.0 if i < n_accepted else 0.0
             self.accept[i] = self.decay * self.accept[i] + (1 - self.decay) * hit
+
+
+class BatchDraftPolicy:
+    """The draft length of a step that decodes n sequences together.
+
+    A step's cost depends on how many sequences it holds (n verify batches of k+1 rows
+    cost more than n single rows in a way a one-sequence step does not show), so every
+    batch size n has its own DraftPolicy timing the whole step; all of them share one
+    acceptance estimate. Tokens per second of the step are n times the expected tokens
+    per sequence over the step's time, so each policy maximises exactly that; at a batch
+    size where drafting does not pay it settles on 0 (plain decoding) and probes again
+    with back-off.
+    """
+
+    def __init__(self, draft_max: int, **kw):
+        self.draft_max = draft_max
+        self.kw = kw
+        self.accept = [0.8] * draft_max
+        self.by_size: dict[int, DraftPolicy] = {}
+
+    def policy(self, n: int) -> DraftPolicy:
+        if n not in self.by_size:
+            p = DraftPolicy(self.draft_max, **self.kw)
+            p.accept = self.accept                 # one acceptance estimate for every batch size
+            if self.by_size:
+                # start from the nearest measured size's step times, scaled by the rows a step
+                # holds, instead of spending a step on every length first (sizes come and go
+                # as requests finish)
+                near = min(self.by_size, key=lambda m: abs(m - n))
+                p.time = {k: t * n / near for k, t in self.by_size[near].time.items()}
+                p.guessed = set(p.time)
+            self.by_size[n] = p
+        return self.by_size[n]
+
+    def choose(self, n: int) -> int:
+        return self.policy(n).choose()
+
+    def update(self, n: int, k: int, n_accepted: list[int], seconds: float) -> None:
+        p = self.policy(n)
+        p.update_time(k, seconds)
+        for a in n_accepted:
+            p.update_acceptance(k, a)
 
 
 @dataclass(frozen=True)

@@ -61,3 +61,30 @@ def test_auto_draft_is_lossless(step35_path):
     with Llama(step35_path, n_ctx=1024, threads=2, mtp=True, draft="auto") as llm:
         assert llm.draft_max == 3
         assert llm.generate([11, 12, 13], max_tokens=200).tokens == expected
+
+
+def test_batch_policy_drafts_where_it_pays_and_stops_where_it_does_not():
+    """Simulated server steps: one sequence is memory-bound (drafting is nearly free),
+    eight sequences are compute-bound (a step costs its rows), so the policy must draft
+    3 at batch size 1 and decode plainly at batch size 8, each near the best fixed rate."""
+    from pyllama_mtp.speculative import BatchDraftPolicy
+
+    def step_time(n, k):
+        return max(0.05, 0.01 * n * (k + 1))
+
+    rng = np.random.default_rng(1)
+    policy = BatchDraftPolicy(3)
+    chosen = {1: [], 8: []}
+    for i in range(800):
+        n = 1 if (i // 100) % 2 == 0 else 8           # sizes alternate, as requests come and go
+        k = policy.choose(n)
+        accepted = []
+        for _ in range(n):
+            a = 0
+            while a < k and rng.random() < 0.8:
+                a += 1
+            accepted.append(a)
+        policy.update(n, k, accepted, step_time(n, k))
+        chosen[n].append(k)
+    assert np.mean(np.array(chosen[1][-200:]) == 3) > 0.8
+    assert np.mean(np.array(chosen[8][-200:]) == 0) > 0.8

@@ -22,6 +22,7 @@ from ..chat import ChatTemplateError
 from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
 from ..llama import Llama
 from .metrics import Metrics
+from .scheduler import BatchWorker
 from .worker import Job, Worker
 
 
@@ -105,7 +106,8 @@ def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> d
 def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
     metrics = Metrics(settings.model_name)
-    worker = Worker(llm, metrics)
+    # --parallel > 1: continuous batching over the session's sequence slots
+    worker = BatchWorker(llm, metrics) if llm.session.n_seq_max > 1 else Worker(llm, metrics)
     app.state.worker = worker
 
     @app.on_event("shutdown")

@@ -24,8 +24,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
     ap.add_argument("--n-batch", type=int, default=512, help="prompt batch size (default 512)")
-    ap.add_argument("--parallel", type=int, default=1,
-                    help="sequences decoded together (only 1 is implemented: requests queue)")
+    ap.add_argument("--parallel", "-np", type=int, default=1,
+                    help="sequences decoded together with continuous batching (default 1); each gets --n-ctx "
+                         "tokens of context, further requests wait in a queue")
     ap.add_argument("--api-key", default=os.environ.get("PYLLAMA_MTP_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $PYLLAMA_MTP_API_KEY)")
     ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1, help="layers to offload (-1 = all)")
@@ -48,9 +49,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
-    if args.parallel != 1:
-        raise NotImplementedError("--parallel > 1 (continuous batching of several sequences) is not implemented "
-                                  "yet; run with --parallel 1, requests are then served one after another")
+    if args.parallel < 1:
+        print(f"pyllama-mtp-server: --parallel {args.parallel}: give an int >= 1", file=sys.stderr)
+        return 2
     try:
         draft = args.draft if args.draft == "auto" else int(args.draft)
     except ValueError:
@@ -73,13 +74,14 @@ def main(argv=None) -> int:
         llm = Llama(args.model, mtp=mtp, draft=draft, n_ctx=args.n_ctx, n_batch=args.n_batch,
                     n_gpu_layers=args.n_gpu_layers, tensor_split=split, threads=args.threads,
                     rpc=args.rpc, mtp_placement=args.mtp_placement, rpc_timeout=args.rpc_timeout,
-                    verbose=args.verbose)
+                    parallel=args.parallel, verbose=args.verbose)
     except PmtpError as e:
         print(f"pyllama-mtp-server: error: {e}", file=sys.stderr)
         return 1
     name = args.alias or os.path.basename(args.model)
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
-    log.info("serving %s (MTP %s) on http://%s:%d", name, f"draft {draft}" if mtp else "off", args.host, args.port)
+    log.info("serving %s (MTP %s, %d parallel) on http://%s:%d", name, f"draft {draft}" if mtp else "off",
+             args.parallel, args.host, args.port)
     uvicorn.run(create_app(llm, settings), host=args.host, port=args.port, log_level="warning")
     llm.close()
     return 0

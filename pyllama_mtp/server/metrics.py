@@ -48,6 +48,12 @@ class Metrics:
         self.accepted_per_pos: list[int] = [0] * 8
         self.request_latency = Histogram()
         self.time_to_first_token = Histogram()
+        self.running = 0                            # sequences being decoded now
+        self.waiting = 0                            # requests queued for a free slot
+
+    def set_load(self, running: int, waiting: int) -> None:
+        with self._lock:
+            self.running, self.waiting = running, waiting
 
     def request_done(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -77,6 +83,8 @@ class Metrics:
                                 ("spec_decode_num_draft_tokens_total", self.num_draft_tokens),
                                 ("spec_decode_num_accepted_tokens_total", self.num_accepted_tokens)):
                 lines += [f"# TYPE {p}_{name} counter", f'{p}_{name}{{model="{self.model}"}} {value}']
+            for name, value in (("num_requests_running", self.running), ("num_requests_waiting", self.waiting)):
+                lines += [f"# TYPE {p}_{name} gauge", f'{p}_{name}{{model="{self.model}"}} {value}']
             lines.append(f"# TYPE {p}_spec_decode_num_accepted_tokens_per_pos_total counter")
             lines += [f'{p}_spec_decode_num_accepted_tokens_per_pos_total{{model="{self.model}",position="{i}"}} {n}'
                       for i, n in enumerate(self.accepted_per_pos)]

@@ -1,0 +1,181 @@
+"""Continuous batching for ``--parallel N``: one thread owns the session and its N
+sequence slots; HTTP handlers only enqueue jobs and read results.
+
+Every loop the scheduler frees the slots of cancelled jobs (clients that went away),
+admits queued jobs into free slots (prefill and first token, one job at a time), then
+steps every active slot together in one ``step_batch`` call: the MTP heads draft for all
+slots in one decode per head and the target verifies all of them in one batch. Each
+slot's chunks go to its own job as soon as the step returns; a finished slot is free
+for the next queued job in the same loop. Jobs beyond N wait in the queue.
+
+A slot with ``draft="auto"`` takes the draft length a BatchDraftPolicy picks for the
+number of slots in the step (0 when MTP does not pay at that batch size); a fixed draft
+(or ``mtp: false``) is used as given.
+"""
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..llama import Llama, SequenceOutput
+from ..speculative import BatchDraftPolicy, GenerationStats
+from .worker import Job, Worker
+
+_DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
+
+
+@dataclass
+class _Slot:
+    """One sequence slot and the job it serves."""
+    seq: int
+    job: Job
+    output: SequenceOutput
+    draft: int | str
+    n_prompt: int
+    t_first: float
+    n_generated: int = 0
+    n_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = field(default_factory=lambda: [0] * 8)
+    accepted_at: list[int] = field(default_factory=lambda: [0] * 8)
+
+    def count(self, result) -> None:
+        if result.n_drafted:
+            self.n_steps += 1
+            self.drafted += result.n_drafted
+            self.accepted += result.n_accepted
+            for i in range(min(result.n_drafted, 8)):
+                self.drafted_at[i] += 1
+                self.accepted_at[i] += i < result.n_accepted
+
+    def stats(self) -> GenerationStats:
+        return GenerationStats(n_steps=self.n_steps, drafted=self.drafted, accepted=self.accepted,
+                               drafted_per_position=tuple(self.drafted_at),
+                               accepted_per_position=tuple(self.accepted_at),
+                               n_prompt_tokens=self.n_prompt, n_generated=self.n_generated)
+
+
+class BatchWorker:
+    DONE = _DONE
+
+    def __init__(self, llm: Llama, metrics):
+        self.llm = llm
+        self.session = llm.session
+        self.metrics = metrics
+        self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.free = list(range(self.session.n_seq_max))     # lowest id first: active ids stay consecutive
+        self.slots: dict[int, _Slot] = {}
+        self.policy = BatchDraftPolicy(llm.draft_max) if llm.draft_max else None
+        self.stopping = False
+        self.thread = threading.Thread(target=self._run, name="pyllama-mtp-scheduler", daemon=True)
+        self.thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+        self._report()
+
+    def stop(self) -> None:
+        self.stopping = True      # seen between steps even while every slot is busy
+        self.jobs.put(None)       # wakes a scheduler waiting for work
+        self.thread.join(timeout=30)
+
+    # ------------------------------------------------------------ the loop
+
+    def _run(self) -> None:
+        while not self.stopping:
+            self._drop_cancelled()
+            self._admit(block=not self.slots)
+            if self.slots:
+                self._step()
+        for seq in list(self.slots):
+            self._finish(seq, error=None)
+
+    def _admit(self, block: bool) -> None:
+        while self.free and not self.stopping:
+            try:
+                job = self.jobs.get(timeout=0.5) if block else self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            block = False
+            if job is None:
+                self.stopping = True
+                return
+            if job.cancelled.is_set():
+                job.emit(_DONE)
+                continue
+            self._start(job)
+        self._report()
+
+    def _start(self, job: Job) -> None:
+        seq = min(self.free)
+        llm, session = self.llm, self.session
+        try:
+            opts = dict(job.options)
+            tokens, max_tokens, sampling, draft, stops = llm._call_args(job.tokens, opts.pop("max_tokens"), **opts)
+            session.seq_reset(seq)
+            session.seq_set_sampling(seq, sampling)
+            session.seq_prefill(seq, tokens)
+            first = session.seq_sample(seq)
+        except Exception as e:   # reported to its request; the other slots go on
+            session.seq_reset(seq)
+            job.emit(e)
+            job.emit(_DONE)
+            return
+        self.free.remove(seq)
+        output = SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, max_tokens, llm.n_ctx, stops)
+        slot = _Slot(seq, job, output, draft, len(tokens), time.perf_counter())
+        self.slots[seq] = slot
+        self._deliver(slot, first)
+
+    def _step(self) -> None:
+        seqs = sorted(self.slots)
+        auto = [s for s in seqs if self.slots[s].draft == "auto"]
+        k_auto = self.policy.choose(len(seqs)) if auto and self.policy else 0
+        drafts = [k_auto if self.slots[s].draft == "auto" else self.slots[s].draft for s in seqs]
+        t0 = time.perf_counter()
+        try:
+            results = self.session.step_batch(seqs, drafts)
+        except Exception as e:   # nothing of this step reached any slot: all of them end with the error
+            for seq in seqs:
+                self._finish(seq, error=e)
+            return
+        if auto and self.policy:
+            accepted = [r.n_accepted for s, r in zip(seqs, results) if self.slots[s].draft == "auto"]
+            self.policy.update(len(seqs), k_auto, accepted, time.perf_counter() - t0)
+        for seq, result in zip(seqs, results):
+            self.slots[seq].count(result)
+            self._deliver(self.slots[seq], result)
+
+    def _deliver(self, slot: _Slot, result) -> None:
+        chunk = slot.output.push(result, self.session.seq_n_past(slot.seq))
+        slot.n_generated += len(chunk.tokens)
+        slot.job.emit(chunk)
+        if chunk.finish_reason is not None:
+            self._finish(slot.seq, error=None)
+
+    def _drop_cancelled(self) -> None:
+        for seq in [s for s, slot in self.slots.items() if slot.job.cancelled.is_set()]:
+            self._finish(seq, error=None)
+
+    def _finish(self, seq: int, error: Exception | None) -> None:
+        slot = self.slots.pop(seq)
+        try:
+            self.session.seq_reset(seq)   # the slot's cells are free at once
+        finally:
+            self.free.append(seq)
+            if error is not None:
+                slot.job.emit(error)
+            else:
+                stats = slot.stats()
+                slot.job.emit(stats)
+                end = time.perf_counter()
+                self.metrics.generation_done(stats, end - slot.job.enqueued_at, slot.t_first - slot.job.enqueued_at)
+            slot.job.emit(_DONE)
+            self._report()
+
+    def _report(self) -> None:
+        self.metrics.set_load(running=len(self.slots), waiting=self.jobs.qsize())
+

@@ -1,0 +1,192 @@
+#!/usr/bin/env python3
+"""Load benchmark of pyllama-mtp-server: aggregate and per-stream tokens per second with
+1, 2, 4, 8 concurrent clients, MTP off vs on, on one oracle step35 GGUF.
+
+A real server runs on 127.0.0.1 with --parallel equal to the largest client count; every
+client is the official `openai` client sending greedy completion requests one after
+another (random prompt token ids, one prompt per client and request). For each count of
+clients the script reports
+
+  * aggregate tok/s: completion tokens of every request / wall time of the round,
+  * per-stream tok/s: the mean over requests of completion tokens / request latency,
+
+for MTP off (plain decoding, every slot batched) and MTP on (--mtp --draft DRAFT; "auto"
+lets the server drop drafting at a concurrency where it does not pay), and the single-
+stream speedup of the library itself (Llama.generate, draft DRAFT vs plain) to compare
+with the server's at 1 client.
+
+    python scripts/bench_server_load.py --size-gb 2.2 --acceptance 0.9 -t 2 -n 128
+"""
+from __future__ import annotations
+
+import argparse
+import concurrent.futures
+import json
+import socket
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def ensure_model(path: Path, size_gb: float, acceptance: float) -> Path:
+    if not path.exists():
+        from pyllama_mtp import testing
+        testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,
+                             **testing.oracle_size_for(size_gb * 1e9))
+        print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)", file=sys.stderr)
+    return path
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Server:
+    """pyllama-mtp-server in a subprocess, up until closed."""
+
+    def __init__(self, model: Path, threads: int, parallel: int, n_ctx: int, mtp_draft: str | None):
+        import httpx
+        self.port = free_port()
+        cmd = [sys.executable, "-m", "pyllama_mtp.server.cli", "--model", str(model), "--port", str(self.port),
+               "--threads", str(threads), "--parallel", str(parallel), "--n-ctx", str(n_ctx), "--alias", "bench"]
+        if mtp_draft is not None:
+            cmd += ["--mtp", "--draft", mtp_draft]
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        deadline = time.time() + 600
+        while time.time() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+            try:
+                if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                time.sleep(0.5)
+        self.close()
+        raise RuntimeError("server did not come up within 10 minutes")
+
+    @property
+    def base(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.proc.terminate()
+        self.proc.wait(timeout=60)
+
+
+def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, seed: int) -> dict:
+    """clients threads, each sending `requests` completions in turn; tokens and latencies."""
+    rng = np.random.default_rng(seed)
+    prompts = [[[int(t) for t in rng.integers(3, n_vocab - 8, size=16)] for _ in range(requests)]
+               for _ in range(clients)]
+
+    def run(mine):
+        out = []
+        for prompt in mine:
+            t0 = time.perf_counter()
+            r = client.completions.create(model="bench", prompt=prompt, max_tokens=n_gen, temperature=0)
+            out.append((r.usage.completion_tokens, time.perf_counter() - t0))
+        return out
+
+    t0 = time.perf_counter()
+    with concurrent.futures.ThreadPoolExecutor(clients) as pool:
+        results = [x for part in pool.map(run, prompts) for x in part]
+    wall = time.perf_counter() - t0
+    tokens = sum(n for n, _ in results)
+    return {"aggregate_tps": tokens / wall, "per_stream_tps": statistics.mean(n / t for n, t in results),
+            "tokens": tokens, "wall_s": wall}
+
+
+def bench_server(model: Path, args, mtp_draft: str | None) -> dict[int, dict]:
+    import openai
+    from pyllama_mtp.engine import Model
+    from pyllama_mtp.config import ModelConfig
+    with Model(ModelConfig(str(model), load_mtp=False, use_mmap=True)) as m:
+        n_vocab = m.info.n_vocab
+    server = Server(model, args.threads, max(args.clients), args.n_ctx, mtp_draft)
+    try:
+        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="none", max_retries=0, timeout=3600)
+        one_round(client, 1, 1, 16, n_vocab, seed=999)                         # warm-up
+        return {c: one_round(client, c, args.requests, args.n_gen, n_vocab, seed=c) for c in args.clients}
+    finally:
+        server.close()
+
+
+def library_speedup(model: Path, args) -> dict:
+    """Single-stream tok/s of the library itself, plain vs MTP (median of rounds), counted
+    like the server's per-stream figure: generated tokens over the whole call's wall time
+    (prompt included)."""
+    from pyllama_mtp import Llama
+    rng = np.random.default_rng(0)
+    draft = args.draft if args.draft == "auto" else int(args.draft)
+    rates = {"off": [], "on": []}
+    with Llama(str(model), mtp=True, draft=draft, n_ctx=args.n_ctx, threads=args.threads) as llm:
+        llm.generate([5, 6, 7], max_tokens=8)
+        for _ in range(args.rounds):
+            prompt = [int(t) for t in rng.integers(3, llm.info.n_vocab - 8, size=16)]
+            for mode, k in (("off", 0), ("on", draft)):
+                llm.session.reset()            # no prefix reuse: every call prefills, as the server does
+                llm._kv_tokens = []
+                t0 = time.perf_counter()
+                n = len(llm.generate(prompt, max_tokens=args.n_gen, draft=k).tokens)
+                rates[mode].append(n / (time.perf_counter() - t0))
+    off, on = statistics.median(rates["off"]), statistics.median(rates["on"])
+    return {"plain_tps": off, "mtp_tps": on, "speedup": on / off if off else 0.0}
+
+
+def table(off: dict, on: dict, lib: dict | None) -> str:
+    lines = ["| clients | MTP off aggregate | MTP off per stream | MTP on aggregate | MTP on per stream | on / off |",
+             "| ------: | ----------------: | -----------------: | ---------------: | ----------------: | -------: |"]
+    for c in sorted(off):
+        a, b = off[c], on[c]
+        lines.append(f"| {c} | {a['aggregate_tps']:.2f} | {a['per_stream_tps']:.2f} | {b['aggregate_tps']:.2f} | "
+                     f"{b['per_stream_tps']:.2f} | {b['aggregate_tps'] / a['aggregate_tps']:.2f}x |")
+    if lib:
+        lines.append("")
+        lines.append(f"library single stream: plain {lib['plain_tps']:.2f} tok/s, MTP {lib['mtp_tps']:.2f} tok/s, "
+                     f"speedup {lib['speedup']:.2f}x (server at 1 client: "
+                     f"{on[min(on)]['aggregate_tps'] / off[min(off)]['aggregate_tps']:.2f}x)")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="existing GGUF (default: write an oracle step35 model)")
+    ap.add_argument("--size-gb", type=float, default=2.2, help="size of the oracle model to write (default 2.2)")
+    ap.add_argument("--acceptance", type=float, default=0.9, help="oracle heads' agreement with the trunk")
+    ap.add_argument("--model-dir", type=Path, default=ROOT / "build" / "bench-models")
+    ap.add_argument("--clients", default="1,2,4,8", help="concurrent client counts (default 1,2,4,8)")
+    ap.add_argument("--draft", default="auto", help="MTP draft for the MTP-on server (default auto)")
+    ap.add_argument("--requests", type=int, default=2, help="requests per client per round (default 2)")
+    ap.add_argument("-n", "--n-gen", type=int, default=128, help="max_tokens per request (default 128)")
+    ap.add_argument("-t", "--threads", type=int, default=2)
+    ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (default 1024)")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds of the library measurement (default 3)")
+    ap.add_argument("--no-library", action="store_true", help="skip the library's single-stream measurement")
+    ap.add_argument("--json", type=Path, help="also write the figures here")
+    args = ap.parse_args(argv)
+    args.clients = sorted({int(c) for c in args.clients.split(",")})
+    if args.clients[0] < 1:
+        ap.error("--clients must be >= 1")
+
+    model = args.model or ensure_model(args.model_dir / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}.gguf",
+                                       args.size_gb, args.acceptance)
+    off = bench_server(model, args, None)
+    on = bench_server(model, args, args.draft)
+    lib = None if args.no_library else library_speedup(model, args)
+    print(table(off, on, lib))
+    if args.json:
+        args.json.write_text(json.dumps({"mtp_off": off, "mtp_on": on, "library": lib, "draft": args.draft,
+                                         "threads": args.threads, "n_gen": args.n_gen, "model": str(model)}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

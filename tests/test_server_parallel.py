@@ -1,0 +1,162 @@
+"""``pyllama-mtp-server --parallel N`` on 127.0.0.1, driven by the official openai client:
+concurrent requests decode together and each gets exactly its sequential greedy text,
+requests beyond N wait, and a client that goes away frees its slot at once."""
+from __future__ import annotations
+
+import concurrent.futures
+import subprocess
+import sys
+import time
+
+import httpx
+import pytest
+
+from test_server import free_port
+
+openai = pytest.importorskip("openai")
+
+PARALLEL = 3
+
+
+def start_server(model_path, *extra):
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", model_path, "--port", str(port),
+                             "--n-ctx", "512", "--threads", "1", "--alias", "tiny", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+    proc.terminate()
+    raise AssertionError("server did not start")
+
+
+@pytest.fixture(scope="module")
+def server(step35_path):
+    """A random step35 (window 8, near-ties everywhere) with MTP draft 3 and 3 slots."""
+    proc, base = start_server(step35_path, "--mtp", "--draft", "3", "--parallel", str(PARALLEL))
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+@pytest.fixture
+def client(server):
+    return openai.OpenAI(base_url=f"{server}/v1", api_key="none", max_retries=0, timeout=120)
+
+
+@pytest.fixture(scope="module")
+def reference(step35_path):
+    from pyllama_mtp import Llama
+    with Llama(step35_path, n_ctx=512, threads=1) as llm:
+        yield llm
+
+
+def complete(client, prompt, n=120, **extra):
+    return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0,
+                                     extra_body=extra or None).choices[0].text
+
+
+def metric(server, name) -> float:
+    for line in httpx.get(f"{server}/metrics").text.splitlines():
+        if line.startswith(f"pyllama_mtp_{name}"):
+            return float(line.split()[-1])
+    raise AssertionError(f"no metric {name}")
+
+
+def test_concurrent_clients_get_their_sequential_greedy_text(client, reference):
+    prompts = [f"prompt number {i}" for i in range(PARALLEL)]
+    sequential = [complete(client, p) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        together = list(pool.map(lambda p: complete(client, p), prompts))
+    assert together == sequential
+    for p, text in zip(prompts, together):
+        reference.session.reset()   # a fresh context: the text alone, decoded plainly
+        reference._kv_tokens = []
+        assert text == reference.generate(p, max_tokens=120).text
+
+
+def test_requests_beyond_capacity_wait_and_are_served(client, server):
+    prompts = [f"queued {i}" for i in range(2 * PARALLEL + 1)]
+    sequential = [complete(client, p, n=40) for p in prompts]
+    with concurrent.futures.ThreadPoolExecutor(len(prompts)) as pool:
+        futures = [pool.submit(complete, client, p, 40) for p in prompts]
+        waiting = 0.0
+        while not all(f.done() for f in futures):
+            waiting = max(waiting, metric(server, "num_requests_waiting"))
+            time.sleep(0.01)
+        together = [f.result() for f in futures]
+    assert together == sequential
+    assert waiting > 0
+    assert metric(server, "num_requests_running") == 0
+
+
+def test_mixed_mtp_settings_in_one_batch(client):
+    """Slots with MTP off, draft 1 and draft 3 step together; greedy text is the same."""
+    settings = [{"mtp": False}, {"draft": 1}, {"draft": 3}]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        texts = list(pool.map(lambda e: complete(client, "same prompt", 100, **e), settings))
+    assert texts[0] == texts[1] == texts[2]
+
+
+def test_disconnect_frees_the_slot_at_once(server, client):
+    """All slots busy with long streams; one client leaves: a new request is served while
+    the others still run."""
+    def long_stream(i):
+        chunks = client.completions.create(model="tiny", prompt=f"long {i}", max_tokens=480, stream=True)
+        return sum(1 for _ in chunks)
+
+    with concurrent.futures.ThreadPoolExecutor(PARALLEL) as pool:
+        others = [pool.submit(long_stream, i) for i in range(PARALLEL - 1)]
+        with httpx.stream("POST", f"{server}/v1/completions", timeout=60,
+                          json={"model": "tiny", "prompt": "leaving", "max_tokens": 480, "stream": True}) as r:
+            for line in r.iter_lines():
+                if line.startswith("data:"):
+                    break   # leave after the first chunk
+        t0 = time.time()
+        assert complete(client, "next", n=4)
+        served_in = time.time() - t0
+        still_running = sum(not f.done() for f in others)
+        for f in others:
+            assert f.result() > 0
+    assert served_in < 20
+    assert still_running > 0, "the long streams ended before the new request: the test proves nothing"
+
+
+def test_sampling_at_temperature_in_parallel_slots(client):
+    """Each slot has its own sampler: two plain slots with one seed draw the same text side
+    by side; MTP slots at temperature > 0 (rejection sampling) draft and produce text."""
+    def sample(args):
+        seed, extra = args
+        r = client.completions.create(model="tiny", prompt="t", max_tokens=30, temperature=1.0, seed=seed,
+                                      extra_body=extra)
+        return r.choices[0].text, r.usage.model_extra["drafted_tokens"]
+    jobs = [(1, {"mtp": False}), (1, {"mtp": False}), (2, {})]
+    with concurrent.futures.ThreadPoolExecutor(3) as pool:
+        (a, _), (b, _), (c, drafted) = pool.map(sample, jobs)
+    assert a == b and a
+    assert c and drafted > 0
+
+
+def test_usage_and_spec_decode_counters(client, server):
+    before = metric(server, "spec_decode_num_drafts_total")
+    result = client.completions.create(model="tiny", prompt="u", max_tokens=20)
+    assert result.usage.completion_tokens == 20
+    assert result.usage.model_extra["drafted_tokens"] > 0
+    assert metric(server, "spec_decode_num_drafts_total") > before
+
+
+def test_parallel_with_a_recurrent_model_says_it_is_not_implemented(tmp_path):
+    from pyllama_mtp import testing
+    path = testing.write_qwen35(tmp_path / "q.gguf", seed=1)
+    r = subprocess.run([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", str(path), "--mtp", "--draft", "2",
+                        "--parallel", "2", "--port", str(free_port()), "--n-ctx", "256"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1
+    assert "not implemented" in r.stderr and "--parallel 1" in r.stderr
