@@ -104,11 +104,17 @@ def main(argv=None) -> int:
     ap.add_argument("--remote-layers", type=int, default=-1,
                     help="trunk layers on the workers (n_gpu_layers; -1 = all)")
     ap.add_argument("--link-gbit", type=float, default=1.0, help="link speed for the --cache load test")
+    ap.add_argument("--cache-only", action="store_true", help="only the --cache load test")
     ap.add_argument("--json", type=Path, help="also write the results here")
     args = ap.parse_args(argv)
 
     model = ensure_model(ROOT / "build" / "bench" / f"oracle-{args.size_gb}gb-a{args.acceptance}.gguf",
                          args.size_gb, args.acceptance)
+    if args.cache_only:
+        cache = cache_load_times(model, args)
+        print(f"{model.name}: model load over a {args.link_gbit:g} Gbit/s link: " +
+              ", ".join(f"{k} {v:.2f} s" for k, v in cache.items()))
+        return 0
     rows = []
     for d in args.drafts:
         rows.append({"workers": 0, "rtt_ms": 0.0, "draft": d, "placement": "-", **run_config(model, [], [], d, args)})
