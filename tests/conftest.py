@@ -71,3 +71,39 @@ def greedy_continuation(model, tokens, n):
             out.append(int(np.argmax(s.logits())))
             s.prefill([out[-1]])
         return out
+
+
+def start_server(model_path, *extra, threads: int = 1):
+    """The real server on a free 127.0.0.1 port: (process, base URL) once /health answers."""
+    import time
+
+    import httpx
+
+    from pyllama_mtp.rpc_local import free_port
+    port = free_port()
+    proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", model_path, "--port", str(port),
+                             "--n-ctx", "512", "--threads", str(threads), "--alias", "tiny", *extra],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            time.sleep(0.2)
+        if proc.poll() is not None:
+            raise AssertionError(proc.stdout.read())
+    proc.terminate()
+    raise AssertionError("server did not start")
+
+
+def assert_mtp_file_lossless(trunk, mtp, prompt, max_tokens):
+    """A trunk with an MTP-only file drafts (some drafts) and gives the plain greedy tokens."""
+    from pyllama_mtp import Llama
+    out = {}
+    for use_mtp in (False, str(mtp)):
+        with Llama(str(trunk), mtp=use_mtp, draft=3, n_ctx=256, threads=2) as llm:
+            got = llm.generate(prompt, max_tokens=max_tokens)
+            out[bool(use_mtp)] = (got.tokens, got.stats.drafted)
+    assert out[True][1] > 0 and out[True][0] == out[False][0]

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import pinned_converter
+from conftest import assert_mtp_file_lossless
 from pyllama_mtp import Llama, hf_testing, testing
 from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError, MtpError
 from pyllama_mtp.tools.cli import main
@@ -113,12 +114,7 @@ def test_norms_are_shifted_and_f32(tmp_path, ckpt, trunk):
 def test_extracted_mtp_runs_next_to_a_trunk_losslessly(tmp_path, ckpt, trunk):
     mtp = extract_mtp(ckpt, tmp_path / "mtp.gguf", trunk=trunk).path
     prompt = [int(t) for t in np.random.default_rng(2).integers(3, 500, size=10)]
-    out = {}
-    for use_mtp in (False, str(mtp)):
-        with Llama(str(trunk), mtp=use_mtp, draft=3, n_ctx=256, threads=2) as llm:
-            got = llm.generate(prompt, max_tokens=48)
-            out[bool(use_mtp)] = (got.tokens, got.stats.drafted)
-    assert out[True][1] > 0 and out[True][0] == out[False][0]
+    assert_mtp_file_lossless(trunk, mtp, prompt, 48)
 
 
 def test_cli(tmp_path, ckpt, trunk, capsys):

@@ -10,6 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
+from conftest import assert_mtp_file_lossless
 from pyllama_mtp import Llama, testing
 from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError, MtpError
 from pyllama_mtp.tools.cli import main
@@ -148,12 +149,7 @@ def test_trunk_only_and_mtp_only_files_quantize_separately(tmp_path):
     assert quantize(trunk, qt, "Q4_K_M", threads=2).mtp_types == {}
     assert quantize(mtp, qm, "Q4_K_M", threads=2).mtp_types == {"Q8_0": 30, "F32": 21}
     prompt = [int(t) for t in np.random.default_rng(6).integers(3, 500, size=12)]
-    out = {}
-    for use_mtp in (False, str(qm)):
-        with Llama(str(qt), mtp=use_mtp, draft=3, n_ctx=256, threads=2) as llm:
-            got = llm.generate(prompt, max_tokens=64)
-            out[bool(use_mtp)] = (got.tokens, got.stats.drafted)
-    assert out[True][1] > 0 and out[True][0] == out[False][0]
+    assert_mtp_file_lossless(qt, qm, prompt, 64)
 
 
 # --------------------------------------------------------------------------- bad input

@@ -15,7 +15,7 @@ import time
 
 import pytest
 
-from conftest import first_diff
+from conftest import first_diff, start_server
 from pyllama_mtp import InvalidArgumentError, Llama, ModelLoadError, RpcError, build_info, testing
 from pyllama_mtp.rpc_local import LocalWorker, free_port
 
@@ -298,16 +298,9 @@ def test_server_over_a_worker_then_losing_it(step35_path, step35_reference, tmp_
     request gets a 503 error object (not a dead server) and /health says why."""
     openai = pytest.importorskip("openai")
     httpx = pytest.importorskip("httpx")
-    from pyllama_mtp.rpc_local import wait_listening
     with LocalWorker(log_path=tmp_path / "w.log") as worker:
-        port = free_port()
-        proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", step35_path, "--mtp",
-                                 "--draft", "2", "--port", str(port), "--n-ctx", "512", "--threads", "1",
-                                 "--rpc", worker.endpoint, "-ngl", "2", "--alias", "tiny"],
-                                stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        proc, base = start_server(step35_path, "--mtp", "--draft", "2", "--rpc", worker.endpoint, "-ngl", "2")
         try:
-            wait_listening(port, timeout=60, proc=proc)
-            base = f"http://127.0.0.1:{port}"
             client = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0)
             with Llama(step35_path, threads=1, n_ctx=512) as ref:
                 expected = ref.generate(PROMPT, max_tokens=24).text

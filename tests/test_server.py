@@ -4,12 +4,12 @@ from __future__ import annotations
 import concurrent.futures
 import json
 import socket
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
+
+from conftest import start_server
 
 openai = pytest.importorskip("openai")
 
@@ -24,20 +24,8 @@ def free_port() -> int:
 
 @pytest.fixture(scope="module")
 def server(oracle_path):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", oracle_path, "--mtp",
-                             "--draft", "3", "--port", str(port), "--n-ctx", "512", "--threads", "2",
-                             "--api-key", API_KEY, "--alias", "tiny", "--max-body-bytes", "20000"],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        assert proc.poll() is None, proc.stdout.read()
+    proc, base = start_server(oracle_path, "--mtp", "--draft", "3", "--api-key", API_KEY,
+                              "--max-body-bytes", "20000", threads=2)
     yield base
     proc.terminate()
     proc.wait(timeout=20)

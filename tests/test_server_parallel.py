@@ -11,30 +11,13 @@ import time
 import httpx
 import pytest
 
+from conftest import start_server
 from test_server import free_port
 
 openai = pytest.importorskip("openai")
 
 PARALLEL = 3
 
-
-def start_server(model_path, *extra):
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", model_path, "--port", str(port),
-                             "--n-ctx", "512", "--threads", "1", "--alias", "tiny", *extra],
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 60
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            time.sleep(0.2)
-        if proc.poll() is not None:
-            raise AssertionError(proc.stdout.read())
-    proc.terminate()
-    raise AssertionError("server did not start")
 
 
 @pytest.fixture(scope="module")
