@@ -51,11 +51,12 @@ def completion_response(id: str, model: str, created: int, text: str, finish_rea
             "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
 
 
-def completion_chunk(id: str, model: str, created: int, text: str, finish_reason: str | None) -> dict:
+def completion_chunk(id: str, model: str, created: int, text: str, finish_reason: str | None,
+                     logprobs: dict | None = None) -> dict:
     """One streamed ``/v1/completions`` piece: the same object type as the whole result,
-    with ``finish_reason`` None until the last chunk."""
+    with ``finish_reason`` None until the last chunk (and the logprobs of its tokens)."""
     _check_finish_reason(finish_reason, final=False)
-    choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(id, "text_completion", model, created, choice)
 
 
@@ -69,21 +70,23 @@ def chat_response(id: str, model: str, created: int, text: str, finish_reason: s
             "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
 
 
-def chat_chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None) -> dict:
+def chat_chunk(id: str, model: str, created: int, delta: dict, finish_reason: str | None,
+               logprobs: dict | None = None) -> dict:
     """One streamed chat piece (object ``chat.completion.chunk``). By convention the
     first delta is ``{"role": "assistant", "content": ""}``, then ``{"content": ...}``
     pieces, and the last is ``{}`` with the finish reason."""
     _check_finish_reason(finish_reason, final=False)
-    choice = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+    choice = {"index": 0, "delta": delta, "logprobs": logprobs, "finish_reason": finish_reason}
     return _envelope(id, "chat.completion.chunk", model, created, choice)
 
 
-def completion_logprobs(pieces: list[bytes], logprobs, top_logprobs) -> dict:
+def completion_logprobs(pieces: list[bytes], logprobs, top_logprobs, offset: int = 0) -> dict:
     """The legacy ``/v1/completions`` logprobs object: token strings, their logprobs,
     the top alternatives per position as {token: logprob} (each a (bytes, logprob)
-    pair on input), and text offsets."""
+    pair on input), and text offsets (from ``offset``: a streamed chunk continues the
+    offsets of the chunks before it)."""
     texts = [p.decode("utf-8", errors="replace") for p in pieces]
-    offsets, pos = [], 0
+    offsets, pos = [], offset
     for t in texts:
         offsets.append(pos)
         pos += len(t)

@@ -164,3 +164,24 @@ def test_logprobs_through_the_server(client):
     chat = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "a"}], max_tokens=5,
                                           logprobs=True, top_logprobs=2)
     assert len(chat.choices[0].logprobs.content) == 5
+
+
+def test_streamed_logprobs_equal_the_whole_result(client):
+    """Each streamed chunk carries its tokens' logprobs; together they are the
+    non-streamed result's (drafted tokens included: the server runs MTP)."""
+    whole = client.completions.create(model="tiny", prompt="a b", max_tokens=16, logprobs=2, temperature=0)
+    parts = list(client.completions.create(model="tiny", prompt="a b", max_tokens=16, logprobs=2, temperature=0,
+                                           stream=True))
+    streamed = [c.choices[0].logprobs for c in parts if c.choices[0].logprobs is not None]
+    assert [lp for s in streamed for lp in s.token_logprobs] == whole.choices[0].logprobs.token_logprobs
+    assert [t for s in streamed for t in s.tokens] == whole.choices[0].logprobs.tokens
+    assert [o for s in streamed for o in s.text_offset] == whole.choices[0].logprobs.text_offset
+    chat_whole = client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                max_tokens=8, logprobs=True, top_logprobs=2, temperature=0)
+    chat_parts = list(client.chat.completions.create(model="tiny", messages=[{"role": "user", "content": "hi"}],
+                                                     max_tokens=8, logprobs=True, top_logprobs=2, temperature=0,
+                                                     stream=True))
+    entries = [e for c in chat_parts if c.choices and c.choices[0].logprobs for e in c.choices[0].logprobs.content]
+    expected = chat_whole.choices[0].logprobs.content
+    assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in expected]
+    assert [[a.token for a in e.top_logprobs] for e in entries] == [[a.token for a in e.top_logprobs] for e in expected]

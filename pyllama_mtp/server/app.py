@@ -219,13 +219,21 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             raise ApiError(503, str(e), "server_error") from None
         except PmtpError as e:
             raise ApiError(400, str(e)) from None
-        logprobs = None
-        if kwargs.get("logprobs") is not None:
-            pieces = llm.model.token_pieces
-            alternatives = [[(pieces[t], lp) for t, lp in alts] for alts in tops]
-            build = openai_shapes.chat_logprobs if chat else openai_shapes.completion_logprobs
-            logprobs = build([pieces[t] for t in generated], lps, alternatives)
+        logprobs = logprobs_object(kwargs, generated, lps, tops, chat)
         return "".join(text), len(generated), finish, stats, logprobs
+
+    def logprobs_object(kwargs, tokens, lps, tops, chat: bool, offset: int = 0):
+        """The OpenAI logprobs object of these tokens, or None when the request did not ask."""
+        if kwargs.get("logprobs") is None:
+            return None
+        pieces = llm.model.token_pieces
+        alternatives = [[(pieces[t], lp) for t, lp in alts] for alts in tops]
+        if chat:
+            return openai_shapes.chat_logprobs([pieces[t] for t in tokens], lps, alternatives)
+        return openai_shapes.completion_logprobs([pieces[t] for t in tokens], lps, alternatives, offset)
+
+    def chunk_logprobs(kwargs, item, chat: bool, offset: int = 0):
+        return logprobs_object(kwargs, item.tokens, item.logprobs or (), item.top_logprobs or (), chat, offset)
 
     @app.get("/health")
     async def health():
@@ -257,10 +265,14 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
         if req.stream:
             async def events():
+                offset = 0   # text offsets of streamed logprobs continue over the chunks
                 async for item in run(tokens, kwargs, request):
                     if hasattr(item, "text"):
+                        logprobs = chunk_logprobs(kwargs, item, False, offset)
+                        if logprobs is not None:
+                            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) if item.tokens else offset
                         yield openai_shapes.completion_chunk(cid, settings.model_name, created, item.text,
-                                                             item.finish_reason)
+                                                             item.finish_reason, logprobs)
             return sse(events())
         text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=False)
         return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
@@ -278,9 +290,10 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                                                {"role": "assistant", "content": ""}, None)
                 async for item in run(tokens, kwargs, request):
                     if hasattr(item, "text"):
-                        if item.text:
+                        logprobs = chunk_logprobs(kwargs, item, True) if item.tokens else None
+                        if item.text or logprobs is not None:
                             yield openai_shapes.chat_chunk(cid, settings.model_name, created,
-                                                           {"content": item.text}, None)
+                                                           {"content": item.text}, None, logprobs)
                         if item.finish_reason:
                             yield openai_shapes.chat_chunk(cid, settings.model_name, created, {},
                                                            item.finish_reason)
