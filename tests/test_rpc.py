@@ -71,6 +71,16 @@ def test_pair_split_over_workers_is_lossless(step35_pair, workers, draft):
     assert out == reference, f"first difference at token {first_diff(out, reference)}"
 
 
+@pytest.mark.parametrize("moe", [False, True])
+def test_recurrent_model_over_a_worker_is_lossless(tmp_path, workers, moe):
+    """qwen35/qwen35moe: recurrent state on the worker, rolled back after each verify."""
+    path = testing.write_qwen35(tmp_path / "q35.gguf", seed=1, moe=moe)
+    reference = generate(path)
+    for draft in (0, 3):
+        out = generate(path, rpc=[workers[0].endpoint], n_gpu_layers=2, mtp=draft > 0, draft=max(draft, 1))
+        assert out == reference, f"draft {draft}: first difference at token {first_diff(out, reference)}"
+
+
 def test_devices_lists_local_and_remote(step35_path, workers):
     with Llama(step35_path, threads=1, n_ctx=256, rpc=[w.endpoint for w in workers], mtp=True) as llm:
         devices = llm.devices
