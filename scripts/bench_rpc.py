@@ -7,7 +7,7 @@ and on, with added network latency. Everything in one run:
   * draft 0 (MTP off) and 1..3, with the MTP layers local (default) and, for the largest
     draft, placed by the layer split;
   * network round trips per generated token (counted by the proxy);
-  * a fit of per-token time = compute + round trips x RTT to the measured points;
+  * a projection of per-token time = time at RTT 0 + round trips x RTT (where 2x falls);
   * model load time from a worker with --cache, cold and warm.
 
     python scripts/bench_rpc.py --size-gb 0.5 --acceptance 0.9 -t 2 -n 96 --rtt-ms 0 0.5 2
@@ -60,21 +60,6 @@ def run_config(model: Path, endpoints: list[str], proxies: list[DelayProxy], dra
         return {"tok_s": rate, "tokens": len(res.tokens),
                 "round_trips_per_token": (n_rt / len(res.tokens)) if proxies else None,
                 "acceptance": res.stats.acceptance_rate if draft else None}
-
-
-def fit_latency_model(points: list[tuple[float, float, float]]) -> tuple[float, float] | None:
-    """points: (rtt_s, round_trips_per_token, seconds_per_token). Least squares of
-    s_per_token = compute + k * rt_per_token * rtt for one configuration: returns (compute, k)."""
-    if len(points) < 2:
-        return None
-    xs = [rt * rtt for rtt, rt, _ in points]
-    ys = [s for _, _, s in points]
-    mx, my = statistics.fmean(xs), statistics.fmean(ys)
-    sxx = sum((x - mx) ** 2 for x in xs)
-    if sxx == 0:
-        return None
-    k = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sxx
-    return my - k * mx, k
 
 
 def cache_load_times(model: Path, args) -> dict:
@@ -144,16 +129,23 @@ def main(argv=None) -> int:
     for r in rows:
         if r["round_trips_per_token"] is None and r["workers"]:
             r["round_trips_per_token"] = counted.get((r["workers"], r["draft"], r["placement"]))
+    # The simplest latency model: per-token time = time at RTT 0 + round trips per token x RTT.
+    # (A least-squares fit over the few RTT points is too noisy when the network share is small.)
     fits = {}
     for n_workers in (1, 2):
-        for d in args.drafts:
-            pts = [(r["rtt_ms"] / 1000, r["round_trips_per_token"], 1 / r["tok_s"]) for r in rows
-                   if r["workers"] == n_workers and r["draft"] == d and r["placement"] == "local"
-                   and r["round_trips_per_token"] is not None]
-            fit = fit_latency_model(pts)
-            if fit:
-                fits[f"{n_workers}w-d{d}"] = {"compute_ms": fit[0] * 1000, "k": fit[1],
-                                              "rt_per_token": statistics.fmean(p[1] for p in pts)}
+        base_rows = {r["draft"]: r for r in rows if r["workers"] == n_workers and r["rtt_ms"] == 0.0
+                     and r["placement"] == "local"}
+        off = base_rows.get(0)
+        for d, r in base_rows.items():
+            if d == 0 or off is None or r["round_trips_per_token"] is None:
+                continue
+            t_off, t_on = 1000 / off["tok_s"], 1000 / r["tok_s"]
+            rt_off, rt_on = off["round_trips_per_token"], r["round_trips_per_token"]
+            # 2x when t_off + rt_off x R = 2 (t_on + rt_on x R)
+            slope = rt_off - 2 * rt_on
+            rtt_2x = (2 * t_on - t_off) / slope if slope > 0 else None
+            fits[f"{n_workers}w-d{d}"] = {"ms_per_token_off": t_off, "ms_per_token_on": t_on,
+                                          "rt_off": rt_off, "rt_on": rt_on, "rtt_ms_for_2x": rtt_2x}
     cache = cache_load_times(model, args)
 
     base = {(r["workers"], r["rtt_ms"]): r["tok_s"] for r in rows if r["draft"] == 0}
@@ -167,10 +159,11 @@ def main(argv=None) -> int:
         acc = "-" if r["acceptance"] is None else f"{r['acceptance']:.2f}"
         print(f"| {r['workers']} | {r['rtt_ms']:g} | {r['draft']} | {r['placement']} | {r['tok_s']:.1f} | "
               f"{r['tok_s'] / off:.2f}x | {rt} | {acc} |")
-    print("\nper-token time = compute + k x round trips x RTT, fitted per configuration:")
+    print("\nprojection: per-token time = time at RTT 0 + round trips per token x RTT")
     for key, f in fits.items():
-        print(f"  {key}: compute {f['compute_ms']:.1f} ms/token, {f['rt_per_token']:.2f} round trips/token, "
-              f"k = {f['k']:.2f}")
+        at = "never" if f["rtt_ms_for_2x"] is None else f"{f['rtt_ms_for_2x']:.1f} ms RTT"
+        print(f"  {key}: {f['ms_per_token_off']:.1f} ms + {f['rt_off']:.2f} RTT (off) vs "
+              f"{f['ms_per_token_on']:.1f} ms + {f['rt_on']:.2f} RTT (MTP): 2x at {at}")
     print(f"\nmodel load over a {args.link_gbit:g} Gbit/s link: " +
           ", ".join(f"{k} {v:.2f} s" for k, v in cache.items()))
     if args.json:
