@@ -270,7 +270,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                     if hasattr(item, "text"):
                         logprobs = chunk_logprobs(kwargs, item, False, offset)
                         if logprobs is not None:
-                            offset = logprobs["text_offset"][-1] + len(logprobs["tokens"][-1]) if item.tokens else offset
+                            offset += sum(len(t) for t in logprobs["tokens"])
                         yield openai_shapes.completion_chunk(cid, settings.model_name, created, item.text,
                                                              item.finish_reason, logprobs)
             return sse(events())
