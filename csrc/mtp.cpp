@@ -16,17 +16,26 @@
 // KV holds [0, P); head j holds clean rows [0, n_clean[j]); the queue holds the
 // rows [queue_pos0, P] that some head still lacks (row P is t's).
 //
-// Drafting k tokens: head j (chained heads, step35) runs its missing clean rows up
-// to P plus the draft rows P+1 .. P+j, whose inputs are d_m with the previous head's
-// hidden output; its last row yields d_{j+1}. The single head of qwen35 and friends
-// runs its clean rows and row P once, then one row per further draft step. Draft
-// rows are "dirty" and are dropped before the head next runs.
+// Chained heads (step35) follow training: head j's row q pairs token[q] with head
+// j - 1's hidden output of row q - 1 (head 0's with the target's h[q - 1]), so head j
+// starts at row j + 1 and every head but the last keeps the hidden outputs of all its
+// rows (its context reads back every row's hidden state, unmasked) until the next head
+// has taken them. The last head, and the single head of qwen35 and friends, read back
+// only the output row's, and their other rows skip the FFN (vendor/patches/0010).
+//
+// Drafting k tokens: chained head j runs its missing clean rows up to P plus the
+// draft rows P+1 .. P+j (tokens d1..dj); its last row yields d_{j+1}. The single head
+// runs its clean rows and row P once, then one row per further draft step, each
+// pairing the previous draft with the head's own hidden output. Draft rows are
+// "dirty" and are dropped before the head next runs, except that a chained head's
+// draft rows whose tokens were all accepted are exactly its clean rows and stay.
 //
 // Verify: the target decodes [t, d1..dk] in one batch; tokens are sampled row by
 // row with the session's sampler and drafts accepted while they match. The target
 // keeps P .. P+n (n accepted), the new pending token s sits at P+n+1, and only the
 // rows P+1 .. P+n+1 (accepted drafts, then s) join the queue; upstream re-runs all
-// k+1 verify rows on every head after every verify.
+// k+1 verify rows on every head after every verify, pairing every head with the
+// target's hidden states.
 //
 // Each chained head has its own context, so its KV is never disturbed by another
 // head's rows; upstream shares one context and relies on cells being reused in
@@ -62,6 +71,14 @@ struct mtp_seq {
     std::vector<float>    q;                 // draft distributions (rejection sampling), [k, n_vocab]
     std::vector<float>    p;                 // target distributions of a verify, [k + 1, n_vocab]
 
+    // chained heads but the last: hidden outputs of head j's rows [out_pos0[j], n_kv[j]),
+    // the inputs of head j + 1
+    std::vector<llama_pos>                out_pos0;
+    std::vector<std::vector<float>>       out_h;
+    // chained heads: the draft tokens of head j's rows draft_pos[j] + 1 .. (its last draft)
+    std::vector<llama_pos>                draft_pos;
+    std::vector<std::vector<llama_token>> draft_tok;
+
     llama_pos queue_end() const { return queue_pos0 + (llama_pos) queue_tok.size(); }
 };
 
@@ -75,6 +92,23 @@ struct mtp_heads {
 
     const float * queue_row(const mtp_seq & m, llama_pos pos) const {
         return m.queue_h.data() + (size_t) (pos - m.queue_pos0) * n_embd;
+    }
+    // head j keeps every row's hidden output for head j + 1
+    bool keeps_outputs(size_t j) const { return chained && j + 1 < heads.size(); }
+    // first row head j runs: row 0 has no hidden state before it, and head j's row q
+    // needs head j - 1's row q - 1
+    llama_pos first_row(size_t j) const { return chained ? (llama_pos) j + 1 : 1; }
+    // hidden input of head j's row pos
+    const float * input_row(const mtp_seq & m, size_t j, llama_pos pos) const {
+        if (!chained || j == 0) {
+            return queue_row(m, pos);
+        }
+        const llama_pos r = pos - 1;
+        if (r < m.out_pos0[j - 1] || r >= m.n_kv[j - 1]) {
+            fail(PMTP_ERR_INTERNAL, "MTP head " + std::to_string(j) + " lacks head " + std::to_string(j - 1) +
+                 "'s output of row " + std::to_string(r));
+        }
+        return m.out_h[j - 1].data() + (size_t) (r - m.out_pos0[j - 1]) * n_embd;
     }
 };
 
@@ -109,7 +143,8 @@ void check_compatible(const pmtp_model * trunk, const pmtp_model * mtp) {
     }
 }
 
-mtp_head make_head(pmtp_session * s, const pmtp_model * m, int32_t offset) {
+// all_hidden: the head's context reads back every row's hidden state (unmasked).
+mtp_head make_head(pmtp_session * s, const pmtp_model * m, int32_t offset, bool all_hidden) {
     llama_context_params cp = llama_context_default_params();
     cp.ctx_type        = LLAMA_CONTEXT_TYPE_MTP;
     cp.n_ctx           = s->n_ctx * s->n_seq_max;
@@ -129,7 +164,7 @@ mtp_head make_head(pmtp_session * s, const pmtp_model * m, int32_t offset) {
     if (!head.ctx) {
         fail(PMTP_ERR_MTP, "could not create the MTP context for " + m->path + " (see the log)");
     }
-    llama_set_embeddings_nextn(head.ctx.get(), true, /*masked=*/ true);
+    llama_set_embeddings_nextn(head.ctx.get(), true, /*masked=*/ !all_hidden);
     llama_set_nextn_layer_offset(head.ctx.get(), offset);
     head.batch.reset(llama_batch_ext_init(head.ctx.get()));
     return head;
@@ -142,11 +177,21 @@ llama_token argmax(const float * logits, int32_t n) {
 // Row p lives at KV position p - 1 (row 0 is never stored); n_kv counts rows.
 llama_pos kv_pos(llama_pos row) { return std::max<llama_pos>(0, row - 1); }
 
+// A head's rows end at n (its KV, and its kept hidden outputs with it).
+void set_n_kv(mtp_heads & H, mtp_seq & m, size_t j, int32_t n) {
+    m.n_kv[j] = n;
+    if (H.keeps_outputs(j)) {
+        m.out_pos0[j] = std::min(m.out_pos0[j], n);
+        m.out_h[j].resize((size_t) (n - m.out_pos0[j]) * H.n_embd);
+    }
+}
+
 void head_truncate(mtp_heads & H, size_t j, const seq_state & sq, int32_t n_keep) {
     mtp_seq & m = H.seqs[(size_t) sq.id];
     if (m.n_kv[j] > n_keep) {
         llama_memory_seq_rm(llama_get_memory(H.heads[j].ctx.get()), sq.id, kv_pos(n_keep), -1);
-        m.n_kv[j] = n_keep;
+        set_n_kv(H, m, j, n_keep);
+        m.draft_tok[j].clear();
     }
 }
 
@@ -180,8 +225,8 @@ void head_process(pmtp_session * s, size_t j, const std::vector<head_row> & rows
             }
         }
         for (size_t i = off; i < off + n; ++i) {  // the rows may land in the KV, whatever happens
-            int32_t & n_kv = H.seqs[(size_t) rows[i].sq->id].n_kv[j];
-            n_kv = std::max(n_kv, rows[i].pos + 1);
+            mtp_seq & m = H.seqs[(size_t) rows[i].sq->id];
+            set_n_kv(H, m, j, std::max(m.n_kv[j], rows[i].pos + 1));
         }
         const int32_t rc = llama_process(h.ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
         if (rc != 0) {
@@ -190,7 +235,8 @@ void head_process(pmtp_session * s, size_t j, const std::vector<head_row> & rows
                 mtp_seq & m = H.seqs[(size_t) rows[i].sq->id];
                 if (rows[i].pos < m.n_kv[j]) {
                     llama_memory_seq_rm(llama_get_memory(h.ctx.get()), rows[i].sq->id, kv_pos(rows[i].pos), -1);
-                    m.n_kv[j] = rows[i].pos;
+                    set_n_kv(H, m, j, rows[i].pos);
+                    m.draft_tok[j].clear();
                 }
                 m.n_clean[j] = std::min(m.n_clean[j], m.n_kv[j]);
             }
@@ -198,6 +244,17 @@ void head_process(pmtp_session * s, size_t j, const std::vector<head_row> & rows
                  "MTP head decode failed with status " + std::to_string(rc));
         }
         rpc_check_decode(H.model, h.ctx.get());
+        if (H.keeps_outputs(j)) {
+            for (size_t i = off; i < off + n; ++i) {
+                mtp_seq & m = H.seqs[(size_t) rows[i].sq->id];
+                const float * hid = llama_get_embeddings_nextn_ith(h.ctx.get(), (int32_t) (i - off));
+                if (!hid || rows[i].pos < m.out_pos0[j]) {
+                    fail(PMTP_ERR_INTERNAL, "MTP head " + std::to_string(j) + " produced no hidden state");
+                }
+                std::memcpy(m.out_h[j].data() + (size_t) (rows[i].pos - m.out_pos0[j]) * H.n_embd, hid,
+                            sizeof(float) * (size_t) H.n_embd);
+            }
+        }
         for (size_t i = off; i < off + n; ++i) {
             if (rows[i].output) {
                 on_output(rows[i], (int32_t) (i - off));
@@ -206,17 +263,19 @@ void head_process(pmtp_session * s, size_t j, const std::vector<head_row> & rows
     }
 }
 
-// The clean rows [n_clean[j], end) of a sequence for head j, then `extra` draft rows
-// end .. end + extra - 1 (tokens d[0..extra), hidden inputs g[0..extra)).
+// The clean rows [n_clean[j], end) of a sequence for head j, then (chained heads) the
+// draft rows end .. end + extra - 1 with tokens d[0..extra).
 void add_head_rows(mtp_heads & H, size_t j, seq_state & sq, llama_pos end, int32_t extra, bool output,
                    std::vector<head_row> & rows) {
     mtp_seq & m = H.seqs[(size_t) sq.id];
     head_truncate(H, j, sq, m.n_clean[j]);
-    for (llama_pos pos = std::max<llama_pos>(m.n_clean[j], 1); pos < end; ++pos) {  // row 0 never runs
-        rows.push_back({&sq, m.queue_tok[(size_t) (pos - m.queue_pos0)], pos, H.queue_row(m, pos), false});
+    for (llama_pos pos = std::max(m.n_clean[j], H.first_row(j)); pos < end; ++pos) {
+        rows.push_back({&sq, m.queue_tok[(size_t) (pos - m.queue_pos0)], pos, H.input_row(m, j, pos), false});
     }
     for (int32_t i = 0; i < extra; ++i) {
-        rows.push_back({&sq, m.d[(size_t) i], end + i, m.g.data() + (size_t) i * H.n_embd, false});
+        if (end + i >= H.first_row(j)) {
+            rows.push_back({&sq, m.d[(size_t) i], end + i, H.input_row(m, j, end + i), false});
+        }
     }
     if (output && !rows.empty()) {
         rows.back().output = true;
@@ -241,7 +300,8 @@ llama_token head_output(pmtp_session * s, mtp_head & h, int32_t idx, seq_state &
 }
 
 // Drop queued rows that every head has taken; the newest row stays so that a head
-// can always run it again (a second pmtp_draft from the same pending token).
+// can always run it again (a second pmtp_draft from the same pending token). Hidden
+// outputs a chained head keeps go once the next head has taken them.
 void queue_trim(mtp_heads & H, mtp_seq & m) {
     const llama_pos base = std::min(*std::min_element(m.n_clean.begin(), m.n_clean.end()), m.queue_end() - 1);
     if (base > m.queue_pos0) {
@@ -249,6 +309,15 @@ void queue_trim(mtp_heads & H, mtp_seq & m) {
         m.queue_tok.erase(m.queue_tok.begin(), m.queue_tok.begin() + n);
         m.queue_h.erase(m.queue_h.begin(), m.queue_h.begin() + n * H.n_embd);
         m.queue_pos0 = base;
+    }
+    for (size_t j = 0; H.keeps_outputs(j); ++j) {
+        // head j + 1 next needs row n_clean[j + 1] - 1; one more stays for a rollback
+        // that forgets the pending token
+        const llama_pos keep = std::min(m.n_clean[j + 1] - 2, m.n_kv[j]);
+        if (keep > m.out_pos0[j]) {
+            m.out_h[j].erase(m.out_h[j].begin(), m.out_h[j].begin() + (size_t) (keep - m.out_pos0[j]) * H.n_embd);
+            m.out_pos0[j] = keep;
+        }
     }
 }
 
@@ -297,13 +366,17 @@ void mtp_heads_create(pmtp_session * s, const pmtp_model * m, int32_t draft_max)
     const int32_t n_heads = h->chained ? draft_max : 1;
     s->heads = std::move(h);
     for (int32_t i = 0; i < n_heads; ++i) {
-        s->heads->heads.push_back(make_head(s, m, i));
+        s->heads->heads.push_back(make_head(s, m, i, s->heads->chained && i + 1 < n_heads));
     }
     mtp_heads & H = *s->heads;
     H.seqs.resize(s->n_seq_max);
     for (mtp_seq & q : H.seqs) {
         q.n_kv.assign(H.heads.size(), 0);
         q.n_clean.assign(H.heads.size(), 0);
+        q.out_pos0.assign(H.heads.size(), 0);
+        q.out_h.assign(H.heads.size(), {});
+        q.draft_pos.assign(H.heads.size(), -1);
+        q.draft_tok.assign(H.heads.size(), {});
         q.d.assign((size_t) draft_max + 1, 0);
         q.g.assign((size_t) (draft_max + 1) * H.n_embd, 0.0f);
         q.q.assign((size_t) (draft_max + 1) * H.n_vocab, 0.0f);
@@ -324,23 +397,34 @@ void mtp_reset(pmtp_session * s, const seq_state & sq) {
         m.n_kv[j] = 0;
     }
     std::fill(m.n_clean.begin(), m.n_clean.end(), 0);
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        m.out_pos0[j] = 0;
+        m.out_h[j].clear();
+        m.draft_tok[j].clear();
+    }
     m.queue_pos0 = 0;
     m.queue_tok.clear();
     m.queue_h.clear();
 }
 
-void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep) {
+int32_t mtp_rollback_redo(const pmtp_session * s) {
+    return s->heads->chained ? (int32_t) s->heads->heads.size() : 1;
+}
+
+void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first) {
     mtp_heads & H = *s->heads;
     mtp_seq & m = H.seqs[(size_t) sq.id];
     for (size_t j = 0; j < H.heads.size(); ++j) {
-        m.n_clean[j] = std::min(m.n_clean[j], n_keep);
-        head_truncate(H, j, sq, n_keep);
+        // chained head j's row first + j is the first that needs a row the queue gets again
+        const llama_pos keep = std::min(n_keep, first + (H.chained ? (llama_pos) j : 0));
+        m.n_clean[j] = std::min(m.n_clean[j], keep);
+        head_truncate(H, j, sq, m.n_clean[j]);
     }
-    if (m.queue_end() > n_keep) {
-        const size_t keep = (size_t) std::max<llama_pos>(0, n_keep - m.queue_pos0);
+    if (m.queue_end() > first) {
+        const size_t keep = (size_t) std::max<llama_pos>(0, first - m.queue_pos0);
         m.queue_tok.resize(keep);
         m.queue_h.resize(keep * H.n_embd);
-        m.queue_pos0 = std::min(m.queue_pos0, n_keep);
+        m.queue_pos0 = std::min(m.queue_pos0, first);
     }
 }
 
@@ -375,8 +459,9 @@ void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const st
         if (sq.pending < 0 || m.queue_end() != P + 1) {
             fail(PMTP_ERR_INVALID_ARG, "nothing to draft from: sample a token first");
         }
-        for (auto & n : m.n_clean) {
-            n = std::min(n, P);  // row P always runs: its output is d1
+        m.n_clean[0] = std::min(m.n_clean[0], P);  // row P always runs: its output is d1
+        for (size_t j = 1; j < m.n_clean.size(); ++j) {
+            m.n_clean[j] = std::min(m.n_clean[j], P + 1);
         }
         k_max = std::max(k_max, k[r]);
     }
@@ -404,7 +489,12 @@ void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const st
         });
         for (size_t r = 0; r < seqs.size() && (H.chained || j == 0); ++r) {
             if (k[r] > j) {
-                H.seqs[(size_t) seqs[r]->id].n_clean[head] = seqs[r]->n_past() + 1;
+                mtp_seq & m = H.seqs[(size_t) seqs[r]->id];
+                m.n_clean[head] = seqs[r]->n_past() + 1;
+                if (H.chained) {
+                    m.draft_pos[head] = seqs[r]->n_past();
+                    m.draft_tok[head].assign(m.d.begin(), m.d.begin() + j);
+                }
             }
         }
     }
@@ -503,6 +593,20 @@ void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_toke
 
     // Keep [0, P + n_acc]: the pending token and the accepted drafts.
     llama_memory_seq_rm(s->mem(), sq.id, P + 1 + (llama_pos) n_acc, -1);
+
+    // A chained head's draft rows whose tokens were all accepted are its clean rows.
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    for (size_t j = 0; H.chained && j < H.heads.size(); ++j) {
+        const auto & used = m.draft_tok[j];
+        if (m.draft_pos[j] != P || m.n_clean[j] != P + 1 || m.n_kv[j] != P + 1 + (llama_pos) used.size()) {
+            continue;
+        }
+        size_t same = 0;
+        while (same < used.size() && same < n_acc && used[same] == drafts[same]) {
+            ++same;
+        }
+        m.n_clean[j] = P + 1 + (llama_pos) same;
+    }
     sq.history.insert(sq.history.end(), drafts, drafts + n_acc);
     sq.pending = next;
 

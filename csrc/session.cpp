@@ -336,7 +336,7 @@ void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * token
              "; shorten the prompt or create the model with a larger n_ctx");
     }
     if (sq.pending >= 0 && s->heads) {
-        mtp_rollback(s, sq, sq.n_past());  // forget the pending token's row
+        mtp_rollback(s, sq, sq.n_past(), sq.n_past());  // forget the pending token's row
     }
     sq.pending = -1;
     const double t0 = now_s();
@@ -412,15 +412,17 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     }
     if (n_keep == sq.n_past()) {
         if (sq.pending >= 0 && s->heads) {
-            mtp_rollback(s, sq, n_keep);
+            mtp_rollback(s, sq, n_keep, n_keep);
         }
         sq.pending = -1;
         return;
     }
-    // With MTP the heads need h[n_keep - 1], which only a decode of that token gives back:
-    // drop one more token from the target and decode it again.
-    const int32_t n_target = s->heads ? n_keep - 1 : n_keep;
-    const llama_token redo = sq.history[(size_t) n_keep - 1];
+    // With MTP the heads need the target's hidden states of the last tokens kept (h[n_keep - 1]
+    // for the next row, and for chained heads the rows each head re-runs to feed the next),
+    // which only a decode gives back: drop that many more tokens and decode them again.
+    const int32_t n_redo   = s->heads ? std::min(n_keep, mtp_rollback_redo(s)) : 0;
+    const int32_t n_target = n_keep - n_redo;
+    const std::vector<llama_token> redo(sq.history.begin() + n_target, sq.history.begin() + n_keep);
     const bool snapshots_ok = !s->recurrent || sq.n_past() - n_target <= rs_rollback_max(s, sq);
     if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), sq.id, n_target, -1)) {
         fail(PMTP_ERR_INVALID_ARG, "this model's state cannot be rolled back to " + std::to_string(n_keep) +
@@ -431,11 +433,19 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     sq.logits_row = -1;
     check_swa_window(s, sq);
     if (s->heads) {
-        mtp_rollback(s, sq, n_keep);
-        target_decode(s, sq, &redo, 1, n_target, false);
-        sq.history.push_back(redo);
-        const float * h = llama_get_embeddings_nextn_ith(s->ctx.get(), 0);
-        std::memcpy(sq.last_h.data(), h, sizeof(float) * (size_t) s->n_embd);
+        mtp_rollback(s, sq, n_keep, n_target + 1);
+        if (n_target == 0) {
+            sq.last_h.assign((size_t) s->n_embd, 0.0f);
+        }
+        target_decode(s, sq, redo.data(), redo.size(), n_target, false);
+        sq.history.insert(sq.history.end(), redo.begin(), redo.end());
+        const size_t n_embd = (size_t) s->n_embd;
+        const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n_redo, n_embd]
+        // rows n_target + 1 .. n_keep - 1: redo[i] pairs with h[i - 1]
+        if (n_redo > 1) {
+            mtp_push_rows(s, sq, redo.data() + 1, h, h + n_embd, (size_t) n_redo - 1, n_target + 1);
+        }
+        std::memcpy(sq.last_h.data(), h + (size_t) (n_redo - 1) * n_embd, sizeof(float) * n_embd);
     }
     rebuild_sampler_history(s, sq);
 }

@@ -13,8 +13,6 @@ so the MTP weights are mapped here by name. Two MTP conventions are computed:
   trunk's hidden state before the final norm, block k reads block k - 1's outputs before
   their shared-head norm at every position, and block k's logits come from its own
   ``shared_head`` (norm, then output).
-
-:meth:`Reference.drafts_runtime_rows` feeds the blocks the rows this runtime feeds them.
 """
 from __future__ import annotations
 
@@ -90,29 +88,6 @@ class Reference:
         with t.no_grad():
             out = self.model(input_ids=t.tensor(np.asarray(ids))[None], output_hidden_states=True)
         return out.logits[0].numpy(), out.hidden_states[-1], self._pre_norm
-
-    def drafts_runtime_rows(self, ids) -> np.ndarray:
-        """The rows this runtime gives block k: every position p >= 1 of the prompt and the
-        pending token pairs x_p with the trunk's pre-norm hidden state of p - 1 (as in
-        training for block 0), then k draft rows pair d_m with block m - 1's last pre-norm
-        output; logits from block k's own shared head (norm, then output)."""
-        t = _torch()
-        logits, _, h_pre = self.trunk(ids)
-        n = len(ids)
-        tokens = list(np.asarray(ids)[1:]) + [int(np.argmax(logits[-1]))]        # x_1 .. x_n
-        drafts, outs, g = [], [], []
-        with t.no_grad():
-            for k in range(self.n_mtp):
-                layer = self.mtp.layers[k]
-                layer.use_post_norm = False
-                rows = t.cat([h_pre] + g, dim=1)
-                pos = t.arange(0, n + k)[None]
-                hs = self.mtp.forward_layer(k, rows, pos, None, input_ids=t.tensor(tokens + drafts)[None])
-                row = t.nn.functional.linear(layer.post_norm(hs[:, -1]), self.heads[k])[0]
-                outs.append(row.numpy())
-                drafts.append(int(row.argmax()))
-                g.append(hs[:, -1:])
-        return np.array(outs)
 
     def drafts(self, ids, convention: str) -> np.ndarray:
         """Logits [n_mtp, n_vocab] of each MTP block's draft after the prompt ids, with

@@ -67,6 +67,65 @@ def test_greedy_mtp_equals_plain_with_minimal_and_large_ubatch(step35_path, plai
         assert llm.generate(prompt, max_tokens=N_GEN).tokens == expected
 
 
+def test_drafts_do_not_depend_on_how_the_heads_caught_up(step35_path):
+    """A head's first draft of a cycle shares its decode with the rows it catches up on;
+    a second draft from the same pending token runs the draft rows alone. Both must give
+    the same drafts and the same logits at every head."""
+    with Model(ModelConfig(step35_path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=256, threads=2, draft_max=3), mtp_model=model) as s:
+        s.prefill(prompt_of(model, 2 * WINDOW + 5))
+        s.sample()
+        first = s.draft(3), [s.head_logits(j) for j in range(3)]
+        again = s.draft(3), [s.head_logits(j) for j in range(3)]
+    assert first[0] == again[0]
+    for j in range(3):
+        np.testing.assert_allclose(first[1][j], again[1][j], atol=1e-5, err_msg=f"head {j}")
+
+
+def _fresh_drafts(model, tokens):
+    """Drafts and every head's logits of a session that caught up on `tokens` in one go."""
+    with Session(model, ContextConfig(n_ctx=512, threads=2, draft_max=3), mtp_model=model) as s:
+        s.prefill(tokens)
+        s.sample()
+        return s.draft(3), [s.head_logits(j) for j in range(3)]
+
+
+@pytest.mark.parametrize("kind", ["oracle-0.6", "random"])
+def test_heads_after_every_accept_pattern_and_rollback_equal_a_fresh_catch_up(tmp_path, kind):
+    """Chained heads keep their past across cycles: draft rows whose tokens were all
+    accepted stay as clean rows, the rest are re-run, and a rollback decodes enough
+    tokens again for every head to be fed the previous head's outputs. After any
+    history, the heads' drafts and logits equal those of heads that caught up on the
+    same tokens in one go."""
+    from pyllama_mtp import testing
+    path = str(testing.write_step35(tmp_path / "m.gguf", seed=4, n_swa=8, oracle=kind != "random", acceptance=0.6))
+    patterns, rng = set(), np.random.default_rng(0)
+    with Model(ModelConfig(path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=512, threads=2, draft_max=3), mtp_model=model) as s:
+        history = prompt_of(model, 9)
+        s.prefill(history)
+        pending = s.sample()
+        for cycle in range(40):
+            if cycle % 7 == 6:       # roll back 1-6 tokens (pending dropped), then go on
+                n_keep = len(history) - int(rng.integers(1, 7))
+                s.rollback(n_keep)
+                history = history[:n_keep]
+                pending = s.sample()
+            k = 1 + cycle % 3
+            drafts = s.draft(k)
+            logits = [s.head_logits(j) for j in range(k)]
+            want_drafts, want_logits = _fresh_drafts(model, history)
+            assert drafts == want_drafts[:k], cycle
+            for j in range(k):
+                np.testing.assert_allclose(logits[j], want_logits[j], atol=1e-3, err_msg=f"cycle {cycle} head {j}")
+            r = s.verify(drafts)
+            patterns.add((k, r.n_accepted))
+            history += [pending, *r.tokens[:-1]]
+            pending = r.tokens[-1]
+    if kind != "random":
+        assert {(3, 0), (3, 1), (3, 2), (3, 3), (2, 2)} <= patterns, patterns
+
+
 def test_n_ubatch_is_raised_to_hold_a_whole_verify_batch(step35_path):
     with Llama(step35_path, n_ctx=256, threads=1, mtp=True, draft=3, n_ubatch=1, n_batch=1) as llm:
         assert llm.session.n_ubatch == 4

@@ -6,9 +6,8 @@ Step-3.7 checkpoint (MTP blocks written by extract-mtp), run by this package's r
   attention (flash attention off, F32 KV cache); with the defaults (flash attention, F16
   KV cache) to about 1e-2, the F16 rounding of the cache.
 * MTP heads: every head's draft logits agree to float32 rounding with transformers' MTP
-  layers fed the rows this runtime feeds them; for the first head those are training's
-  rows. Heads 2 and 3 catch up on the trunk's hidden states instead of the previous
-  head's outputs (as upstream llama.cpp's driver does): see the xfail test at the end.
+  layers fed training's rows (each block after the first reads the previous block's
+  hidden outputs at every position).
 """
 from __future__ import annotations
 
@@ -83,39 +82,18 @@ def test_trunk_logits_match_transformers_with_default_kernels(setup):
     assert (ours.argmax(1) == theirs.argmax(1)).mean() >= 0.99
 
 
-def test_mtp_heads_match_transformers_layers_on_the_runtime_rows(setup):
+def test_chained_mtp_heads_follow_the_training_rows(setup):
+    """Every head's draft logits equal transformers' MTP layers fed training's rows: block
+    0 reads the trunk's hidden states, block k reads block k - 1's outputs at every
+    position with the tokens shifted by k, and no row pairs the first token with a
+    made-up hidden state (upstream's driver pairs it with zeros, and catches heads 2 and
+    3 up on the trunk's hidden states)."""
     ref, trunk, mtp, ids = setup
     worst = np.zeros(3)
     for n in PREFIXES:
         ours = head_logits(trunk, mtp, ids[:n])
-        theirs = ref.drafts_runtime_rows(ids[:n])
+        theirs = ref.drafts(ids[:n], "stepfun")
         worst = np.maximum(worst, np.abs(ours - theirs).max(axis=1))
         assert (ours.argmax(1) == theirs.argmax(1)).all(), n
-    print(f"MTP heads 0-2, runtime rows: max |diff| {worst}")
+    print(f"MTP heads 0-2, training rows: max |diff| {worst}")
     assert worst.max() < 1e-4
-
-
-def test_first_mtp_head_sees_training_rows(setup):
-    """No row pairs the first token with a made-up hidden state (upstream's driver pairs
-    it with zeros, which every later row then attends to)."""
-    ref, trunk, mtp, ids = setup
-    worst = 0.0
-    for n in PREFIXES:
-        ours = head_logits(trunk, mtp, ids[:n])[0]
-        theirs = ref.drafts(ids[:n], "stepfun")[0]
-        worst = max(worst, float(np.abs(ours - theirs).max()))
-    print(f"MTP head 0, training rows: max |diff| {worst:.3g}")
-    assert worst < 1e-4
-
-
-@pytest.mark.xfail(strict=True, reason=(
-    "heads 2 and 3 catch up on the trunk's hidden states (x_p with h_{p-1}) where training "
-    "feeds block k the outputs of block k - 1 at every position, with tokens shifted by k; "
-    "matching training needs every head's hidden outputs for all rows (a per-head queue in "
-    "csrc/mtp.cpp). Lossless either way: only acceptance can suffer."))
-def test_chained_mtp_heads_follow_the_training_rows(setup):
-    ref, trunk, mtp, ids = setup
-    for n in PREFIXES:
-        ours = head_logits(trunk, mtp, ids[:n])
-        theirs = ref.drafts(ids[:n], "stepfun")
-        np.testing.assert_allclose(ours, theirs, atol=1e-3)

@@ -134,6 +134,22 @@ def test_single_head_drafts_further_than_three(qwen35_path):
     assert got.stats.drafted > 6 * 100
 
 
+@pytest.mark.parametrize("arch", sorted(ARCHS))
+def test_drafts_do_not_depend_on_how_the_head_caught_up(request, arch):
+    """The head's first draft of a cycle shares its decode with the rows it catches up on,
+    and its hidden output feeds the next draft step; a second draft from the same pending
+    token runs the draft rows alone. Both must give the same drafts and logits."""
+    path = request.getfixturevalue(ARCHS[arch])
+    with Model(ModelConfig(path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=256, threads=2, draft_max=3), mtp_model=model) as s:
+        s.prefill([int(t) for t in np.random.default_rng(3).integers(3, 200, size=13)])
+        s.sample()
+        first = s.draft(3), s.head_logits(0)
+        again = s.draft(3), s.head_logits(0)
+    assert first[0] == again[0]
+    np.testing.assert_allclose(first[1], again[1], atol=1e-5)
+
+
 def test_trunk_only_plus_mtp_only_pair_is_lossless(qwen35_pair):
     """The pair as conversion/qwen.py writes it (--no-mtp trunk declares no MTP layer,
     --mtp file holds the MTP block and the shared embeddings/head)."""
