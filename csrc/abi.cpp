@@ -378,9 +378,13 @@ int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampli
 }
 
 int pmtp_rollback(pmtp_session * session, int32_t n_keep) {
+    return pmtp_seq_rollback(session, 0, n_keep);
+}
+
+int pmtp_seq_rollback(pmtp_session * session, int32_t seq, int32_t n_keep) {
     return guarded([&] {
         need(session, "session");
-        session_rollback(session, session->seq(0), n_keep);
+        session_rollback(session, session->seq(seq), n_keep);
     });
 }
 

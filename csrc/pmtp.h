@@ -239,6 +239,9 @@ PMTP_API uint32_t pmtp_session_n_seq_max(const pmtp_session * session);
 PMTP_API int32_t  pmtp_seq_n_past(const pmtp_session * session, int32_t seq);
 /* Forget the sequence (its KV, heads' rows, pending token); its sampler stays. */
 PMTP_API int pmtp_seq_reset(pmtp_session * session, int32_t seq);
+/* Keep the sequence's first n_keep tokens, as pmtp_rollback does for sequence 0 (a new
+ * prompt that shares a prefix with what the sequence holds prefills only the rest). */
+PMTP_API int pmtp_seq_rollback(pmtp_session * session, int32_t seq, int32_t n_keep);
 PMTP_API int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling);
 PMTP_API int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n);
 PMTP_API int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out);

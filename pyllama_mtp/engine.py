@@ -371,6 +371,10 @@ class Session(_Handle):
         """Forget sequence ``seq`` (its slot is free for a new prompt)."""
         check(lib.pmtp_seq_reset(self._check_open(), seq))
 
+    def seq_rollback(self, seq: int, n_keep: int) -> None:
+        """Keep the first ``n_keep`` tokens of sequence ``seq``."""
+        check(lib.pmtp_seq_rollback(self._check_open(), seq, n_keep))
+
     def seq_prefill(self, seq: int, tokens) -> None:
         toks = ffi.new("int32_t[]", list(tokens))
         check(lib.pmtp_seq_prefill(self._check_open(), seq, toks, len(toks)))

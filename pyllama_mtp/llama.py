@@ -172,6 +172,7 @@ class Llama:
         self.seed = seed if seed is not None else 0xFFFFFFFF
         self._chat_template = chat_template
         self._kv_tokens: list[int] = []   # mirror of the tokens in the target KV cache
+        self.prompt_tokens_reused = 0     # prompt tokens the last call found in the KV cache
         # one policy per Llama: what it learns about acceptance and costs carries over calls
         self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
         self._stats_base = GenerationStats()
@@ -272,6 +273,7 @@ class Llama:
             keep = 0
             self.session.reset()
         self._kv_tokens = tokens[:keep]
+        self.prompt_tokens_reused = keep
         self.session.prefill(tokens[keep:])
         self._kv_tokens = list(tokens)
 

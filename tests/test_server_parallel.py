@@ -143,3 +143,92 @@ def test_parallel_with_a_recurrent_model_says_it_is_not_implemented(tmp_path):
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 1
     assert "not implemented" in r.stderr and "--parallel 1" in r.stderr
+
+
+@pytest.fixture(scope="module")
+def chunked_server(step35_path):
+    """3 slots, prompts go in 8 tokens at a time while other slots generate."""
+    proc, base = start_server(step35_path, "--mtp", "--draft", "3", "--parallel", str(PARALLEL),
+                              "--prefill-chunk", "8")
+    yield base
+    proc.terminate()
+    proc.wait(timeout=20)
+
+
+def fresh_text(reference, prompt, n):
+    reference.session.reset()
+    reference._kv_tokens = []
+    return reference.generate(prompt, max_tokens=n).text
+
+
+def test_prompt_prefilled_in_chunks_between_steps_gives_the_greedy_text(chunked_server, reference):
+    """A long prompt that arrives while another request generates goes in 8 tokens per
+    loop, interleaved with the other slot's steps; both texts equal their greedy text
+    decoded alone."""
+    c = openai.OpenAI(base_url=f"{chunked_server}/v1", api_key="none", max_retries=0, timeout=120)
+    short, long_ = "a running stream", " ".join(f"token{i}" for i in range(40))
+    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+        running = pool.submit(complete, c, short, 200)
+        time.sleep(0.3)
+        joining = pool.submit(complete, c, long_, 60)
+        texts = running.result(), joining.result()
+    assert texts == (fresh_text(reference, short, 200), fresh_text(reference, long_, 60))
+
+
+def test_a_prompt_that_extends_a_finished_one_reuses_its_slot_cache(chunked_server, reference):
+    """A chat's next turn: the new prompt starts with the previous prompt and its answer.
+    The slot that served it still holds those tokens, so only the rest is prefilled
+    (counted in /metrics), and the text is still the greedy text decoded alone."""
+    c = openai.OpenAI(base_url=f"{chunked_server}/v1", api_key="none", max_retries=0, timeout=120)
+    first = "turn one: " + " ".join(f"w{i}" for i in range(30))
+    answer = complete(c, first, 40)
+    before = metric(chunked_server, "prompt_tokens_cached_total")
+    second = first + answer + " and then"
+    assert complete(c, second, 40) == fresh_text(reference, second, 40)
+    reused = metric(chunked_server, "prompt_tokens_cached_total") - before
+    assert reused >= len(reference.tokenize(first)) - 1, reused
+    # an unrelated prompt reuses nothing and is still exact
+    before = metric(chunked_server, "prompt_tokens_cached_total")
+    assert complete(c, "something else entirely", 40) == fresh_text(reference, "something else entirely", 40)
+    assert metric(chunked_server, "prompt_tokens_cached_total") == before
+
+
+def test_running_streams_keep_going_while_a_long_prompt_goes_in(step35_path):
+    """The scheduler's own order of events: after a long prompt is submitted, the stream
+    already running gets chunks before the new request's first token (its prompt goes in
+    8 tokens per loop, with a step of the running slot between chunks)."""
+    import threading
+
+    from pyllama_mtp import Llama
+    from pyllama_mtp.server.metrics import Metrics
+    from pyllama_mtp.server.scheduler import BatchWorker
+    from pyllama_mtp.server.worker import Job
+
+    events, lock, first_b = [], threading.Lock(), threading.Event()
+
+    def emitter(name):
+        def emit(item):
+            with lock:
+                events.append((name, type(item).__name__))
+            if name == "b":
+                first_b.set()
+        return emit
+
+    with Llama(step35_path, n_ctx=512, threads=1, mtp=True, draft=3, parallel=2) as llm:
+        worker = BatchWorker(llm, Metrics("tiny"), prefill_chunk=8)
+        try:
+            a_started = threading.Event()
+            emit_a = emitter("a")
+            worker.submit(Job(llm.tokenize("a running stream"), {"max_tokens": 400},
+                              lambda item: (emit_a(item), a_started.set())))
+            assert a_started.wait(30)
+            with lock:
+                mark = len(events)
+            prompt_b = llm.tokenize(" ".join(f"token{i}" for i in range(60)))
+            worker.submit(Job(prompt_b, {"max_tokens": 5}, emitter("b")))
+            assert first_b.wait(60)
+            with lock:
+                between = events[mark:events.index(next(e for e in events if e[0] == "b"))]
+        finally:
+            worker.stop()
+    assert len([e for e in between if e == ("a", "Chunk")]) >= len(prompt_b) // 8 - 1, between

@@ -32,6 +32,7 @@ class ServerSettings:
     api_key: str | None = None
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int = 1 << 20
+    prefill_chunk: int = 128      # --parallel: prompt tokens per loop while other slots generate
 
 
 class ApiError(Exception):
@@ -107,7 +108,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
     metrics = Metrics(settings.model_name)
     # --parallel > 1: continuous batching over the session's sequence slots
-    worker = BatchWorker(llm, metrics) if llm.session.n_seq_max > 1 else Worker(llm, metrics)
+    worker = (BatchWorker(llm, metrics, prefill_chunk=settings.prefill_chunk) if llm.session.n_seq_max > 1
+              else Worker(llm, metrics))
     app.state.worker = worker
 
     @app.on_event("shutdown")

@@ -27,6 +27,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--parallel", "-np", type=int, default=1,
                     help="sequences decoded together with continuous batching (default 1); each gets --n-ctx "
                          "tokens of context, further requests wait in a queue")
+    ap.add_argument("--prefill-chunk", type=int, default=128,
+                    help="with --parallel: a new prompt goes in this many tokens at a time while other requests "
+                         "generate, so they pause for one chunk, not the whole prompt (default 128)")
     ap.add_argument("--api-key", default=os.environ.get("PYLLAMA_MTP_API_KEY"),
                     help="require 'Authorization: Bearer KEY' on /v1/* (default: $PYLLAMA_MTP_API_KEY)")
     ap.add_argument("--n-gpu-layers", "-ngl", type=int, default=-1, help="layers to offload (-1 = all)")
@@ -49,6 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv=None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    if args.prefill_chunk < 1:
+        print(f"pyllama-mtp-server: --prefill-chunk {args.prefill_chunk}: give an int >= 1", file=sys.stderr)
+        return 2
     if args.parallel < 1:
         print(f"pyllama-mtp-server: --parallel {args.parallel}: give an int >= 1", file=sys.stderr)
         return 2
@@ -79,7 +85,8 @@ def main(argv=None) -> int:
         print(f"pyllama-mtp-server: error: {e}", file=sys.stderr)
         return 1
     name = args.alias or os.path.basename(args.model)
-    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes)
+    settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
+                              prefill_chunk=args.prefill_chunk)
     log.info("serving %s (MTP %s, %d parallel) on http://%s:%d", name, f"draft {draft}" if mtp else "off",
              args.parallel, args.host, args.port)
     uvicorn.run(create_app(llm, settings), host=args.host, port=args.port, log_level="warning")

@@ -41,6 +41,7 @@ class Metrics:
         self._lock = threading.Lock()
         self.requests = defaultdict(int)            # (endpoint, status) -> count
         self.prompt_tokens = 0
+        self.prompt_tokens_cached = 0               # prompt tokens a slot's KV cache already held
         self.generation_tokens = 0
         self.num_drafts = 0
         self.num_draft_tokens = 0
@@ -54,6 +55,10 @@ class Metrics:
     def set_load(self, running: int, waiting: int) -> None:
         with self._lock:
             self.running, self.waiting = running, waiting
+
+    def prompt_reused(self, n_tokens: int) -> None:
+        with self._lock:
+            self.prompt_tokens_cached += n_tokens
 
     def request_done(self, endpoint: str, status: int) -> None:
         with self._lock:
@@ -78,6 +83,7 @@ class Metrics:
             lines = [f"# TYPE {p}_requests_total counter"]
             lines += [f'{p}_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
             for name, value in (("prompt_tokens_total", self.prompt_tokens),
+                                ("prompt_tokens_cached_total", self.prompt_tokens_cached),
                                 ("generation_tokens_total", self.generation_tokens),
                                 ("spec_decode_num_drafts_total", self.num_drafts),
                                 ("spec_decode_num_draft_tokens_total", self.num_draft_tokens),

@@ -2,11 +2,18 @@
 sequence slots; HTTP handlers only enqueue jobs and read results.
 
 Every loop the scheduler frees the slots of cancelled jobs (clients that went away),
-admits queued jobs into free slots (prefill and first token, one job at a time), then
-steps every active slot together in one ``step_batch`` call: the MTP heads draft for all
+admits queued jobs into free slots, prefills one chunk of a waiting prompt, then steps
+every active slot together in one ``step_batch`` call: the MTP heads draft for all
 slots in one decode per head and the target verifies all of them in one batch. Each
 slot's chunks go to its own job as soon as the step returns; a finished slot is free
 for the next queued job in the same loop. Jobs beyond N wait in the queue.
+
+Prompts: while other slots generate, a new prompt is prefilled ``prefill_chunk`` tokens
+per loop, so the running streams pause for one chunk at a time, not for the whole
+prompt; with nothing else running it goes in at once. A finished slot keeps its tokens
+in the KV cache: a new prompt goes to the free slot holding the longest common prefix
+(at least ``min_reuse`` tokens; else the lowest free id, which keeps active ids
+consecutive and batches large) and prefills only the rest, as a chat's next turn does.
 
 A slot with ``draft="auto"`` takes the draft length a BatchDraftPolicy picks for the
 number of slots in the step (0 when MTP does not pay at that batch size); a fixed draft
@@ -41,6 +48,7 @@ class _Slot:
     accepted: int = 0
     drafted_at: list[int] = field(default_factory=lambda: [0] * 8)
     accepted_at: list[int] = field(default_factory=lambda: [0] * 8)
+    tokens: list[int] = field(default_factory=list)   # prompt, then every token generated
 
     def count(self, result) -> None:
         if result.n_drafted:
@@ -58,16 +66,41 @@ class _Slot:
                                n_prompt_tokens=self.n_prompt, n_generated=self.n_generated)
 
 
+@dataclass
+class _Prefill:
+    """A job holding a slot while its prompt goes in, chunk by chunk."""
+    seq: int
+    job: Job
+    tokens: list[int]          # the whole prompt
+    done: int                  # tokens of it already in the slot's KV cache
+    max_tokens: int
+    draft: int | str
+    stops: object
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class BatchWorker:
     DONE = _DONE
 
-    def __init__(self, llm: Llama, metrics):
+    def __init__(self, llm: Llama, metrics, prefill_chunk: int = 128, min_reuse: int = 16):
         self.llm = llm
         self.session = llm.session
         self.metrics = metrics
         self.jobs: queue.Queue[Job | None] = queue.Queue()
         self.free = list(range(self.session.n_seq_max))     # lowest id first: active ids stay consecutive
         self.slots: dict[int, _Slot] = {}
+        self.prefilling: list[_Prefill] = []                # admitted, prompt not fully in yet (FIFO)
+        self.cached: dict[int, list[int]] = {}              # free slot -> tokens its KV cache holds
+        self.prefill_chunk = max(1, prefill_chunk)
+        self.min_reuse = min_reuse
         self.policy = BatchDraftPolicy(llm.draft_max) if llm.draft_max else None
         self.stopping = False
         self.thread = threading.Thread(target=self._run, name="pyllama-mtp-scheduler", daemon=True)
@@ -87,9 +120,13 @@ class BatchWorker:
     def _run(self) -> None:
         while not self.stopping:
             self._drop_cancelled()
-            self._admit(block=not self.slots)
+            self._admit(block=not self.slots and not self.prefilling)
+            if self.prefilling:
+                self._prefill_chunk()
             if self.slots:
                 self._step()
+        for p in list(self.prefilling):
+            self._abandon(p, error=None)
         for seq in list(self.slots):
             self._finish(seq, error=None)
 
@@ -109,26 +146,72 @@ class BatchWorker:
             self._start(job)
         self._report()
 
+    def _pick_slot(self, tokens: list[int]) -> tuple[int, int]:
+        """(free slot, prompt tokens its cache already holds) for a new prompt."""
+        best, common = min(self.free), 0
+        for seq in self.free:
+            n = _common_prefix(self.cached.get(seq, []), tokens)
+            if n > common or (n == common and seq < best):
+                best, common = seq, n
+        if common < self.min_reuse:
+            best, common = min(self.free), 0
+        return best, min(common, len(tokens) - 1)   # the last prompt token is decoded for its logits
+
     def _start(self, job: Job) -> None:
-        seq = min(self.free)
         llm, session = self.llm, self.session
         try:
             opts = dict(job.options)
             tokens, max_tokens, sampling, draft, stops = llm._call_args(job.tokens, opts.pop("max_tokens"), **opts)
-            session.seq_reset(seq)
-            session.seq_set_sampling(seq, sampling)
-            session.seq_prefill(seq, tokens)
-            first = session.seq_sample(seq)
         except Exception as e:   # reported to its request; the other slots go on
-            session.seq_reset(seq)
             job.emit(e)
             job.emit(_DONE)
             return
+        seq, keep = self._pick_slot(tokens)
         self.free.remove(seq)
-        output = SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, max_tokens, llm.n_ctx, stops)
-        slot = _Slot(seq, job, output, draft, len(tokens), time.perf_counter())
-        self.slots[seq] = slot
+        cached = self.cached.pop(seq, [])
+        try:
+            session.seq_set_sampling(seq, sampling)
+            if keep > 0 and keep < len(cached):
+                session.seq_rollback(seq, keep)
+            elif keep == 0 and cached:
+                session.seq_reset(seq)
+        except Exception:        # a rollback the state cannot serve: start the slot afresh
+            session.seq_reset(seq)
+            keep = 0
+        self.metrics.prompt_reused(keep)
+        self.prefilling.append(_Prefill(seq, job, tokens, keep, max_tokens, draft, stops))
+
+    def _prefill_chunk(self) -> None:
+        """Prefill the oldest waiting prompt: all of it when no slot is generating, else one
+        chunk; once it is in, sample its first token and make the slot active."""
+        p = self.prefilling[0]
+        rest = len(p.tokens) - p.done
+        n = rest if not self.slots else min(rest, self.prefill_chunk)
+        try:
+            self.session.seq_prefill(p.seq, p.tokens[p.done:p.done + n])
+            p.done += n
+            if p.done < len(p.tokens):
+                return
+            first = self.session.seq_sample(p.seq)   # right after the prefill: no decode in between
+        except Exception as e:   # reported to its request; the other slots go on
+            self._abandon(p, error=e)
+            return
+        self.prefilling.pop(0)
+        llm = self.llm
+        output = SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, p.max_tokens, llm.n_ctx, p.stops)
+        slot = _Slot(p.seq, p.job, output, p.draft, len(p.tokens), time.perf_counter(), tokens=list(p.tokens))
+        self.slots[p.seq] = slot
         self._deliver(slot, first)
+
+    def _abandon(self, p: _Prefill, error: Exception | None) -> None:
+        """A prompt that will not be served (error, cancelled, shutting down): free its slot."""
+        self.prefilling.remove(p)
+        self.session.seq_reset(p.seq)
+        self.free.append(p.seq)
+        if error is not None:
+            p.job.emit(error)
+        p.job.emit(_DONE)
+        self._report()
 
     def _step(self) -> None:
         seqs = sorted(self.slots)
@@ -150,6 +233,7 @@ class BatchWorker:
             self._deliver(self.slots[seq], result)
 
     def _deliver(self, slot: _Slot, result) -> None:
+        slot.tokens.extend(result.tokens)
         chunk = slot.output.push(result, self.session.seq_n_past(slot.seq))
         slot.n_generated += len(chunk.tokens)
         slot.job.emit(chunk)
@@ -157,13 +241,18 @@ class BatchWorker:
             self._finish(slot.seq, error=None)
 
     def _drop_cancelled(self) -> None:
+        for p in [p for p in self.prefilling if p.job.cancelled.is_set()]:
+            self._abandon(p, error=None)
         for seq in [s for s, slot in self.slots.items() if slot.job.cancelled.is_set()]:
             self._finish(seq, error=None)
 
     def _finish(self, seq: int, error: Exception | None) -> None:
         slot = self.slots.pop(seq)
         try:
-            self.session.seq_reset(seq)   # the slot's cells are free at once
+            if error is None:   # the slot keeps what its KV cache holds, for a prompt that shares it
+                self.cached[seq] = slot.tokens[:self.session.seq_n_past(seq)]
+            else:
+                self.session.seq_reset(seq)
         finally:
             self.free.append(seq)
             if error is not None:
@@ -177,5 +266,5 @@ class BatchWorker:
             self._report()
 
     def _report(self) -> None:
-        self.metrics.set_load(running=len(self.slots), waiting=self.jobs.qsize())
+        self.metrics.set_load(running=len(self.slots), waiting=self.jobs.qsize() + len(self.prefilling))
 

@@ -68,6 +68,7 @@ class Worker:
             for chunk in stream:
                 if t_first is None:
                     t_first = time.perf_counter()
+                    self.metrics.prompt_reused(llm.prompt_tokens_reused)
                 n_generated += len(chunk.tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
