@@ -57,11 +57,6 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
         fail(PMTP_ERR_INVALID_ARG, "n_seq_max must be in [1, 64] (got " + std::to_string(p.n_seq_max) + ")");
     }
     if (p.n_seq_max > 1) {
-        if (llama_model_is_recurrent(m->model.get()) || llama_model_is_hybrid(m->model.get())) {
-            fail(PMTP_ERR_INVALID_ARG, m->path + " has recurrent state (" + m->arch + "): decoding several of its "
-                 "sequences together is not implemented; use n_seq_max = 1 (the server's --parallel 1: one request "
-                 "at a time)");
-        }
         if (p.flash_attn == 0) {
             fail(PMTP_ERR_INVALID_ARG, "n_seq_max > 1 needs flash attention (flash_attn=-1 or 1): without it a "
                  "row's attention sums depend on the other sequences' cache use, and greedy output would too");

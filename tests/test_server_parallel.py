@@ -4,15 +4,12 @@ requests beyond N wait, and a client that goes away frees its slot at once."""
 from __future__ import annotations
 
 import concurrent.futures
-import subprocess
-import sys
 import time
 
 import httpx
 import pytest
 
 from conftest import start_server
-from test_server import free_port
 
 openai = pytest.importorskip("openai")
 
@@ -135,14 +132,21 @@ def test_usage_and_spec_decode_counters(client, server):
     assert metric(server, "spec_decode_num_drafts_total") > before
 
 
-def test_parallel_with_a_recurrent_model_says_it_is_not_implemented(tmp_path):
-    from pyllama_mtp import testing
-    path = testing.write_qwen35(tmp_path / "q.gguf", seed=1)
-    r = subprocess.run([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", str(path), "--mtp", "--draft", "2",
-                        "--parallel", "2", "--port", str(free_port()), "--n-ctx", "256"],
-                       capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1
-    assert "not implemented" in r.stderr and "--parallel 1" in r.stderr
+def test_parallel_with_a_recurrent_model(tmp_path):
+    """qwen35 (recurrent state per slot): concurrent requests get their greedy text alone."""
+    from pyllama_mtp import Llama, testing
+    path = str(testing.write_qwen35(tmp_path / "q.gguf", seed=1))
+    proc, base = start_server(path, "--mtp", "--draft", "2", "--parallel", "2")
+    try:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        prompts = ["first recurrent prompt", "the second one, a bit longer than the first"]
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            together = list(pool.map(lambda p: complete(c, p, 80), prompts))
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
+    with Llama(path, n_ctx=512, threads=1) as llm:
+        assert together == [fresh_text(llm, p, 80) for p in prompts]
 
 
 @pytest.fixture(scope="module")
