@@ -126,6 +126,34 @@ def test_heads_after_every_accept_pattern_and_rollback_equal_a_fresh_catch_up(tm
         assert {(3, 0), (3, 1), (3, 2), (3, 3), (2, 2)} <= patterns, patterns
 
 
+@pytest.mark.parametrize("n_ubatch", [4, 16])
+def test_logits_equal_plain_bit_for_bit_after_the_sliding_window_ring_wraps(step35_path, n_ubatch):
+    """The sliding-window cache is a ring of n_swa + n_ubatch cells (at least 256 here).
+    Once it wraps, a verify batch must put every position in the same cell as one-token
+    decodes do: attention visits cells in index order, so another placement changes the
+    logits' last bits (and could flip a greedy near-tie). Logprobs show those bits."""
+    from pyllama_mtp.config import SamplingParams
+    greedy = SamplingParams(n_logprobs=0)
+
+    def run(draft):
+        with Model(ModelConfig(step35_path, load_mtp=True)) as m, \
+                Session(m, ContextConfig(n_ctx=1024, n_ubatch=n_ubatch, n_batch=64, threads=1, draft_max=3),
+                        mtp_model=m if draft else None) as s:
+            s.set_sampling(greedy)
+            s.prefill(prompt_of(m, 5))
+            s.sample()
+            out = list(zip(s.last_result.tokens, s.last_result.logprobs))
+            while len(out) < 700:
+                r = s.step(draft)
+                out.extend(zip(r.tokens, r.logprobs))
+            return out[:700]
+
+    plain = run(0)
+    for draft in (1, 3):
+        got = run(draft)
+        assert got == plain, f"draft {draft}: first difference at {first_diff(got, plain)}"
+
+
 def test_n_ubatch_is_raised_to_hold_a_whole_verify_batch(step35_path):
     with Llama(step35_path, n_ctx=256, threads=1, mtp=True, draft=3, n_ubatch=1, n_batch=1) as llm:
         assert llm.session.n_ubatch == 4
