@@ -142,11 +142,16 @@ def test_parallel_with_a_recurrent_model(tmp_path):
         prompts = ["first recurrent prompt", "the second one, a bit longer than the first"]
         with concurrent.futures.ThreadPoolExecutor(2) as pool:
             together = list(pool.map(lambda p: complete(c, p, 80), prompts))
+        # next turns: one extends a finished prompt (its slot's state is reused if its
+        # snapshots reach back far enough, else the prompt goes in again), one cuts it short
+        follow_ups = [prompts[0] + together[0] + " and more", prompts[1][:20]]
+        later = [complete(c, p, 40) for p in follow_ups]
     finally:
         proc.terminate()
         proc.wait(timeout=20)
     with Llama(path, n_ctx=512, threads=1) as llm:
         assert together == [fresh_text(llm, p, 80) for p in prompts]
+        assert later == [fresh_text(llm, p, 40) for p in follow_ups]
 
 
 @pytest.fixture(scope="module")
