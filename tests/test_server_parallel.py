@@ -146,12 +146,31 @@ def test_parallel_with_a_recurrent_model(tmp_path):
         # snapshots reach back far enough, else the prompt goes in again), one cuts it short
         follow_ups = [prompts[0] + together[0] + " and more", prompts[1][:20]]
         later = [complete(c, p, 40) for p in follow_ups]
+        # a prompt that extends exactly what a finished slot holds (prompt and answer, as a
+        # chat's next turn after the answer's end token) needs no rollback: reused
+        with Llama(path, n_ctx=512, threads=1) as llm:
+            ids = llm.tokenize("an exact extension")
+            answer = list(llm.generate(ids, max_tokens=30).tokens)
+        first = client_tokens(c, ids, 30)
+        before = metric(base, "prompt_tokens_cached_total")
+        extended = ids + answer + [5, 6, 7]
+        second = client_tokens(c, extended, 30)
+        reused = metric(base, "prompt_tokens_cached_total") - before
     finally:
         proc.terminate()
         proc.wait(timeout=20)
     with Llama(path, n_ctx=512, threads=1) as llm:
         assert together == [fresh_text(llm, p, 80) for p in prompts]
         assert later == [fresh_text(llm, p, 40) for p in follow_ups]
+        assert first == llm.detokenize(answer)
+        llm.session.reset()
+        llm._kv_tokens = []
+        assert second == llm.generate(extended, max_tokens=30).text
+    assert reused == len(ids) + len(answer) - 1
+
+
+def client_tokens(client, ids, n):
+    return client.completions.create(model="tiny", prompt=ids, max_tokens=n, temperature=0).choices[0].text
 
 
 @pytest.fixture(scope="module")
