@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Side-by-side decode benchmark on one oracle step35 GGUF, all in one run:
+"""Side-by-side decode benchmark on one oracle GGUF (step35, or qwen35moe with --arch), all in one run:
 
   * upstream llama-bench tg (plain decode ceiling of the same library),
   * upstream llama-server, plain and with its draft-mtp speculative decoding,
@@ -34,12 +34,22 @@ def ensure_upstream() -> None:
         subprocess.run(["bash", str(ROOT / "scripts" / "build_upstream.sh")], check=True)
 
 
-def ensure_model(path: Path, size_gb: float, acceptance: float) -> Path:
+# qwen35moe oracle: 1536 wide, 4 experts + a shared one per block, a real-sized gated delta
+# net state (d_state 128); --size-gb 2.2 gives 24 blocks, 2.13 GB of F16 weights
+QWEN35MOE_ORACLE = dict(moe=True, n_embd=1536, n_head=12, n_head_kv=4, head_dim=128, n_expert=4, n_expert_used=2,
+                        n_ff_exp=1536, n_ff_shexp=1536, ssm_d_state=128, ssm_n_group=4, ssm_n_v_heads=8)
+
+
+def ensure_model(path: Path, size_gb: float, acceptance: float, arch: str = "step35") -> Path:
     if not path.exists():
         from pyllama_mtp import testing
         t0 = time.perf_counter()
-        testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,
-                             **testing.oracle_size_for(size_gb * 1e9))
+        if arch == "qwen35moe":
+            testing.write_qwen35(path, oracle=True, acceptance=acceptance, seed=1, dtype="f16",
+                                 n_layer=max(4, round(24 * size_gb / 2.2)), **QWEN35MOE_ORACLE)
+        else:
+            testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,
+                                 **testing.oracle_size_for(size_gb * 1e9))
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB) in {time.perf_counter() - t0:.0f}s",
               file=sys.stderr)
     return path
@@ -115,6 +125,9 @@ def predicted_speedup(plain: dict, mtp: dict) -> float:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="oracle GGUF (default: generate one under build/bench)")
+    ap.add_argument("--arch", choices=["step35", "qwen35moe"], default="step35",
+                    help="oracle to generate: step35 (3 chained heads, sliding window) or qwen35moe "
+                         "(recurrent hybrid, one head)")
     ap.add_argument("--size-gb", type=float, default=2.2)
     ap.add_argument("--acceptance", type=float, default=0.9)
     ap.add_argument("--draft", type=int, default=3)
@@ -126,9 +139,10 @@ def main() -> int:
 
     from pyllama_mtp import Llama
     ensure_upstream()
-    model = args.model or ROOT / "build" / "bench" / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}.gguf"
+    prefix = "oracle" if args.arch == "step35" else f"{args.arch}-oracle"
+    model = args.model or ROOT / "build" / "bench" / f"{prefix}-{args.size_gb:g}gb-a{args.acceptance:g}.gguf"
     model.parent.mkdir(parents=True, exist_ok=True)
-    ensure_model(model, args.size_gb, args.acceptance)
+    ensure_model(model, args.size_gb, args.acceptance, args.arch)
     n_ctx = 1024
     prompt = [10, 11, 12, 13]
 
