@@ -3,8 +3,8 @@ greedy output equals its output alone, token for token, with MTP (draft 1..3, al
 heads and the verify batched across sequences) and without, across many sliding
 windows, when sequences join and leave mid-way (continuous batching), and when they
 use different draft lengths in the same step. For step35 (sliding-window attention,
-chained heads) and for qwen35/qwen35moe (recurrent state per sequence, rolled back by
-its snapshots after every verify)."""
+chained heads), qwen35/qwen35moe (recurrent state per sequence, rolled back by its
+snapshots after every verify) and glm4moe (one MTP head)."""
 from __future__ import annotations
 
 import numpy as np
@@ -28,12 +28,14 @@ def prompts(n_vocab, count):
     return [[int(t) for t in rng.integers(3, n_vocab - 8, size=int(rng.integers(1, 30)))] for _ in range(count)]
 
 
-ARCHS = ["step35", "qwen35", "qwen35moe"]
+ARCHS = ["step35", "qwen35", "qwen35moe", "glm4moe"]
 
 
 def model_path(request, models_dir, arch):
     if arch == "step35":
         return request.getfixturevalue("step35_path")
+    if arch == "glm4moe":
+        return str(testing.write_glm4moe(models_dir / "glm4moe-parallel.gguf", seed=2))
     return str(testing.write_qwen35(models_dir / f"{arch}-parallel.gguf", seed=1, moe=arch == "qwen35moe"))
 
 
