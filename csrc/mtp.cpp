@@ -394,11 +394,7 @@ void mtp_reset(pmtp_session * s, const seq_state & sq) {
         } else {
             llama_memory_seq_rm(mem, sq.id, -1, -1);
         }
-        m.n_kv[j] = 0;
-    }
-    std::fill(m.n_clean.begin(), m.n_clean.end(), 0);
-    for (size_t j = 0; j < H.heads.size(); ++j) {
-        m.out_pos0[j] = 0;
+        m.n_kv[j] = m.n_clean[j] = m.out_pos0[j] = 0;
         m.out_h[j].clear();
         m.draft_tok[j].clear();
     }
