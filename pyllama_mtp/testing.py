@@ -302,6 +302,16 @@ def _write_gguf(path, arch: str, metadata: dict, tensors: Sequence[_Tensor], dty
 
 # --------------------------------------------------------------------------- shared blocks
 
+def _embedding_tensors(w: _Weights, next_map: np.ndarray | None = None) -> list[_Tensor]:
+    """token_embd, output_norm and output: what every architecture's file starts with."""
+    n = w.n_embd
+    return [
+        _Tensor("token_embd.weight", (N_VOCAB, n), lambda: w.embeddings),
+        _Tensor("output_norm.weight", (n,), _ones(n)),
+        _Tensor("output.weight", (N_VOCAB, n), lambda: w.lm_head("output.weight", next_map)),
+    ]
+
+
 def _attention(w: _Weights, il: int, n_head: int, n_head_kv: int, head_dim: int, out_std: float) -> list[_Tensor]:
     """attn_q [n_head*hd, n_embd], attn_k/attn_v [n_head_kv*hd, n_embd], attn_output [n_embd, n_head*hd]."""
     n = w.n_embd
@@ -342,11 +352,7 @@ def write_llama(path, *, seed=0, n_embd=64, n_layer=2, n_head=4, n_head_kv=2, n_
         raise ValueError("n_embd must be a multiple of n_head, n_head a multiple of n_head_kv")
     head_dim = n_embd // n_head
     w = _Weights(seed, n_embd)
-    tensors = [
-        _Tensor("token_embd.weight", (N_VOCAB, n_embd), lambda: w.embeddings),
-        _Tensor("output_norm.weight", (n_embd,), _ones(n_embd)),
-        _Tensor("output.weight", (N_VOCAB, n_embd), lambda: w.lm_head("output.weight", None)),
-    ]
+    tensors = _embedding_tensors(w)
     for il in range(n_layer):
         tensors += _attention(w, il, n_head, n_head_kv, head_dim, out_std=1.0)
         tensors.append(_Tensor(f"blk.{il}.ffn_norm.weight", (n_embd,), _ones(n_embd)))
@@ -478,12 +484,7 @@ def _shared_tensors(cfg, seed: int):
     n = cfg.n_embd
     trunk_next, head_next, alias = _oracle_tables(seed, cfg.acceptance) if cfg.oracle else (None, None, None)
     w = _Weights(seed, n, alias)
-    tensors = [
-        _Tensor("token_embd.weight", (N_VOCAB, n), lambda: w.embeddings),
-        _Tensor("output_norm.weight", (n,), _ones(n)),
-        _Tensor("output.weight", (N_VOCAB, n), lambda: w.lm_head("output.weight", trunk_next)),
-    ]
-    return w, head_next, tensors
+    return w, head_next, _embedding_tensors(w, trunk_next)
 
 
 def _step35_tensors(cfg: _Step35, seed: int) -> list[_Tensor]:
@@ -949,11 +950,7 @@ def write_glm4moe(path, *, seed=0, n_embd=64, n_layer=3, n_head=4, n_head_kv=2, 
     n_ff, n_ff_exp = n_ff or 2 * n_embd, n_ff_exp or n_embd // 2
     n_all = n_layer + 1
     w = _Weights(seed, n_embd)
-    tensors = [
-        _Tensor("token_embd.weight", (N_VOCAB, n_embd), lambda: w.embeddings),
-        _Tensor("output_norm.weight", (n_embd,), _ones(n_embd)),
-        _Tensor("output.weight", (N_VOCAB, n_embd), lambda: w.lm_head("output.weight", None)),
-    ]
+    tensors = _embedding_tensors(w)
     for il in range(n_all):
         p = f"blk.{il}."
         tensors += _attention(w, il, n_head, n_head_kv, head_dim, 1.0)
