@@ -1,0 +1,140 @@
+// pmtp_probe_mul_mat: one ggml matrix product on the CPU backend, set up the way a loaded
+// model's weights are (same type conversion, same repacking buffer), so tests can check
+// that an n-row product gives every row the bits a one-row product gives it.
+#include "internal.h"
+
+#include "ggml.h"
+#include "ggml-alloc.h"
+#include "ggml-backend.h"
+
+#include <cstring>
+#include <functional>
+#include <string>
+#include <vector>
+
+int run_guarded(const std::function<void()> & f);   // abi.cpp
+
+namespace {
+
+void need(const void * p, const char * what) {
+    if (!p) {
+        fail(PMTP_ERR_INVALID_ARG, std::string(what) + " is NULL");
+    }
+}
+
+struct ctx_deleter     { void operator()(ggml_context * c) const { ggml_free(c); } };
+struct buffer_deleter  { void operator()(ggml_backend_buffer * b) const { ggml_backend_buffer_free(b); } };
+struct backend_deleter { void operator()(ggml_backend * b) const { ggml_backend_free(b); } };
+using ctx_ptr     = std::unique_ptr<ggml_context, ctx_deleter>;
+using buffer_ptr  = std::unique_ptr<ggml_backend_buffer, buffer_deleter>;
+using backend_ptr = std::unique_ptr<ggml_backend, backend_deleter>;
+
+ggml_context * new_meta_ctx(size_t n_tensors) {
+    ggml_init_params ip = { ggml_tensor_overhead() * n_tensors + ggml_graph_overhead(), nullptr, true };
+    return ggml_init(ip);
+}
+
+// The CPU's repacking buffer type ("CPU_REPACK"), or null where this build has none.
+ggml_backend_buffer_type_t repack_buffer_type(ggml_backend_dev_t dev) {
+    auto reg = ggml_backend_dev_backend_reg(dev);
+    auto get_extra = (ggml_backend_dev_get_extra_bufts_t)
+        ggml_backend_reg_get_proc_address(reg, "ggml_backend_dev_get_extra_bufts");
+    if (!get_extra) {
+        return nullptr;
+    }
+    for (auto * bt = get_extra(dev); bt && *bt; ++bt) {
+        if (std::strcmp(ggml_backend_buft_name(*bt), "CPU_REPACK") == 0) {
+            return *bt;
+        }
+    }
+    return nullptr;
+}
+
+// The weight as the model loader stores it: f32 rows converted to `type`.
+std::vector<uint8_t> convert_rows(ggml_type type, const float * w, int64_t m, int64_t k) {
+    std::vector<uint8_t> data(ggml_row_size(type, k) * (size_t) m);
+    if (type == GGML_TYPE_F32) {
+        std::memcpy(data.data(), w, data.size());
+    } else {
+        ggml_quantize_chunk(type, w, data.data(), 0, m, k, nullptr);
+    }
+    return data;
+}
+
+void check_args(int32_t type, int64_t k, int64_t m, int64_t n) {
+    if (type < 0 || type >= GGML_TYPE_COUNT || ggml_get_type_traits((ggml_type) type)->blck_size == 0) {
+        fail(PMTP_ERR_INVALID_ARG, "unknown ggml type " + std::to_string(type));
+    }
+    if (ggml_quantize_requires_imatrix((ggml_type) type)) {
+        fail(PMTP_ERR_INVALID_ARG, std::string("type ") + ggml_type_name((ggml_type) type) + " needs an importance matrix");
+    }
+    if (k <= 0 || m <= 0 || n <= 0 || k % ggml_blck_size((ggml_type) type) != 0) {
+        fail(PMTP_ERR_INVALID_ARG, "k, m, n must be positive and k a multiple of the type's block size " +
+             std::to_string(ggml_blck_size((ggml_type) type)));
+    }
+}
+
+} // namespace
+
+int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const float * w, const float * x,
+                       bool repack, int32_t n_threads, float * out, bool * repacked) {
+    return run_guarded([&] {
+        need(w, "w");
+        need(x, "x");
+        need(out, "out");
+        check_args(type, k, m, n);
+        const ggml_type wtype = (ggml_type) type;
+        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
+        if (!dev) {
+            fail(PMTP_ERR_INTERNAL, "no CPU backend");
+        }
+        backend_ptr backend(ggml_backend_dev_init(dev, nullptr));
+        auto set_threads = (ggml_backend_set_n_threads_t)
+            ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads");
+        if (set_threads && n_threads > 0) {
+            set_threads(backend.get(), n_threads);
+        }
+
+        // The weight: in the repacking buffer when asked for and the type has a layout there
+        // (its init gives the tensor the repacked traits), else in a plain CPU buffer.
+        ctx_ptr wctx(new_meta_ctx(1));
+        ggml_tensor * wt = ggml_new_tensor_2d(wctx.get(), wtype, k, m);
+        buffer_ptr wbuf;
+        ggml_backend_buffer_type_t rbt = repack ? repack_buffer_type(dev) : nullptr;
+        if (rbt) {
+            wbuf.reset(ggml_backend_alloc_ctx_tensors_from_buft(wctx.get(), rbt));
+            if (wbuf && wt->extra == nullptr) {
+                wbuf.reset();
+                wt->buffer = nullptr;
+                wt->data   = nullptr;
+            }
+        }
+        const bool in_repack = (bool) wbuf;
+        if (!wbuf) {
+            wbuf.reset(ggml_backend_alloc_ctx_tensors(wctx.get(), backend.get()));
+        }
+        if (!wbuf) {
+            fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe weight");
+        }
+        std::vector<uint8_t> wdata = convert_rows(wtype, w, m, k);
+        ggml_backend_tensor_set(wt, wdata.data(), 0, wdata.size());
+
+        ctx_ptr gctx(new_meta_ctx(3));
+        ggml_tensor * xt = ggml_new_tensor_2d(gctx.get(), GGML_TYPE_F32, k, n);
+        ggml_tensor * yt = ggml_mul_mat(gctx.get(), wt, xt); // [m, n]
+        ggml_cgraph * gf = ggml_new_graph(gctx.get());
+        ggml_build_forward_expand(gf, yt);
+        buffer_ptr gbuf(ggml_backend_alloc_ctx_tensors(gctx.get(), backend.get()));
+        if (!gbuf) {
+            fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe activations");
+        }
+        ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt));
+        if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
+            fail(PMTP_ERR_INTERNAL, "the probe matmul failed");
+        }
+        ggml_backend_tensor_get(yt, out, 0, ggml_nbytes(yt));
+        if (repacked) {
+            *repacked = in_repack;
+        }
+    });
+}
