@@ -7,7 +7,10 @@ extracted without any of the sdist's other files. Patches in vendor/patches/*.pa
 are applied in name order. A stamp file records the pin and the patch hashes so a
 re-run is a no-op unless something changed.
 
-Usage: python scripts/fetch_llama_cpp.py [--force] [--sdist PATH]
+Usage: python scripts/fetch_llama_cpp.py [--force] [--sdist PATH] [--dest DIR --no-patches]
+
+--dest DIR --no-patches extracts the pristine tree elsewhere (the upstream reference that
+scripts/build_upstream.sh builds for side-by-side benchmarks).
 """
 from __future__ import annotations
 
@@ -51,9 +54,9 @@ def patches() -> list[Path]:
     return sorted(PATCH_DIR.glob("*.patch"))
 
 
-def stamp_text(pin: dict[str, str]) -> str:
+def stamp_text(pin: dict[str, str], with_patches: bool = True) -> str:
     lines = [f"sdist {pin['package']}=={pin['version']} sha256 {pin['sha256']}"]
-    lines += [f"patch {p.name} {sha256_of(p)}" for p in patches()]
+    lines += [f"patch {p.name} {sha256_of(p)}" for p in patches()] if with_patches else ["no patches"]
     return "\n".join(lines) + "\n"
 
 
@@ -120,20 +123,26 @@ def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--force", action="store_true", help="re-extract even if up to date")
     ap.add_argument("--sdist", type=Path, help="use this sdist instead of downloading")
+    ap.add_argument("--dest", type=Path, default=DEST, help=f"where to extract (default: {DEST})")
+    ap.add_argument("--no-patches", action="store_true", help="leave the tree as upstream ships it")
     args = ap.parse_args()
+    if args.no_patches and args.dest.resolve() == DEST.resolve():
+        raise SystemExit("--no-patches needs --dest: the package is always built from the patched tree")
     pin = read_pin()
-    want = stamp_text(pin)
-    if not args.force and STAMP.exists() and STAMP.read_text() == want:
+    dest, stamp = args.dest, args.dest / STAMP.name
+    want = stamp_text(pin, with_patches=not args.no_patches)
+    if not args.force and stamp.exists() and stamp.read_text() == want:
         return 0
     with tempfile.TemporaryDirectory() as work:
         sdist = args.sdist or download_sdist(pin, Path(work))
         digest = sha256_of(sdist)
         if digest != pin["sha256"]:
             raise SystemExit(f"{sdist}: sha256 {digest} does not match the pin {pin['sha256']}")
-        extract_subdirectory(sdist, pin["subdirectory"], DEST)
-    apply_patches(DEST)
-    STAMP.write_text(want)
-    print(f"llama.cpp {pin['upstream_commit']} ready in {DEST}", file=sys.stderr)
+        extract_subdirectory(sdist, pin["subdirectory"], dest)
+    if not args.no_patches:
+        apply_patches(dest)
+    stamp.write_text(want)
+    print(f"llama.cpp {pin['upstream_commit']} ready in {dest}", file=sys.stderr)
     return 0
 
 
