@@ -12,6 +12,14 @@ them into build/upstream). Every figure is measured in this process, interleaved
 over several rounds, and medians are reported.
 
     python scripts/bench_vs_upstream.py --size-gb 2.2 --acceptance 0.9 --draft 3 -t 2 -n 128
+
+--matrix measures every configuration users run, on the oracle F16 model and its Q8_0 and
+Q4_K_M quantizations (MTP heads at Q8_0), at context depth 0 and 2,048: upstream llama-bench
+tg and its pp1/pp2/pp4 batch cost curve, upstream llama-server plain and draft-mtp 1..3,
+ours plain, draft 1..3 and auto, and the time of our verify of k+1 rows over one decode
+against upstream's pp(k+1)/pp1 cost ratio:
+
+    python scripts/bench_vs_upstream.py --matrix --size-gb 2.2 --acceptance 1.0 -t 2 -n 64
 """
 from __future__ import annotations
 
@@ -88,9 +96,9 @@ class UpstreamServer:
                 raise RuntimeError(f"llama-server exited: {self.proc.stderr.read()[-2000:]}")
         raise RuntimeError("llama-server did not become ready")
 
-    def complete(self, prompt_tokens: list[int], n_gen: int) -> dict:
+    def complete(self, prompt_tokens: list[int], n_gen: int, cache_prompt: bool = False) -> dict:
         body = json.dumps({"prompt": prompt_tokens, "n_predict": n_gen, "temperature": 0, "top_k": 1,
-                           "ignore_eos": True, "cache_prompt": False, "samplers": ["top_k"]}).encode()
+                           "ignore_eos": True, "cache_prompt": cache_prompt, "samplers": ["top_k"]}).encode()
         req = urllib.request.Request(f"http://127.0.0.1:{self.port}/completion", data=body,
                                      headers={"Content-Type": "application/json"})
         with urllib.request.urlopen(req, timeout=600) as r:
@@ -122,6 +130,106 @@ def predicted_speedup(plain: dict, mtp: dict) -> float:
     return tokens_per_step * t_token / t_step
 
 
+def llama_bench_curve(model: Path, threads: int, n_gen: int, depth: int) -> dict:
+    """Upstream llama-bench at a context depth: tg tok/s and pp1/pp2/pp4 (its batched kernels)."""
+    out = subprocess.run([str(UPSTREAM_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "1,2,4",
+                          "-n", str(n_gen), "-d", str(depth), "-r", "3", "-o", "json"],
+                         capture_output=True, text=True, check=True)
+    rows = json.loads(out.stdout)
+    curve = {f"pp{r['n_prompt']}": r["avg_ts"] for r in rows if r["n_prompt"] > 0}
+    curve["tg"] = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
+    return curve
+
+
+def quantized_variants(f16: Path, threads: int) -> dict[str, Path]:
+    """The F16 oracle and its Q8_0 / Q4_K_M quantizations (MTP heads at Q8_0)."""
+    from pyllama_mtp.tools.quantize import quantize
+    paths = {"F16": f16}
+    for ftype in ("Q8_0", "Q4_K_M"):
+        out = f16.with_name(f16.stem.replace("-f16", "") + f"-{ftype.lower()}.gguf")
+        if not out.exists():
+            quantize(f16, out, ftype, threads=threads)
+        paths[ftype] = out
+    return paths
+
+
+def matrix_cell(model: Path, depth: int, args) -> dict:
+    """Every figure of one (model, depth) cell, measured in this process one after another."""
+    from pyllama_mtp import Llama
+    n_ctx = depth + args.n_gen + 64
+    rng = __import__("random").Random(depth)
+    prompt = [rng.randrange(10, 200) for _ in range(max(depth, 4))]
+    cell: dict = {"curve": llama_bench_curve(model, args.threads, args.n_gen, depth), "upstream": {}, "ours": {}}
+    for draft in (0, 1, 2, 3):
+        server = UpstreamServer(model, args.threads, draft, n_ctx)
+        try:
+            server.complete(prompt, 4, cache_prompt=True)          # warm-up, and the prompt in its cache
+            cell["upstream"][draft] = server.complete(prompt, args.n_gen, cache_prompt=True)["timings"]["predicted_per_second"]
+        finally:
+            server.close()
+    with Llama(model, n_ctx=n_ctx, threads=args.threads, mtp=True, draft=3) as llm:
+        llm.generate(prompt, max_tokens=4, draft=0)              # warm-up; the prompt stays cached
+        reference = None
+        for draft in (0, 1, 2, 3, "auto"):
+            r = llm.generate(prompt, max_tokens=args.n_gen, draft=draft)
+            s = r.stats
+            reference = reference or r.tokens
+            assert r.tokens == reference, f"draft {draft}: output differs from plain output"
+            entry = {"tps": s.tokens_per_second, "accept": s.acceptance_rate}
+            if draft == 0:
+                entry["t_decode"] = s.t_generate_s / max(s.n_generated - 1, 1)
+            elif isinstance(draft, int):
+                entry["t_verify"] = s.t_verify_s / max(s.n_steps, 1)
+            cell["ours"][draft] = entry
+    return cell
+
+
+def matrix_rows(name: str, depth: int, cell: dict) -> list[str]:
+    """Markdown rows of one cell, with each target's ratio."""
+    c, up, ours = cell["curve"], cell["upstream"], cell["ours"]
+    best_up = max(up[d] for d in (1, 2, 3))
+    best_ours = max(ours[d]["tps"] for d in (1, 2, 3))
+    plain = ours[0]["tps"]
+    rows = []
+    for draft in (0, 1, 2, 3, "auto"):
+        o = ours[draft]
+        if draft == 0:
+            cost = "1.00 / 1.00"
+        elif draft == "auto":
+            cost = "-"
+        else:
+            n = draft + 1
+            up_cost = n * c["pp1"] / c[f"pp{n}"] if f"pp{n}" in c else None
+            ours_cost = o["t_verify"] / ours[0]["t_decode"]
+            cost = f"{ours_cost:.2f} / {up_cost:.2f}" if up_cost else f"{ours_cost:.2f} / -"
+        up_tps = f"{up[draft]:.1f}" if draft in up else "-"
+        rows.append(f"| {name} | {depth} | {draft} | {o['tps']:.1f} | {up_tps} | {o['tps'] / plain:.2f}x | {cost} |")
+    rows.append(f"| {name} | {depth} | best | {best_ours:.1f} | {best_up:.1f} | ours/upstream {best_ours / best_up:.2f}x, "
+                f"ours/plain {best_ours / plain:.2f}x | plain/llama-bench tg {plain / c['tg']:.2f}x "
+                f"(tg {c['tg']:.1f}; pp1/2/4 {c['pp1']:.0f}/{c['pp2']:.0f}/{c['pp4']:.0f}) |")
+    return rows
+
+
+def run_matrix(args) -> int:
+    f16 = args.model or ROOT / "build" / "bench" / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}-f16.gguf"
+    f16.parent.mkdir(parents=True, exist_ok=True)
+    ensure_model(f16, args.size_gb, args.acceptance)
+    models = quantized_variants(f16, args.threads)
+    header = ["| model | depth | draft | ours tok/s | upstream tok/s | ours / ours plain | verify(k+1)/decode: ours / upstream pp |",
+              "|---|---:|---|---:|---:|---:|---|"]
+    rows, cells = [], {}
+    for name in args.types.split(","):
+        for depth in (int(d) for d in args.depths.split(",")):
+            cell = matrix_cell(models[name], depth, args)
+            cells[f"{name}@{depth}"] = cell
+            rows += matrix_rows(name, depth, cell)
+            print("\n".join(header + rows), file=sys.stderr)
+    print("\n".join(header + rows))
+    if args.json:
+        args.json.write_text(json.dumps(cells, indent=2, default=str))
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="oracle GGUF (default: generate one under build/bench)")
@@ -135,7 +243,13 @@ def main() -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=128)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results here")
+    ap.add_argument("--matrix", action="store_true", help="F16/Q8_0/Q4_K_M x depth 0/2048 x draft 0-3/auto")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="--matrix: model types (default all three)")
+    ap.add_argument("--depths", default="0,2048", help="--matrix: context depths (default 0,2048)")
     args = ap.parse_args()
+    if args.matrix:
+        ensure_upstream()
+        return run_matrix(args)
 
     from pyllama_mtp import Llama
     ensure_upstream()
