@@ -117,6 +117,17 @@ def test_f32_kv_rows_equal_single_query_decodes(n_kv, n_threads):
         assert_rows_match_alone(q, k, v, verify_mask(n_q, n_kv), n_head_kv=N_HEAD_KV, n_threads=n_threads, kv_type=F32)
 
 
+@pytest.mark.parametrize("n_threads", [1, 2])
+def test_rows_without_a_mask_equal_single_query_decodes(n_threads):
+    """No mask at all (every query sees every position): the kernel's mask-free branch."""
+    n_q, n_kv = 6, 700
+    q, k, v = random_qkv(21, n_q, 8, N_HEAD_KV, n_kv, 128)
+    batch = attend(q, k, v, None, n_head_kv=N_HEAD_KV, n_threads=n_threads)
+    for i in range(n_q):
+        alone = attend(q[i:i + 1], k, v, None, n_head_kv=N_HEAD_KV, n_threads=n_threads)
+        assert np.array_equal(batch[i].view(np.uint32), alone[0].view(np.uint32)), f"query {i}"
+
+
 def test_long_gqa_groups_over_many_heads_equal_single_query_decodes():
     """32 query heads on 8 KV heads and 16 queries: 64 rows share a KV head, more than one
     pass of the kernel takes, so a group is split into several passes."""
