@@ -33,7 +33,7 @@ using backend_ptr = std::unique_ptr<ggml_backend, backend_deleter>;
 // Each dimension and each tensor's element count stays far below what would overflow the
 // size arithmetic or exhaust memory; a probe is a test tool, not a workload.
 constexpr int64_t MAX_DIM      = 1 << 20;
-constexpr int64_t MAX_ELEMENTS = int64_t(1) << 28;
+constexpr int64_t MAX_ELEMENTS = int64_t(1) << 26;
 
 void check_args(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_head, int64_t n_head_kv,
                 int64_t n_kv, int64_t n_q, int32_t n_threads) {
