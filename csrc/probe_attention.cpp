@@ -2,7 +2,7 @@
 // model's attention layer builds it (K/V as views of a cache-shaped tensor, permuted q, F16
 // mask, F32 accumulation), so tests can check that n queries in one call give every query
 // the bits a one-query call gives it.
-#include "internal.h"
+#include "probe.h"
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -13,22 +13,9 @@
 #include <string>
 #include <vector>
 
-int run_guarded(const std::function<void()> & f);   // abi.cpp
-
 namespace {
 
-void need(const void * p, const char * what) {
-    if (!p) {
-        fail(PMTP_ERR_INVALID_ARG, std::string(what) + " is NULL");
-    }
-}
-
-struct ctx_deleter     { void operator()(ggml_context * c) const { ggml_free(c); } };
-struct buffer_deleter  { void operator()(ggml_backend_buffer * b) const { ggml_backend_buffer_free(b); } };
-struct backend_deleter { void operator()(ggml_backend * b) const { ggml_backend_free(b); } };
-using ctx_ptr     = std::unique_ptr<ggml_context, ctx_deleter>;
-using buffer_ptr  = std::unique_ptr<ggml_backend_buffer, buffer_deleter>;
-using backend_ptr = std::unique_ptr<ggml_backend, backend_deleter>;
+using namespace probe;
 
 // Each dimension and each tensor's element count stays far below what would overflow the
 // size arithmetic or exhaust memory; a probe is a test tool, not a workload.
@@ -81,19 +68,8 @@ int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_h
         check_args(kv_type, d_k, d_v, n_head, n_head_kv, n_kv, n_q, n_threads);
         const ggml_type kvt = (ggml_type) kv_type;
 
-        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (!dev) {
-            fail(PMTP_ERR_INTERNAL, "no CPU backend");
-        }
-        backend_ptr backend(ggml_backend_dev_init(dev, nullptr));
-        if (!backend) {
-            fail(PMTP_ERR_INTERNAL, "cannot start the CPU backend");
-        }
-        auto set_threads = (ggml_backend_set_n_threads_t)
-            ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads");
-        if (set_threads && n_threads > 0) {
-            set_threads(backend.get(), n_threads);
-        }
+        ggml_backend_dev_t dev = nullptr;
+        backend_ptr backend = cpu_backend(n_threads, &dev);
 
         // q, the K/V "cache" and the mask, plus the views, the op and the graph
         ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true };

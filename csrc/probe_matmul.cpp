@@ -1,7 +1,7 @@
 // pmtp_probe_mul_mat: one ggml matrix product on the CPU backend, set up the way a loaded
 // model's weights are (same type conversion, same repacking buffer), so tests can check
 // that an n-row product gives every row the bits a one-row product gives it.
-#include "internal.h"
+#include "probe.h"
 
 #include "ggml.h"
 #include "ggml-alloc.h"
@@ -12,22 +12,9 @@
 #include <string>
 #include <vector>
 
-int run_guarded(const std::function<void()> & f);   // abi.cpp
-
 namespace {
 
-void need(const void * p, const char * what) {
-    if (!p) {
-        fail(PMTP_ERR_INVALID_ARG, std::string(what) + " is NULL");
-    }
-}
-
-struct ctx_deleter     { void operator()(ggml_context * c) const { ggml_free(c); } };
-struct buffer_deleter  { void operator()(ggml_backend_buffer * b) const { ggml_backend_buffer_free(b); } };
-struct backend_deleter { void operator()(ggml_backend * b) const { ggml_backend_free(b); } };
-using ctx_ptr     = std::unique_ptr<ggml_context, ctx_deleter>;
-using buffer_ptr  = std::unique_ptr<ggml_backend_buffer, buffer_deleter>;
-using backend_ptr = std::unique_ptr<ggml_backend, backend_deleter>;
+using namespace probe;
 
 ggml_context * new_meta_ctx(size_t n_tensors) {
     ggml_init_params ip = { ggml_tensor_overhead() * n_tensors + ggml_graph_overhead(), nullptr, true };
@@ -84,16 +71,8 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
         need(out, "out");
         check_args(type, k, m, n);
         const ggml_type wtype = (ggml_type) type;
-        ggml_backend_dev_t dev = ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
-        if (!dev) {
-            fail(PMTP_ERR_INTERNAL, "no CPU backend");
-        }
-        backend_ptr backend(ggml_backend_dev_init(dev, nullptr));
-        auto set_threads = (ggml_backend_set_n_threads_t)
-            ggml_backend_reg_get_proc_address(ggml_backend_dev_backend_reg(dev), "ggml_backend_set_n_threads");
-        if (set_threads && n_threads > 0) {
-            set_threads(backend.get(), n_threads);
-        }
+        ggml_backend_dev_t dev = nullptr;
+        backend_ptr backend = cpu_backend(n_threads, &dev);
 
         // The weight: in the repacking buffer when asked for and the type has a layout there
         // (its init gives the tensor the repacked traits), else in a plain CPU buffer.
