@@ -16,6 +16,11 @@ stream speedup of the library itself (Llama.generate, draft DRAFT vs plain) to c
 with the server's at 1 client.
 
     python scripts/bench_server_load.py --size-gb 2.2 --acceptance 0.9 -t 2 -n 128
+
+--upstream also runs upstream's llama-server (built by scripts/build_upstream.sh from the
+same pinned tree without our patches: its batched kernels) with -np equal to the largest
+client count, plain and with --spec-type draft-mtp, under the same load, and prints ours
+over upstream per client count.
 """
 from __future__ import annotations
 
@@ -50,15 +55,25 @@ def free_port() -> int:
 
 
 class Server:
-    """pyllama-mtp-server in a subprocess, up until closed."""
+    """pyllama-mtp-server (or, with upstream=True, upstream's llama-server) in a subprocess,
+    up until closed."""
 
-    def __init__(self, model: Path, threads: int, parallel: int, n_ctx: int, mtp_draft: str | None):
+    def __init__(self, model: Path, threads: int, parallel: int, n_ctx: int, mtp_draft: str | None,
+                 upstream: bool = False):
         import httpx
         self.port = free_port()
-        cmd = [sys.executable, "-m", "pyllama_mtp.server.cli", "--model", str(model), "--port", str(self.port),
-               "--threads", str(threads), "--parallel", str(parallel), "--n-ctx", str(n_ctx), "--alias", "bench"]
-        if mtp_draft is not None:
-            cmd += ["--mtp", "--draft", mtp_draft]
+        if upstream:
+            cmd = [str(ROOT / "build" / "upstream" / "bin" / "llama-server"), "-m", str(model), "--port",
+                   str(self.port), "--host", "127.0.0.1", "-t", str(threads), "-np", str(parallel),
+                   "-c", str(n_ctx * parallel), "--alias", "bench", "--no-webui"]
+            if mtp_draft is not None:
+                cmd += ["--spec-type", "draft-mtp", "--spec-draft-n-max", mtp_draft, "--spec-draft-n-min", "0",
+                        "--spec-draft-p-min", "0"]
+        else:
+            cmd = [sys.executable, "-m", "pyllama_mtp.server.cli", "--model", str(model), "--port", str(self.port),
+                   "--threads", str(threads), "--parallel", str(parallel), "--n-ctx", str(n_ctx), "--alias", "bench"]
+            if mtp_draft is not None:
+                cmd += ["--mtp", "--draft", mtp_draft]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         deadline = time.time() + 600
         while time.time() < deadline:
@@ -104,13 +119,13 @@ def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, see
             "tokens": tokens, "wall_s": wall}
 
 
-def bench_server(model: Path, args, mtp_draft: str | None) -> dict[int, dict]:
+def bench_server(model: Path, args, mtp_draft: str | None, upstream: bool = False) -> dict[int, dict]:
     import openai
     from pyllama_mtp.engine import Model
     from pyllama_mtp.config import ModelConfig
     with Model(ModelConfig(str(model), load_mtp=False, use_mmap=True)) as m:
         n_vocab = m.info.n_vocab
-    server = Server(model, args.threads, max(args.clients), args.n_ctx, mtp_draft)
+    server = Server(model, args.threads, max(args.clients), args.n_ctx, mtp_draft, upstream)
     try:
         client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="none", max_retries=0, timeout=3600)
         one_round(client, 1, 1, 16, n_vocab, seed=999)                         # warm-up
@@ -156,6 +171,17 @@ def table(off: dict, on: dict, lib: dict | None) -> str:
     return "\n".join(lines)
 
 
+def upstream_table(off: dict, on: dict, up_off: dict, up_on: dict, up_draft: str) -> str:
+    lines = ["", f"| clients | ours off | upstream off | ours/upstream off | ours on | upstream draft-mtp {up_draft} | "
+                 "ours on / upstream on | ours best / upstream best |",
+             "| ------: | -------: | -----------: | ----------------: | ------: | ------: | ------: | ------: |"]
+    for c in sorted(off):
+        a, b, ua, ub = (x[c]["aggregate_tps"] for x in (off, on, up_off, up_on))
+        lines.append(f"| {c} | {a:.2f} | {ua:.2f} | {a / ua:.2f}x | {b:.2f} | {ub:.2f} | {b / ub:.2f}x | "
+                     f"{max(a, b) / max(ua, ub):.2f}x |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", type=Path, help="existing GGUF (default: write an oracle step35 model)")
@@ -171,6 +197,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the library measurement (default 3)")
     ap.add_argument("--no-library", action="store_true", help="skip the library's single-stream measurement")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--upstream", action="store_true",
+                    help="also run upstream llama-server -np N, plain and draft-mtp (draft 3 when --draft is auto)")
     args = ap.parse_args(argv)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
     if args.clients[0] < 1:
@@ -182,9 +210,16 @@ def main(argv=None) -> int:
     on = bench_server(model, args, args.draft)
     lib = None if args.no_library else library_speedup(model, args)
     print(table(off, on, lib))
+    figures = {"mtp_off": off, "mtp_on": on, "library": lib, "draft": args.draft,
+               "threads": args.threads, "n_gen": args.n_gen, "model": str(model)}
+    if args.upstream:
+        up_draft = "3" if args.draft == "auto" else args.draft
+        up_off = bench_server(model, args, None, upstream=True)
+        up_on = bench_server(model, args, up_draft, upstream=True)
+        print(upstream_table(off, on, up_off, up_on, up_draft))
+        figures.update(upstream_off=up_off, upstream_on=up_on)
     if args.json:
-        args.json.write_text(json.dumps({"mtp_off": off, "mtp_on": on, "library": lib, "draft": args.draft,
-                                         "threads": args.threads, "n_gen": args.n_gen, "model": str(model)}, indent=1))
+        args.json.write_text(json.dumps(figures, indent=1))
     return 0
 
 
