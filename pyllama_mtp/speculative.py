@@ -8,6 +8,8 @@ when all were accepted).
 """
 from __future__ import annotations
 
+import itertools
+
 from dataclasses import dataclass, field
 
 from .config import MAX_DRAFT
@@ -229,8 +231,8 @@ class GenerationStats:
 
     def minus(self, before: "GenerationStats") -> "GenerationStats":
         """The span between two snapshots of cumulative native counters."""
-        def sub(a, b):
-            return tuple(x - y for x, y in zip(a, b))
+        def sub(a, b):   # a snapshot taken before any step may hold no per-position counters yet
+            return tuple(x - y for x, y in itertools.zip_longest(a, b, fillvalue=0))
         return GenerationStats(
             n_steps=self.n_steps - before.n_steps, drafted=self.drafted - before.drafted,
             accepted=self.accepted - before.accepted, emitted=self.emitted - before.emitted,

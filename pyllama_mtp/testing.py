@@ -153,9 +153,24 @@ def _tokenizer_metadata(v: Vocab) -> dict:
     }
 
 
+def char_tokens(text: str) -> tuple[int, ...]:
+    """One token per character of ``text`` in the shared vocabulary: the one-character piece
+    ("▁" for a space), else the character's UTF-8 byte tokens. For an oracle chain that
+    makes a model's greedy output spell ``text``."""
+    index = {piece: i for i, piece in enumerate(vocabulary().tokens)}
+    out: list[int] = []
+    for ch in text:
+        piece = "▁" if ch == " " else ch
+        if piece in index and piece not in ("<unk>", "<s>", "</s>"):
+            out.append(index[piece])
+        else:
+            out.extend(index[f"<0x{b:02X}>"] for b in ch.encode("utf-8"))
+    return tuple(out)
+
+
 # --------------------------------------------------------------------------- oracle maps
 
-def oracle_maps(seed: int = 0, acceptance: float = 1.0) -> tuple[np.ndarray, np.ndarray]:
+def oracle_maps(seed: int = 0, acceptance: float = 1.0, chain: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray]:
     """(trunk_next, head_next), int arrays of length N_VOCAB, for an oracle model of this seed.
 
     trunk_next restricted to the ordinary tokens is a single cycle through all of them: the
@@ -163,12 +178,14 @@ def oracle_maps(seed: int = 0, acceptance: float = 1.0) -> tuple[np.ndarray, np.
     MTP head predicts after token t: equal to trunk_next on a random ``acceptance`` fraction
     of ordinary tokens (at least two differ when acceptance < 1), a different token on the
     rest. A special token behaves like the ordinary token it aliases (see _oracle_tables).
+    ``chain``: distinct ordinary tokens that follow each other in the cycle, in this order
+    (so the greedy continuation of chain[0] is chain[1:], ...); see :func:`char_tokens`.
     """
-    trunk_next, head_next, alias = _oracle_tables(seed, acceptance)
+    trunk_next, head_next, alias = _oracle_tables(seed, acceptance, chain)
     return trunk_next[alias], head_next[alias]
 
 
-def _oracle_tables(seed: int, acceptance: float) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+def _oracle_tables(seed: int, acceptance: float, chain: Sequence[int] = ()) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(trunk_next, head_next, alias); the maps are only meaningful on ordinary tokens, and
     alias sends each special token to a random ordinary one (the identity elsewhere)."""
     if not 0.0 <= acceptance <= 1.0:
@@ -177,6 +194,11 @@ def _oracle_tables(seed: int, acceptance: float) -> tuple[np.ndarray, np.ndarray
     rng = np.random.default_rng([seed, zlib.crc32(b"oracle.maps")])
     ordinary = v.ordinary
     cycle = rng.permutation(ordinary)
+    if len(chain):
+        chain = np.asarray(chain, dtype=cycle.dtype)
+        if len(set(chain.tolist())) != len(chain) or not np.isin(chain, ordinary).all():
+            raise ValueError("an oracle chain must be distinct ordinary tokens")
+        cycle = np.concatenate([chain, cycle[~np.isin(cycle, chain)]])
     trunk_next = np.arange(N_VOCAB)
     trunk_next[cycle] = np.roll(cycle, -1)
     alias = np.arange(N_VOCAB)
@@ -396,6 +418,7 @@ class _Step35:
     attn_gate: bool
     oracle: bool
     acceptance: float
+    oracle_chain: tuple = ()
     n_layer_all: int = field(init=False)
 
     def __post_init__(self):
@@ -482,7 +505,8 @@ def _shared_tensors(cfg, seed: int):
     """Weights source, oracle tables, and the embedding / output tensors every
     hybrid-or-MoE writer starts with: (w, head_next, tensors)."""
     n = cfg.n_embd
-    trunk_next, head_next, alias = _oracle_tables(seed, cfg.acceptance) if cfg.oracle else (None, None, None)
+    trunk_next, head_next, alias = (_oracle_tables(seed, cfg.acceptance, getattr(cfg, "oracle_chain", ()))
+                                    if cfg.oracle else (None, None, None))
     w = _Weights(seed, n, alias)
     return w, head_next, _embedding_tensors(w, trunk_next)
 
@@ -564,7 +588,7 @@ def _step35_config(*, n_head_swa, head_dim, n_ff, n_ff_exp, n_ff_shexp, **shape)
 def write_step35(path, *, seed=0, n_embd=64, n_layer=4, n_mtp=3, n_swa=8, n_expert=4, n_expert_used=2, n_dense_lead=1,
                  n_ctx_train=4096, dtype="f32", oracle=False, acceptance=1.0, split=None,
                  n_head=4, n_head_kv=2, n_head_swa=None, head_dim=None, n_ff=None, n_ff_exp=None, n_ff_shexp=None,
-                 attn_gate=True) -> Path:
+                 attn_gate=True, oracle_chain=()) -> Path:
     """A step35 model with n_layer trunk blocks and n_mtp MTP blocks (blk.{n_layer}..).
 
     Random (default): varied, context-dependent greedy output; the MTP heads are random
@@ -572,7 +596,7 @@ def write_step35(path, *, seed=0, n_embd=64, n_layer=4, n_mtp=3, n_swa=8, n_expe
     and every MTP head predicts ``oracle_maps(seed, acceptance)[1]``, so each draft
     position is accepted with probability ``acceptance`` given the previous ones were:
     with 3 chained heads, accepted/drafted is about (a + a^2 + a^3) / 3 and the mean
-    accepted length 1 + a + a^2 + a^3.
+    accepted length 1 + a + a^2 + a^3. ``oracle_chain``: see :func:`oracle_maps`.
 
     ``split``: None (everything), "trunk" (no MTP tensors, still declares
     nextn_predict_layers) or "mtp" (MTP-only file), always the same values as the full
@@ -580,6 +604,7 @@ def write_step35(path, *, seed=0, n_embd=64, n_layer=4, n_mtp=3, n_swa=8, n_expe
     head_dim = n_embd / n_head, n_ff = 2 n_embd, n_ff_exp = n_ff_shexp = n_embd / 2.
     """
     shape = {k: v for k, v in locals().items() if k in _SHAPE_ARGS}
+    shape["oracle_chain"] = tuple(int(t) for t in oracle_chain)
     cfg = _step35_config(**shape)
     if split is not None and n_mtp == 0:
         raise ValueError("split needs MTP blocks (n_mtp > 0)")

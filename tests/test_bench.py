@@ -99,3 +99,13 @@ def test_console_script_runs_a_builtin_model(tmp_path):
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
     assert [r["n_draft"] for r in records] == [0, 1, 2, 3]
+
+
+def test_plot_without_matplotlib_says_which_extra_before_any_run():
+    code = ("import sys; sys.modules['matplotlib'] = None\n"
+            "from pyllama_mtp.bench.cli import main\n"
+            "sys.exit(main(['-m', 'tiny:step35', '--plot', 'out.png']))\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        "pyllama-mtp-bench: error: --plot needs matplotlib: pip install 'pyllama-mtp[plot]'"]

@@ -185,3 +185,40 @@ def test_streamed_logprobs_equal_the_whole_result(client):
     expected = chat_whole.choices[0].logprobs.content
     assert [(e.token, e.logprob) for e in entries] == [(e.token, e.logprob) for e in expected]
     assert [[a.token for a in e.top_logprobs] for e in entries] == [[a.token for a in e.top_logprobs] for e in expected]
+
+
+def test_stream_extension_marks_draft_tokens_and_reports_stats(client, reference):
+    messages = [{"role": "user", "content": "which tokens were drafted?"}]
+    chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=40, stream=True,
+                                                 stream_options={"include_usage": True}))
+    expected = reference.chat(messages, max_tokens=40)
+    # OpenAI's usage chunk comes last, with no choices
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 40
+    content = [c for c in chunks[:-1] if c.choices and c.choices[0].delta.content]
+    assert "".join(c.choices[0].delta.content for c in content) == expected.text
+    flags, text_spans = [], 0
+    for c in chunks[:-1]:
+        ext = (c.model_extra or {}).get("x_pmtp")
+        if ext is None:
+            continue
+        flags += ext["from_draft"]
+        text = (c.choices[0].delta.content or "") if c.choices else ""
+        # the spans partition the chunk's text (UTF-16 lengths)
+        assert sum(n for n, _ in ext["spans"]) == len(text.encode("utf-16-le")) // 2
+        text_spans += len(ext["spans"])
+    assert len(flags) == 40 and flags[0] is False          # the first token never comes from a draft
+    stats = chunks[-2].model_extra["x_pmtp"]["stats"]
+    assert chunks[-2].choices[0].finish_reason == "length"
+    assert stats["accepted"] == sum(flags) == chunks[-1].usage.model_extra["accepted_tokens"] > 0
+    assert stats["completion_tokens"] == 40 and stats["tokens_per_second"] > 0
+    assert stats["acceptance"] == 1.0 and stats["acceptance_per_position"] == [1.0, 1.0, 1.0]
+    assert stats["mean_accepted"] == pytest.approx(stats["accepted"] / stats["verify_steps"], abs=1e-3)
+    # the same prompt again: its tokens are found in the KV cache
+    again = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=4, stream=True))
+    reused = again[-1].model_extra["x_pmtp"]["stats"]
+    assert 0 < reused["prompt_tokens_reused"] <= reused["prompt_tokens"]
+
+
+def test_models_report_the_draft_range(client):
+    model = client.models.list().data[0]
+    assert model.model_extra["x_pmtp"] == {"mtp": True, "draft_max": 3, "draft_default": 3, "n_ctx": 512}

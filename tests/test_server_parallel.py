@@ -260,3 +260,18 @@ def test_running_streams_keep_going_while_a_long_prompt_goes_in(step35_path):
         finally:
             worker.stop()
     assert len([e for e in between if e == ("a", "Chunk")]) >= len(prompt_b) // 8 - 1, between
+
+
+def test_stream_extension_with_parallel_slots(client):
+    """The chat page's figures come from the batch scheduler too: per-token draft flags,
+    per-message stats and the prompt tokens a slot's KV cache gave back."""
+    messages = [{"role": "user", "content": "parallel slots and the stream extension"}]
+    for round_ in range(2):
+        chunks = list(client.chat.completions.create(model="tiny", messages=messages, max_tokens=24, stream=True))
+        flags = [f for c in chunks for f in ((c.model_extra or {}).get("x_pmtp") or {}).get("from_draft", [])]
+        stats = chunks[-1].model_extra["x_pmtp"]["stats"]
+        assert len(flags) == stats["completion_tokens"] == 24
+        assert stats["accepted"] == sum(flags) and stats["drafted"] > 0
+        assert len(stats["acceptance_per_position"]) == 3
+        if round_ == 1:
+            assert stats["prompt_tokens_reused"] >= 16    # the slot kept the same prompt

@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import os
 import sys
 
@@ -101,6 +102,10 @@ def run(args) -> list[dict]:
 def main(argv=None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        # checked before the sweep, not after minutes of benchmarking
+        print(f"{parser.prog}: error: --plot needs matplotlib: pip install 'pyllama-mtp[plot]'", file=sys.stderr)
+        return 2
     try:
         records = run(args)
     except UsageError as e:

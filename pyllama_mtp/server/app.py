@@ -10,10 +10,11 @@ import hmac
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, PlainTextResponse, StreamingResponse
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -23,6 +24,7 @@ from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
 from ..llama import Llama
 from .metrics import Metrics
 from .scheduler import BatchWorker
+from .stream_extras import DraftSpans, message_stats
 from .worker import Job, Worker
 
 
@@ -62,6 +64,7 @@ class _Options(BaseModel):
     stop: str | list[str] | None = None
     seed: int | None = None
     stream: bool = False
+    stream_options: dict | None = None     # {"include_usage": true}: a last chunk with the usage
     n: int = 1
     # extensions
     mtp: bool | None = None
@@ -104,6 +107,23 @@ def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> d
                 accept=req.accept, logprobs=req.n_logprobs)
 
 
+# The chat page (static files shipped in the package; no build step, nothing from a CDN).
+_STATIC = Path(__file__).with_name("static")
+_STATIC_FILES = {"chat.js": "text/javascript", "chat.css": "text/css", "markdown.js": "text/javascript"}
+# The page only talks to this server and never runs inline script: even text that got
+# into the DOM as markup could not execute.
+_PAGE_HEADERS = {
+    "Content-Security-Policy": "default-src 'none'; script-src 'self'; style-src 'self'; connect-src 'self'; "
+                               "img-src 'self' data:; base-uri 'none'; form-action 'none'; frame-ancestors 'none'",
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "Cache-Control": "no-cache",
+}
+# /metrics counts requests per route; any other path counts as "other" (no label per URL).
+_ROUTES = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/completions", "/v1/chat/completions"} |
+                    {f"/static/{name}" for name in _STATIC_FILES})
+
+
 def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
     metrics = Metrics(settings.model_name)
@@ -132,7 +152,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             response = await call_next(request)
         except ApiError as e:
             response = e.response()
-        metrics.request_done(endpoint, response.status_code)
+        metrics.request_done(endpoint if endpoint in _ROUTES else "other", response.status_code)
         return response
 
     @app.exception_handler(ApiError)
@@ -246,11 +266,60 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": settings.model_name, "object": "model", "created": 0,
-                                            "owned_by": "pyllama-mtp"}]}
+                                            "owned_by": "pyllama-mtp",
+                                            "x_pmtp": {"mtp": llm.draft_max > 0, "draft_max": llm.draft_max,
+                                                       "draft_default": llm.draft, "n_ctx": llm.n_ctx}}]}
+
+    @app.api_route("/", methods=["GET", "HEAD"], include_in_schema=False)
+    async def page():
+        return FileResponse(_STATIC / "index.html", media_type="text/html", headers=_PAGE_HEADERS)
+
+    @app.api_route("/static/{name}", methods=["GET", "HEAD"], include_in_schema=False)
+    async def static(name: str):
+        if name not in _STATIC_FILES:
+            raise ApiError(404, f"no static file {name!r}", code="not_found")
+        return FileResponse(_STATIC / name, media_type=_STATIC_FILES[name], headers=_PAGE_HEADERS)
 
     @app.get("/metrics")
     async def prometheus():
         return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4")
+
+    class _Piece:
+        """A worker chunk on its way into an SSE chunk, with its draft spans."""
+        def __init__(self, chunk, spans: DraftSpans):
+            self.chunk, self.spans = chunk, spans
+
+        def extend(self, event: dict) -> dict:
+            event["x_pmtp"] = self.spans.take_text(self.chunk.text)
+            return event
+
+    async def tracked(items, tokens, req: _Options, make_chunk):
+        """A stream's worker items as _Piece objects, then (as dicts) the last chunk, carrying
+        the finish reason and the message's ``x_pmtp.stats``, and the usage chunk when
+        ``stream_options.include_usage`` asks for it."""
+        spans = DraftSpans(llm.model.token_pieces)
+        t_request, t_first, first_tokens = time.perf_counter(), None, 0
+        n_generated, finish, stats = 0, None, None
+        async for item in items:
+            if not hasattr(item, "text"):
+                stats = item
+                continue
+            spans.add_tokens(item.tokens, item.from_draft)
+            if t_first is None and item.tokens:
+                t_first, first_tokens = time.perf_counter(), len(item.tokens)
+            n_generated += len(item.tokens)
+            finish = item.finish_reason or finish
+            yield _Piece(item, spans)
+        figures = message_stats(stats, n_generated, t_request, t_first, time.perf_counter(), first_tokens)
+        if finish is not None:
+            last = make_chunk("", finish, None)
+            last["x_pmtp"] = {**spans.take_text(""), "stats": figures}
+            yield last
+        if (req.stream_options or {}).get("include_usage"):
+            tail = make_chunk("", None, None)
+            tail["choices"] = []
+            tail["usage"] = openai_shapes.usage(len(tokens), n_generated, usage_extra(stats) if stats else None)
+            yield tail
 
     def sse(events):
         async def body():
@@ -266,15 +335,19 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         tokens = check(lambda: req.prompt, kwargs)
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
         if req.stream:
+            def chunk(text, finish, logprobs):
+                return openai_shapes.completion_chunk(cid, settings.model_name, created, text, finish, logprobs)
+
             async def events():
                 offset = 0   # text offsets of streamed logprobs continue over the chunks
-                async for item in run(tokens, kwargs, request):
-                    if hasattr(item, "text"):
-                        logprobs = chunk_logprobs(kwargs, item, False, offset)
-                        if logprobs is not None:
-                            offset += sum(len(t) for t in logprobs["tokens"])
-                        yield openai_shapes.completion_chunk(cid, settings.model_name, created, item.text,
-                                                             item.finish_reason, logprobs)
+                async for item in tracked(run(tokens, kwargs, request), tokens, req, chunk):
+                    if isinstance(item, dict):
+                        yield item
+                        continue
+                    logprobs = chunk_logprobs(kwargs, item.chunk, False, offset)
+                    if logprobs is not None:
+                        offset += sum(len(t) for t in logprobs["tokens"])
+                    yield item.extend(chunk(item.chunk.text, None, logprobs))
             return sse(events())
         text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=False)
         return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
@@ -287,18 +360,20 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         tokens = check(lambda: llm.chat_tokens(req.messages), kwargs)
         cid, created = openai_shapes.new_id("chatcmpl"), int(time.time())
         if req.stream:
+            def chunk(text, finish, logprobs):
+                delta = {} if finish else {"content": text}
+                return openai_shapes.chat_chunk(cid, settings.model_name, created, delta, finish, logprobs)
+
             async def events():
                 yield openai_shapes.chat_chunk(cid, settings.model_name, created,
                                                {"role": "assistant", "content": ""}, None)
-                async for item in run(tokens, kwargs, request):
-                    if hasattr(item, "text"):
-                        logprobs = chunk_logprobs(kwargs, item, True) if item.tokens else None
-                        if item.text or logprobs is not None:
-                            yield openai_shapes.chat_chunk(cid, settings.model_name, created,
-                                                           {"content": item.text}, None, logprobs)
-                        if item.finish_reason:
-                            yield openai_shapes.chat_chunk(cid, settings.model_name, created, {},
-                                                           item.finish_reason)
+                async for item in tracked(run(tokens, kwargs, request), tokens, req, chunk):
+                    if isinstance(item, dict):
+                        yield item
+                        continue
+                    logprobs = chunk_logprobs(kwargs, item.chunk, True) if item.chunk.tokens else None
+                    if item.chunk.text or logprobs is not None:
+                        yield item.extend(chunk(item.chunk.text, None, logprobs))
             return sse(events())
         text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=True)
         return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(tokens), n,

@@ -42,6 +42,7 @@ class _Slot:
     draft: int | str
     n_prompt: int
     t_first: float
+    reused: int = 0           # prompt tokens found in the slot's KV cache
     n_generated: int = 0
     n_steps: int = 0
     drafted: int = 0
@@ -63,7 +64,8 @@ class _Slot:
         return GenerationStats(n_steps=self.n_steps, drafted=self.drafted, accepted=self.accepted,
                                drafted_per_position=tuple(self.drafted_at),
                                accepted_per_position=tuple(self.accepted_at),
-                               n_prompt_tokens=self.n_prompt, n_generated=self.n_generated)
+                               n_prompt_tokens=self.n_prompt, n_generated=self.n_generated,
+                               extra={"prompt_tokens_reused": self.reused})
 
 
 @dataclass
@@ -76,6 +78,7 @@ class _Prefill:
     max_tokens: int
     draft: int | str
     stops: object
+    reused: int = 0            # of them, tokens the slot's KV cache already held
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -179,7 +182,7 @@ class BatchWorker:
             session.seq_reset(seq)
             keep = 0
         self.metrics.prompt_reused(keep)
-        self.prefilling.append(_Prefill(seq, job, tokens, keep, max_tokens, draft, stops))
+        self.prefilling.append(_Prefill(seq, job, tokens, keep, max_tokens, draft, stops, reused=keep))
 
     def _prefill_chunk(self) -> None:
         """Prefill the oldest waiting prompt: all of it when no slot is generating, else one
@@ -199,7 +202,8 @@ class BatchWorker:
         self.prefilling.pop(0)
         llm = self.llm
         output = SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, p.max_tokens, llm.n_ctx, p.stops)
-        slot = _Slot(p.seq, p.job, output, p.draft, len(p.tokens), time.perf_counter(), tokens=list(p.tokens))
+        slot = _Slot(p.seq, p.job, output, p.draft, len(p.tokens), time.perf_counter(), reused=p.reused,
+                     tokens=list(p.tokens))
         self.slots[p.seq] = slot
         self._deliver(slot, first)
 

@@ -63,12 +63,14 @@ class Worker:
         before = llm.stats
         t_first = None
         n_generated = 0
+        reused = 0
         stream = llm.stream(job.tokens, **job.options)
         try:
             for chunk in stream:
                 if t_first is None:
                     t_first = time.perf_counter()
-                    self.metrics.prompt_reused(llm.prompt_tokens_reused)
+                    reused = llm.prompt_tokens_reused
+                    self.metrics.prompt_reused(reused)
                 n_generated += len(chunk.tokens)
                 job.emit(chunk)
                 if job.cancelled.is_set():
@@ -77,7 +79,8 @@ class Worker:
             stream.close()
         end = time.perf_counter()
         span = llm.stats.minus(before)
-        stats = span.__class__(**{**span.__dict__, "n_prompt_tokens": len(job.tokens), "n_generated": n_generated})
+        stats = span.__class__(**{**span.__dict__, "n_prompt_tokens": len(job.tokens), "n_generated": n_generated,
+                                        "extra": {**span.extra, "prompt_tokens_reused": reused}})
         job.emit(stats)
         self.metrics.generation_done(stats, end - job.enqueued_at,
                                      None if t_first is None else t_first - job.enqueued_at)
