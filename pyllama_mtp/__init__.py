@@ -10,7 +10,7 @@ pure-Python parts (testing models, chat templates, bench parsing) import without
 """
 from __future__ import annotations
 
-from .errors import (AbortedError, ClosedError, ContextFullError, DecodeError, InternalError,
+from .errors import (AbortedError, ClosedError, ConcurrentUseError, ContextFullError, DecodeError, InternalError,
                      InvalidArgumentError, ModelLoadError, MtpError, OutOfMemoryError, PmtpError,
                      RpcError, SwaGuardError)
 
@@ -29,7 +29,8 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "PmtpError", "ModelLoadError", "InvalidArgumentError", "ContextFullError",
-           "DecodeError", "MtpError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError", "RpcError",
+           "DecodeError", "MtpError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError",
+           "ConcurrentUseError", "RpcError",
            "InternalError", *_LAZY]
 
 

@@ -52,3 +52,8 @@ class ClosedError(PmtpError, ValueError):
 
 class InternalError(PmtpError, RuntimeError):
     """A bug: please report it with the message."""
+
+
+class ConcurrentUseError(PmtpError, RuntimeError):
+    """A call that would have to wait for the calling thread itself: this thread holds an
+    open stream of the same Llama. Finish or close() that stream first."""

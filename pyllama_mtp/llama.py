@@ -16,10 +16,11 @@ from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
 from . import openai_shapes
+from .call_gate import CallGate
 from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, StepResult, build_info
-from .errors import ContextFullError, InvalidArgumentError, PmtpError
+from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
 from .speculative import DraftPolicy, GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
 
@@ -123,6 +124,11 @@ class Llama:
 
     ``parallel=N`` lets the session decode N sequences together (each with ``n_ctx``
     tokens of context): the server's ``--parallel``. ``generate``/``stream`` use the first.
+
+    Threads may share a Llama: calls take turns (a ``generate`` for the call, a stream from
+    its first chunk until it ends or is closed), so other threads wait; a thread that starts
+    a call while it holds an open stream of the same Llama gets ``ConcurrentUseError``.
+    ``close()`` from any thread is safe: waiting calls and open streams raise ``ClosedError``.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int = 3,
@@ -134,6 +140,7 @@ class Llama:
                  swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
                  rpc: str | Sequence[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
                  parallel: int = 1, verbose: bool = False, progress=None):
+        self._gate = CallGate("Llama")
         if verbose:
             _llama_log.setLevel(logging.INFO)
             if not logging.getLogger().handlers:
@@ -167,6 +174,7 @@ class Llama:
         except BaseException:
             self.close()
             raise
+        self._n_ctx = self.session.n_ctx
         self.draft = draft if use_mtp else 0                 # the default per call
         self.draft_max = self.session.draft_max
         self.seed = seed if seed is not None else 0xFFFFFFFF
@@ -186,6 +194,11 @@ class Llama:
     # ------------------------------------------------------------ lifecycle
 
     def close(self) -> None:
+        """Free the model and context (safe from any thread: waits for a step in flight;
+        other threads' calls and open streams then raise ClosedError)."""
+        gate = getattr(self, "_gate", None)
+        if gate is not None:
+            gate.close()
         for name in ("session", "mtp_model", "model"):
             obj = getattr(self, name, None)
             if obj is not None:
@@ -199,13 +212,15 @@ class Llama:
 
     @property
     def closed(self) -> bool:
-        return self.session.closed if hasattr(self, "session") else True
+        return self._gate.closed or (self.session.closed if hasattr(self, "session") else True)
 
     # ------------------------------------------------------------- basics
 
     @property
     def n_ctx(self) -> int:
-        return self.session.n_ctx
+        if self.closed:
+            raise ClosedError("this Llama was closed; create a new one")
+        return self._n_ctx
 
     @property
     def info(self):
@@ -214,16 +229,20 @@ class Llama:
     @property
     def stats(self) -> GenerationStats:
         """Speculative-decoding counters since this Llama was created (or reset_stats)."""
-        return GenerationStats.from_native(self.session.stats()).minus(self._stats_base)
+        with self._gate.native():
+            return GenerationStats.from_native(self.session.stats()).minus(self._stats_base)
 
     def reset_stats(self) -> None:
-        self._stats_base = GenerationStats.from_native(self.session.stats())
+        with self._gate.native():
+            self._stats_base = GenerationStats.from_native(self.session.stats())
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
-        return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
+        with self._gate.native():
+            return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
     def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
-        return self.model.detokenize(tokens, unparse_special=special)
+        with self._gate.native():
+            return self.model.detokenize(tokens, unparse_special=special)
 
     @staticmethod
     def build_info() -> dict:
@@ -277,21 +296,24 @@ class Llama:
         self.session.prefill(tokens[keep:])
         self._kv_tokens = list(tokens)
 
-    def _steps(self, tokens: list[int], sampling: SamplingParams, draft) -> Iterator[StepResult]:
-        """Yield the first sampled token, then each step's tokens, until the consumer stops."""
-        session = self.session
-        session.set_sampling(sampling)
-        self._load_prompt(tokens)
-        session.sample()
-        result = session.last_result
+    def _steps(self, tokens: list[int], sampling: SamplingParams, draft) -> Iterator[tuple[StepResult, int]]:
+        """Yield the first sampled token, then each step's tokens, until the consumer stops;
+        each with the number of tokens in the KV cache after it. Runs inside a turn."""
+        session, gate = self.session, self._gate
+        with gate.native():
+            session.set_sampling(sampling)
+            self._load_prompt(tokens)
+            session.sample()
+            result, n_past = session.last_result, session.n_past
         generated = list(result.tokens)
         policy = self._policy if draft == "auto" else None
         try:
             while True:
-                yield result
+                yield result, n_past
                 k = policy.choose() if policy else draft
                 t0 = time.perf_counter()
-                result = session.step(k)
+                with gate.native():
+                    result, n_past = session.step(k), session.n_past
                 if policy:
                     policy.update(k, result.n_accepted, time.perf_counter() - t0)
                 generated.extend(result.tokens)
@@ -342,9 +364,13 @@ class Llama:
         return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
 
     def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
-        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, max_tokens, self.n_ctx, stops)
-        for step in self._steps(tokens, sampling, draft):
-            chunk = output.push(step, self.session.n_past)
+        with self._gate.turn():       # from the first chunk until the stream ends or is closed
+            yield from self._chunks(tokens, max_tokens, sampling, draft, stops)
+
+    def _chunks(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
+        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, max_tokens, self._n_ctx, stops)
+        for step, n_past in self._steps(tokens, sampling, draft):
+            chunk = output.push(step, n_past)
             yield chunk
             if chunk.finish_reason is not None:
                 return
@@ -352,11 +378,16 @@ class Llama:
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
         """Generate a whole completion; keyword arguments as for :meth:`stream`."""
         args = self._call_args(prompt, max_tokens, **kwargs)
-        before = GenerationStats.from_native(self.session.stats())
+        with self._gate.turn():
+            return self._generate(args)
+
+    def _generate(self, args) -> Completion:
+        with self._gate.native():
+            before = GenerationStats.from_native(self.session.stats())
         t0 = time.perf_counter()
         t_first = None
         texts, tokens, finish, lps, tops = [], [], "length", [], []
-        for chunk in self._stream(*args):
+        for chunk in self._chunks(*args):
             if t_first is None:
                 t_first = time.perf_counter()
             texts.append(chunk.text)
@@ -366,7 +397,8 @@ class Llama:
             finish = chunk.finish_reason or finish
         t_end = time.perf_counter()
         t_first = t_first or t_end
-        span = GenerationStats.from_native(self.session.stats()).minus(before)
+        with self._gate.native():
+            span = GenerationStats.from_native(self.session.stats()).minus(before)
         stats = dataclasses.replace(span, n_prompt_tokens=len(args[0]), n_generated=len(tokens),
                                     t_prompt_s=t_first - t0, t_generate_s=t_end - t_first)
         with_lp = args[2].n_logprobs >= 0
