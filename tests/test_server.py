@@ -133,6 +133,26 @@ def test_metrics_have_request_and_spec_decode_counters(server, client):
     (json.dumps({"model": "tiny", "prompt": "x", "draft": 7}).encode(), 400, "draft"),
     (json.dumps({"model": "tiny", "prompt": "x", "stop": [""]}).encode(), 400, "stop"),
     (json.dumps({"model": "tiny", "prompt": "x" * 30000}).encode(), 413, "larger"),
+    # no silent coercion, every range checked
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": "16"}).encode(), 400, "max_tokens"),
+    (json.dumps({"model": "tiny", "prompt": "x", "mtp": "yes"}).encode(), 400, "mtp"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stream": "true"}).encode(), 400, "stream"),
+    (json.dumps({"model": "tiny", "prompt": [True, 5]}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": ["a", "b"]}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": "x", "temperature": 1e9}).encode(), 400, "temperature"),
+    (json.dumps({"model": "tiny", "prompt": "x", "frequency_penalty": 1e308}).encode(), 400, "frequency_penalty"),
+    (json.dumps({"model": "tiny", "prompt": "x", "presence_penalty": -3}).encode(), 400, "presence_penalty"),
+    (json.dumps({"model": "tiny", "prompt": "x", "top_p": 1.5}).encode(), 400, "top_p"),
+    (json.dumps({"model": "tiny", "prompt": "x", "logprobs": -1}).encode(), 400, "logprobs"),
+    (json.dumps({"model": "tiny", "prompt": "x", "logprobs": 21}).encode(), 400, "logprobs"),
+    (json.dumps({"model": "tiny", "prompt": "x", "seed": -1}).encode(), 400, "seed"),
+    (json.dumps({"model": "tiny", "prompt": "x", "draft": "many"}).encode(), 400, "draft"),
+    (json.dumps({"model": "tiny", "prompt": "x", "accept": "any"}).encode(), 400, "accept"),
+    (json.dumps({"model": "tiny", "prompt": "x", "stream_options": {"include_usage": "yes"}}).encode(), 400,
+     "include_usage"),
+    (json.dumps({"model": "tiny", "prompt": "x", "max_tokens": 600}).encode(), 400, "max_tokens can be at most"),
+    (b"[" * 1000 + b"]" * 1000, 400, "nested deeper"),
+    (b'{"model": "tiny", "prompt": "x", "extra": ' + b"[" * 70 + b"]" * 70 + b"}", 400, "nested deeper"),
 ])
 def test_bad_requests_get_openai_style_4xx(server, body, status, words):
     r = httpx.post(f"{server}/v1/completions", content=body, timeout=30,
@@ -143,10 +163,39 @@ def test_bad_requests_get_openai_style_4xx(server, body, status, words):
     assert httpx.get(f"{server}/health").status_code == 200
 
 
-def test_bad_chat_messages(server):
+@pytest.mark.parametrize("messages, words", [
+    ([{"content": "no role"}], "role"),
+    ([{"role": "wizard", "content": "abracadabra"}], "role must be one of"),
+    ([], "messages"),
+    (["just a string"], "messages"),
+    ([{"role": "user", "content": 5}], "content"),
+])
+def test_bad_chat_messages(server, messages, words):
     r = httpx.post(f"{server}/v1/chat/completions", headers={"Authorization": f"Bearer {API_KEY}"},
-                   json={"model": "tiny", "messages": [{"content": "no role"}]})
-    assert r.status_code == 400 and "role" in r.json()["error"]["message"]
+                   json={"model": "tiny", "messages": messages})
+    assert r.status_code == 400 and words in r.json()["error"]["message"], r.text
+
+
+def test_an_unexpected_error_is_an_openai_500_and_counted(oracle_path):
+    """A bug in a handler (here: a route added to the real app that raises) answers an
+    OpenAI error object with status 500, and /metrics counts it."""
+    from fastapi.testclient import TestClient
+
+    from pyllama_mtp import Llama
+    from pyllama_mtp.server.app import ServerSettings, create_app
+
+    with Llama(oracle_path, n_ctx=256, threads=1) as llm:
+        app = create_app(llm, ServerSettings(model_name="tiny"))
+
+        @app.get("/v1/broken")
+        async def broken():
+            raise RuntimeError("a bug")
+
+        with TestClient(app, raise_server_exceptions=False) as http:
+            r = http.get("/v1/broken")
+            assert r.status_code == 500
+            assert r.json()["error"]["type"] == "server_error" and "RuntimeError" in r.json()["error"]["message"]
+            assert 'pyllama_mtp_requests_total{endpoint="other",status="500"} 1' in http.get("/metrics").text
 
 
 def test_api_key_is_required(server):

@@ -9,13 +9,15 @@ import asyncio
 import hmac
 import json
 import time
+import logging
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Literal
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from .. import openai_shapes
@@ -48,34 +50,48 @@ class ApiError(Exception):
             "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
 
 
+_log = logging.getLogger("pyllama_mtp.server")
+
+# Requests are checked strictly: a string is never read as a number or a bool, and every
+# sampling option has OpenAI's range (or, for the extensions, llama.cpp's sensible one).
+_STRICT = ConfigDict(extra="ignore", strict=True)
+_ROLES = ("system", "developer", "user", "assistant", "tool")
+_MAX_JSON_DEPTH = 64          # deeper bodies are refused before validation
+
+
+class _StreamOptions(BaseModel):
+    model_config = _STRICT
+    include_usage: bool = False        # a last chunk with the usage (OpenAI's stream_options)
+
+
 class _Options(BaseModel):
     """Generation options shared by both endpoints; unknown OpenAI fields are ignored."""
-    model_config = ConfigDict(extra="ignore")
+    model_config = _STRICT
     model: str | None = None
-    max_tokens: int | None = Field(default=None)
-    max_completion_tokens: int | None = None
-    temperature: float = 0.0
-    top_p: float = 1.0
-    top_k: int = 0
-    min_p: float = 0.0
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
-    stop: str | list[str] | None = None
-    seed: int | None = None
+    max_tokens: int | None = Field(default=None, ge=1)
+    max_completion_tokens: int | None = Field(default=None, ge=1)
+    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
+    top_k: int = Field(default=0, ge=0)
+    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
+    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
+    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    stop: str | list[str] | None = Field(default=None, max_length=16)
+    seed: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     stream: bool = False
-    stream_options: dict | None = None     # {"include_usage": true}: a last chunk with the usage
+    stream_options: _StreamOptions | None = None
     n: int = 1
     # extensions
     mtp: bool | None = None
-    draft: int | str | None = None
-    accept: str | None = None
+    draft: int | Literal["auto"] | None = None
+    accept: Literal["match", "rejection"] | None = None
 
 
 class CompletionRequest(_Options):
     prompt: str | list[int]
-    max_tokens: int | None = 16
-    logprobs: int | None = None            # legacy: how many alternatives per token
+    max_tokens: int | None = Field(default=16, ge=1)
+    logprobs: int | None = Field(default=None, ge=0, le=20)   # legacy: how many alternatives per token
 
     @property
     def n_logprobs(self) -> int | None:
@@ -83,13 +99,35 @@ class CompletionRequest(_Options):
 
 
 class ChatRequest(_Options):
-    messages: list[dict]
+    messages: list[dict] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = None
+    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+
+    @field_validator("messages")
+    @classmethod
+    def _roles(cls, messages: list[dict]) -> list[dict]:
+        for i, message in enumerate(messages):
+            role = message.get("role")
+            if role not in _ROLES:
+                raise ValueError(f"messages[{i}].role must be one of {', '.join(_ROLES)}, got {role!r}")
+        return messages
 
     @property
     def n_logprobs(self) -> int | None:
         return (self.top_logprobs or 0) if self.logprobs else None
+
+
+def _json_depth(value) -> int:
+    """Nesting depth of parsed JSON, without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        deepest = max(deepest, depth)
+        if deepest > _MAX_JSON_DEPTH:
+            return deepest
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else ()
+        stack.extend((child, depth + 1) for child in children if isinstance(child, (dict, list)))
+    return deepest
 
 
 def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> dict:
@@ -152,6 +190,10 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             response = await call_next(request)
         except ApiError as e:
             response = e.response()
+        except Exception as e:  # a bug: an OpenAI-shaped 500, counted like any response
+            _log.exception("unhandled error on %s", endpoint)
+            response = ApiError(500, f"internal server error ({type(e).__name__}); see the server log",
+                                type_="server_error").response()
         metrics.request_done(endpoint if endpoint in _ROUTES else "other", response.status_code)
         return response
 
@@ -177,6 +219,13 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             data = json.loads(body)
         except (ValueError, UnicodeDecodeError):
             raise ApiError(400, "request body is not valid JSON") from None
+        except RecursionError:
+            data = None
+            depth = _MAX_JSON_DEPTH + 1
+        else:
+            depth = _json_depth(data)
+        if depth > _MAX_JSON_DEPTH:
+            raise ApiError(400, f"request body is nested deeper than {_MAX_JSON_DEPTH} levels")
         if not isinstance(data, dict):
             raise ApiError(400, "request body must be a JSON object")
         try:
@@ -192,12 +241,17 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
 
     def check(tokens_fn, kwargs) -> list[int]:
         try:
-            tokens = tokens_fn()
-            return llm.check_request(tokens, **kwargs)
+            tokens = llm.check_request(tokens_fn(), **kwargs)
         except ContextFullError as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
         except (InvalidArgumentError, ChatTemplateError, ValueError) as e:
             raise ApiError(400, str(e)) from None
+        max_tokens = kwargs.get("max_tokens")
+        if max_tokens is not None and len(tokens) + max_tokens > llm.n_ctx:
+            raise ApiError(400, f"the prompt has {len(tokens)} tokens and the context holds {llm.n_ctx}, so "
+                                f"max_tokens can be at most {llm.n_ctx - len(tokens)} (got {max_tokens})",
+                           code="context_length_exceeded", param="max_tokens")
+        return tokens
 
     lost_worker: list[str] = []   # why the model became unusable (an RPC worker was lost)
 
@@ -315,7 +369,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             last = make_chunk("", finish, None)
             last["x_pmtp"] = {**spans.take_text(""), "stats": figures}
             yield last
-        if (req.stream_options or {}).get("include_usage"):
+        if req.stream_options is not None and req.stream_options.include_usage:
             tail = make_chunk("", None, None)
             tail["choices"] = []
             tail["usage"] = openai_shapes.usage(len(tokens), n_generated, usage_extra(stats) if stats else None)
