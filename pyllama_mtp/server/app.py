@@ -27,7 +27,7 @@ from ..llama import Llama
 from .metrics import Metrics
 from .scheduler import BatchWorker
 from .stream_extras import DraftSpans, message_stats
-from .worker import Job, Worker
+from .worker import Job, ShuttingDown, Worker
 
 
 @dataclass(frozen=True)
@@ -37,17 +37,45 @@ class ServerSettings:
     max_body_bytes: int = 4 * 1024 * 1024
     max_tokens_limit: int = 1 << 20
     prefill_chunk: int = 128      # --parallel: prompt tokens per loop while other slots generate
+    max_queue: int = 256          # requests waiting beyond this get 503 + Retry-After
+    request_timeout: float | None = 600.0   # seconds a request may take in all (None: no limit)
 
 
 class ApiError(Exception):
     def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
-                 code: str | None = None):
+                 code: str | None = None, headers: dict | None = None):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.headers = headers
+
+    def body(self) -> dict:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
 
     def response(self) -> JSONResponse:
-        return JSONResponse(status_code=self.status, content={"error": {
-            "message": self.message, "type": self.type, "param": self.param, "code": self.code}})
+        return JSONResponse(status_code=self.status, content=self.body(), headers=self.headers)
+
+
+class RequestTimeout(Exception):
+    """The request ran longer than --request-timeout."""
+
+
+_POLL_S = 0.25    # how often a waiting non-streaming request checks that its client is still there
+
+
+def _error_for(e: Exception) -> ApiError:
+    """The OpenAI error for an exception raised while a request runs."""
+    if isinstance(e, ApiError):
+        return e
+    if isinstance(e, ShuttingDown):
+        return ApiError(503, str(e), "server_error", code="shutting_down", headers={"Retry-After": "5"})
+    if isinstance(e, RequestTimeout):
+        return ApiError(504, str(e), "server_error", code="timeout")
+    if isinstance(e, RpcError):
+        return ApiError(503, str(e), "server_error")
+    if isinstance(e, PmtpError):
+        return ApiError(400, str(e))
+    _log.error("unhandled error while generating", exc_info=e)
+    return ApiError(500, f"internal server error ({type(e).__name__}); see the server log", "server_error")
 
 
 _log = logging.getLogger("pyllama_mtp.server")
@@ -162,6 +190,56 @@ _ROUTES = frozenset({"/", "/health", "/metrics", "/v1/models", "/v1/completions"
                     {f"/static/{name}" for name in _STATIC_FILES})
 
 
+class _Guard:
+    """ASGI middleware in front of every route: the API key and the body size, checked
+    before the app sees the request; every response counted in /metrics by route and
+    status; an unhandled error answered with an OpenAI-shaped 500 (and counted). Plain ASGI
+    (not BaseHTTPMiddleware) so a handler sees its client disconnect."""
+
+    def __init__(self, app, settings: ServerSettings, metrics: Metrics):
+        self.app, self.settings, self.metrics = app, settings, metrics
+
+    def _refusal(self, scope) -> ApiError | None:
+        headers = {k.decode("latin-1").lower(): v.decode("latin-1") for k, v in scope.get("headers", ())}
+        if self.settings.api_key and scope["path"].startswith("/v1/"):
+            expected = f"Bearer {self.settings.api_key}"
+            if not hmac.compare_digest(headers.get("authorization", "").encode(), expected.encode()):
+                return ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)",
+                                type_="authentication_error", code="invalid_api_key")
+        length = headers.get("content-length")
+        if length is not None and (not length.isdigit() or int(length) > self.settings.max_body_bytes):
+            return ApiError(413, f"request body larger than {self.settings.max_body_bytes} bytes")
+        return None
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        status: list[int] = []
+
+        async def send_counted(message):
+            if message["type"] == "http.response.start":
+                status.append(message["status"])
+            await send(message)
+
+        try:
+            refusal = self._refusal(scope)
+            if refusal is not None:
+                await refusal.response()(scope, receive, send_counted)
+            else:
+                await self.app(scope, receive, send_counted)
+        except Exception as e:
+            _log.error("unhandled error on %s", scope["path"], exc_info=e)
+            if status:       # the response had started; nothing more can be said to this client
+                raise
+            error = ApiError(500, f"internal server error ({type(e).__name__}); see the server log",
+                             type_="server_error")
+            await error.response()(scope, receive, send_counted)
+        finally:
+            path = scope["path"]
+            self.metrics.request_done(path if path in _ROUTES else "other", status[0] if status else 500)
+
+
 def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
     metrics = Metrics(settings.model_name)
@@ -174,28 +252,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     def _stop_worker():
         worker.stop()
 
-    @app.middleware("http")
-    async def guard(request: Request, call_next):
-        endpoint = request.url.path
-        try:
-            if settings.api_key and endpoint.startswith("/v1/"):
-                given = request.headers.get("authorization", "")
-                expected = f"Bearer {settings.api_key}"
-                if not hmac.compare_digest(given.encode(), expected.encode()):
-                    raise ApiError(401, "missing or wrong API key (Authorization: Bearer <key>)",
-                                   type_="authentication_error", code="invalid_api_key")
-            length = request.headers.get("content-length")
-            if length is not None and (not length.isdigit() or int(length) > settings.max_body_bytes):
-                raise ApiError(413, f"request body larger than {settings.max_body_bytes} bytes")
-            response = await call_next(request)
-        except ApiError as e:
-            response = e.response()
-        except Exception as e:  # a bug: an OpenAI-shaped 500, counted like any response
-            _log.exception("unhandled error on %s", endpoint)
-            response = ApiError(500, f"internal server error ({type(e).__name__}); see the server log",
-                                type_="server_error").response()
-        metrics.request_done(endpoint if endpoint in _ROUTES else "other", response.status_code)
-        return response
+    app.add_middleware(_Guard, settings=settings, metrics=metrics)
 
     @app.exception_handler(ApiError)
     async def _api_error(_request, exc: ApiError):
@@ -255,17 +312,42 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
 
     lost_worker: list[str] = []   # why the model became unusable (an RPC worker was lost)
 
-    async def run(tokens, kwargs, request: Request):
-        """Async iterator over the worker's chunks for one job."""
+    def admit() -> None:
+        """Refuse a request the queue has no room for (before any response starts)."""
+        waiting = worker.queued()
+        if waiting >= settings.max_queue:
+            raise ApiError(503, f"the server is busy: {waiting} requests are waiting; retry later",
+                           "server_error", code="server_busy", headers={"Retry-After": "1"})
+
+    async def run(tokens, kwargs, request: Request, watch_client: bool):
+        """Async iterator over the worker's chunks for one job. ``watch_client``: a
+        non-streaming request checks that its client is still connected while it waits
+        (a stream's disconnect cancels it by itself); either way a client that left ends
+        the job at the worker's next step."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
         options = {k: v for k, v in kwargs.items() if k != "max_tokens"}
         options["max_tokens"] = kwargs["max_tokens"]
         job = Job(tokens, options, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
         worker.submit(job)
+        next_check = loop.time() + _POLL_S
         try:
             while True:
-                item = await inbox.get()
+                # checked every _POLL_S whether chunks keep coming or not
+                if loop.time() >= next_check:
+                    next_check = loop.time() + _POLL_S
+                    if watch_client and await request.is_disconnected():
+                        return
+                    if deadline is not None and loop.time() > deadline:
+                        raise RequestTimeout(f"the request ran longer than {settings.request_timeout:g} s "
+                                             f"(--request-timeout)")
+                    if worker.shutdown_at is not None and time.monotonic() > worker.shutdown_at:
+                        raise ShuttingDown("the server shut down before this request finished")
+                try:
+                    item = await asyncio.wait_for(inbox.get(), _POLL_S)
+                except asyncio.TimeoutError:
+                    continue
                 if item is Worker.DONE:
                     return
                 if isinstance(item, RpcError):
@@ -282,7 +364,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     async def collect(tokens, kwargs, request, chat: bool):
         text, generated, finish, stats, lps, tops = [], [], "length", None, [], []
         try:
-            async for item in run(tokens, kwargs, request):
+            async for item in run(tokens, kwargs, request, watch_client=True):
                 if hasattr(item, "text"):
                     text.append(item.text)
                     generated.extend(item.tokens)
@@ -291,10 +373,8 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                     finish = item.finish_reason or finish
                 else:
                     stats = item
-        except RpcError as e:
-            raise ApiError(503, str(e), "server_error") from None
-        except PmtpError as e:
-            raise ApiError(400, str(e)) from None
+        except Exception as e:
+            raise _error_for(e) from None
         logprobs = logprobs_object(kwargs, generated, lps, tops, chat)
         return "".join(text), len(generated), finish, stats, logprobs
 
@@ -375,10 +455,15 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             tail["usage"] = openai_shapes.usage(len(tokens), n_generated, usage_extra(stats) if stats else None)
             yield tail
 
-    def sse(events):
+    def sse(events, endpoint: str):
         async def body():
-            async for event in events:
-                yield f"data: {json.dumps(event)}\n\n"
+            try:
+                async for event in events:
+                    yield f"data: {json.dumps(event)}\n\n"
+            except Exception as e:   # the response has started: the error goes in the stream
+                error = _error_for(e)
+                metrics.stream_error(endpoint, error.status)
+                yield f"data: {json.dumps(error.body())}\n\n"
             yield "data: [DONE]\n\n"
         return StreamingResponse(body(), media_type="text/event-stream")
 
@@ -387,6 +472,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         req = await parse(request, CompletionRequest)
         kwargs = _generation_kwargs(req, llm, settings)
         tokens = check(lambda: req.prompt, kwargs)
+        admit()
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
         if req.stream:
             def chunk(text, finish, logprobs):
@@ -394,7 +480,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
 
             async def events():
                 offset = 0   # text offsets of streamed logprobs continue over the chunks
-                async for item in tracked(run(tokens, kwargs, request), tokens, req, chunk):
+                async for item in tracked(run(tokens, kwargs, request, watch_client=False), tokens, req, chunk):
                     if isinstance(item, dict):
                         yield item
                         continue
@@ -402,7 +488,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                     if logprobs is not None:
                         offset += sum(len(t) for t in logprobs["tokens"])
                     yield item.extend(chunk(item.chunk.text, None, logprobs))
-            return sse(events())
+            return sse(events(), request.url.path)
         text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=False)
         return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
                                                  logprobs=logprobs, extra_usage=usage_extra(stats))
@@ -412,6 +498,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         req = await parse(request, ChatRequest)
         kwargs = _generation_kwargs(req, llm, settings)
         tokens = check(lambda: llm.chat_tokens(req.messages), kwargs)
+        admit()
         cid, created = openai_shapes.new_id("chatcmpl"), int(time.time())
         if req.stream:
             def chunk(text, finish, logprobs):
@@ -421,14 +508,14 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             async def events():
                 yield openai_shapes.chat_chunk(cid, settings.model_name, created,
                                                {"role": "assistant", "content": ""}, None)
-                async for item in tracked(run(tokens, kwargs, request), tokens, req, chunk):
+                async for item in tracked(run(tokens, kwargs, request, watch_client=False), tokens, req, chunk):
                     if isinstance(item, dict):
                         yield item
                         continue
                     logprobs = chunk_logprobs(kwargs, item.chunk, True) if item.chunk.tokens else None
                     if item.chunk.text or logprobs is not None:
                         yield item.extend(chunk(item.chunk.text, None, logprobs))
-            return sse(events())
+            return sse(events(), request.url.path)
         text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=True)
         return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(tokens), n,
                                            logprobs=logprobs, extra_usage=usage_extra(stats))

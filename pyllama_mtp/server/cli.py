@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", "-t", type=int, default=None, help="CPU threads (default: up to 8)")
     ap.add_argument("--alias", help="model name clients use (default: the file name)")
     ap.add_argument("--max-body-bytes", type=int, default=4 * 1024 * 1024, help="largest request body accepted")
+    ap.add_argument("--max-queue", type=int, default=256,
+                    help="requests that may wait for a slot; beyond it the server answers 503 with Retry-After")
+    ap.add_argument("--request-timeout", type=float, default=600.0,
+                    help="seconds a request may take in all, waiting included (0: no limit; default 600)")
+    ap.add_argument("--shutdown-timeout", type=float, default=10.0,
+                    help="on SIGTERM/SIGINT: seconds running requests get to finish before they are cut "
+                         "(queued ones are refused at once; default 10)")
     ap.add_argument("--verbose", action="store_true", help="log llama.cpp's messages")
     return ap
 
@@ -58,6 +65,11 @@ def main(argv=None) -> int:
     if args.parallel < 1:
         print(f"pyllama-mtp-server: --parallel {args.parallel}: give an int >= 1", file=sys.stderr)
         return 2
+    for name in ("max_queue", "request_timeout", "shutdown_timeout"):
+        if getattr(args, name) < 0:
+            print(f"pyllama-mtp-server: --{name.replace('_', '-')} {getattr(args, name)}: give a number >= 0",
+                  file=sys.stderr)
+            return 2
     try:
         draft = args.draft if args.draft == "auto" else int(args.draft)
     except ValueError:
@@ -86,12 +98,38 @@ def main(argv=None) -> int:
         return 1
     name = args.alias or os.path.basename(args.model)
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
-                              prefill_chunk=args.prefill_chunk)
+                              prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
+                              request_timeout=args.request_timeout or None)
     log.info("serving %s (MTP %s, %d parallel) on http://%s:%d", name, f"draft {draft}" if mtp else "off",
              args.parallel, args.host, args.port)
-    uvicorn.run(create_app(llm, settings), host=args.host, port=args.port, log_level="warning")
+    app = create_app(llm, settings)
+    config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
+                            timeout_graceful_shutdown=args.shutdown_timeout)
+    # running requests end themselves (503 / an error event) a little before uvicorn would cut them
+    grace = max(0.0, args.shutdown_timeout - 0.5)
+    _serve(config, on_signal=lambda: app.state.worker.drain(grace))
     llm.close()
+    log.info("stopped")
     return 0
+
+
+def _serve(config, on_signal) -> None:
+    """uvicorn's server, with the worker's drain first on SIGTERM/SIGINT: requests still
+    queued are refused (503) at once, the running ones get --shutdown-timeout to finish,
+    then uvicorn cuts them (which cancels their jobs) and the process exits 0."""
+    import uvicorn
+
+    class DrainingServer(uvicorn.Server):
+        def handle_exit(self, sig, frame):
+            on_signal()
+            super().handle_exit(sig, frame)
+            # uvicorn re-raises captured signals once it has served, so the process would die
+            # of SIGTERM; a drained shutdown is a normal end: exit 0
+            captured = getattr(self, "_captured_signals", None)
+            if isinstance(captured, list):
+                captured.clear()
+
+    DrainingServer(config).run()
 
 
 if __name__ == "__main__":

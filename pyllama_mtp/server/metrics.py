@@ -40,6 +40,7 @@ class Metrics:
         self.model = model_name
         self._lock = threading.Lock()
         self.requests = defaultdict(int)            # (endpoint, status) -> count
+        self.stream_errors = defaultdict(int)       # (endpoint, status) -> streams ended by an error
         self.prompt_tokens = 0
         self.prompt_tokens_cached = 0               # prompt tokens a slot's KV cache already held
         self.generation_tokens = 0
@@ -64,6 +65,11 @@ class Metrics:
         with self._lock:
             self.requests[(endpoint, status)] += 1
 
+    def stream_error(self, endpoint: str, status: int) -> None:
+        """A stream that had started (status 200) and ended with an error event instead."""
+        with self._lock:
+            self.stream_errors[(endpoint, status)] += 1
+
     def generation_done(self, stats, latency_s: float, ttft_s: float | None) -> None:
         with self._lock:
             self.prompt_tokens += stats.n_prompt_tokens
@@ -82,6 +88,9 @@ class Metrics:
         with self._lock:
             lines = [f"# TYPE {p}_requests_total counter"]
             lines += [f'{p}_requests_total{{endpoint="{e}",status="{s}"}} {n}' for (e, s), n in sorted(self.requests.items())]
+            lines.append(f"# TYPE {p}_stream_errors_total counter")
+            lines += [f'{p}_stream_errors_total{{endpoint="{e}",status="{s}"}} {n}'
+                      for (e, s), n in sorted(self.stream_errors.items())]
             for name, value in (("prompt_tokens_total", self.prompt_tokens),
                                 ("prompt_tokens_cached_total", self.prompt_tokens_cached),
                                 ("generation_tokens_total", self.generation_tokens),

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..llama import Llama, SequenceOutput
 from ..speculative import BatchDraftPolicy, GenerationStats
-from .worker import Job, Worker
+from .worker import Job, Worker, refuse_queued
 
 _DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
 
@@ -106,14 +106,32 @@ class BatchWorker:
         self.min_reuse = min_reuse
         self.policy = BatchDraftPolicy(llm.draft_max) if llm.draft_max else None
         self.stopping = False
+        self.draining = False     # set on SIGTERM: nothing new is admitted
+        self.shutdown_at: float | None = None   # time.monotonic() by which running requests end
         self.thread = threading.Thread(target=self._run, name="pyllama-mtp-scheduler", daemon=True)
         self.thread.start()
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+        if self.draining:
+            refuse_queued(self.jobs)
+        self._report()
+
+    def queued(self) -> int:
+        """Requests waiting for a slot (not counting prompts going in)."""
+        return self.jobs.qsize()
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Shutdown has begun: refuse what waits; the admitted requests may go on for
+        ``grace_s`` seconds (the app then ends them with ShuttingDown)."""
+        if grace_s is not None and self.shutdown_at is None:
+            self.shutdown_at = time.monotonic() + grace_s
+        self.draining = True
+        refuse_queued(self.jobs)
         self._report()
 
     def stop(self) -> None:
+        self.drain()
         self.stopping = True      # seen between steps even while every slot is busy
         self.jobs.put(None)       # wakes a scheduler waiting for work
         self.thread.join(timeout=30)
@@ -123,6 +141,9 @@ class BatchWorker:
     def _run(self) -> None:
         while not self.stopping:
             self._drop_cancelled()
+            if self.draining and not self.slots and not self.prefilling:
+                time.sleep(0.05)   # nothing left to run: wait for stop()
+                continue
             self._admit(block=not self.slots and not self.prefilling)
             if self.prefilling:
                 self._prefill_chunk()
@@ -134,7 +155,7 @@ class BatchWorker:
             self._finish(seq, error=None)
 
     def _admit(self, block: bool) -> None:
-        while self.free and not self.stopping:
+        while self.free and not self.stopping and not self.draining:
             try:
                 job = self.jobs.get(timeout=0.5) if block else self.jobs.get_nowait()
             except queue.Empty:

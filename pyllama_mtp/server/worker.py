@@ -18,6 +18,22 @@ from ..llama import Llama
 _DONE = object()
 
 
+class ShuttingDown(Exception):
+    """The server is stopping: this request was still queued and will not run."""
+
+
+def refuse_queued(jobs: "queue.Queue[Job | None]") -> None:
+    """Answer every job still waiting in ``jobs`` with ShuttingDown (used on SIGTERM)."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return
+        if job is not None:
+            job.emit(ShuttingDown("the server is shutting down; this request was not started"))
+            job.emit(_DONE)
+
+
 @dataclass
 class Job:
     tokens: list[int]
@@ -32,6 +48,9 @@ class Worker:
         self.llm = llm
         self.metrics = metrics
         self.jobs: queue.Queue[Job | None] = queue.Queue()
+        self.draining = False                    # set on SIGTERM: nothing new starts
+        self.shutdown_at: float | None = None    # time.monotonic() by which running requests end
+        self.current: Job | None = None
         self.thread = threading.Thread(target=self._run, name="pyllama-mtp-worker", daemon=True)
         self.thread.start()
 
@@ -39,8 +58,26 @@ class Worker:
 
     def submit(self, job: Job) -> None:
         self.jobs.put(job)
+        if self.draining:
+            refuse_queued(self.jobs)
+
+    def queued(self) -> int:
+        """Requests waiting for their turn (not counting the one running)."""
+        return self.jobs.qsize()
+
+    def drain(self, grace_s: float | None = None) -> None:
+        """Shutdown has begun: refuse what waits; the running request may go on for
+        ``grace_s`` seconds (the app then ends it with ShuttingDown)."""
+        if grace_s is not None and self.shutdown_at is None:
+            self.shutdown_at = time.monotonic() + grace_s
+        self.draining = True
+        refuse_queued(self.jobs)
 
     def stop(self) -> None:
+        self.drain()
+        job = self.current
+        if job is not None:
+            job.cancelled.set()      # stops at its next step
         self.jobs.put(None)
         self.thread.join(timeout=30)
 
@@ -50,12 +87,15 @@ class Worker:
             if job is None:
                 return
             if job.cancelled.is_set():
+                job.emit(_DONE)
                 continue
+            self.current = job
             try:
                 self._generate(job)
             except Exception as e:  # reported to the request, the worker lives on
                 job.emit(e)
             finally:
+                self.current = None
                 job.emit(_DONE)
 
     def _generate(self, job: Job) -> None:
