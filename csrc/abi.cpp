@@ -3,7 +3,9 @@
 #include "internal.h"
 
 #include "ggml-backend.h"
+#include "ggml.h"
 
+#include <cstdio>
 #include <cstring>
 #include <functional>
 #include <mutex>
@@ -53,10 +55,23 @@ void log_trampoline(ggml_log_level level, const char * text, void *) {
     g_log_partial.clear();
 }
 
+thread_local int g_asserts_throw = 0;
+
+// ggml_abort calls this, then abort(). Inside an asserts_throw scope it throws instead, so
+// the abort is never reached: the exception unwinds through ggml_abort (C code built with
+// unwind tables, the default on the platforms we build for) into llama.cpp's own catch.
+void on_ggml_abort(const char * message) {
+    if (g_asserts_throw > 0) {
+        throw std::runtime_error(std::string("llama.cpp check failed: ") + message);
+    }
+    std::fprintf(stderr, "%s\n", message);
+}
+
 void init_once() {
     static std::once_flag once;
     std::call_once(once, [] {
         llama_log_set(log_trampoline, nullptr);
+        ggml_set_abort_callback(on_ggml_abort);
         llama_backend_init();
     });
 }
@@ -150,6 +165,9 @@ std::string build_info_json() {
 }
 
 }  // namespace
+
+asserts_throw::asserts_throw() { ++g_asserts_throw; }
+asserts_throw::~asserts_throw() { --g_asserts_throw; }
 
 // The guard of every exported function, for those defined in other files (quantize.cpp).
 int run_guarded(const std::function<void()> & f) { return guarded(f); }

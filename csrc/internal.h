@@ -21,6 +21,19 @@ struct pmtp_error : std::runtime_error {
 
 [[noreturn]] inline void fail(int status, const std::string & msg) { throw pmtp_error(status, msg); }
 
+// While one of these lives on a thread, a GGML_ASSERT reached on that thread throws
+// std::runtime_error (with the assert's text) instead of aborting the process: llama.cpp
+// checks a malformed model file with asserts in places (a duplicated token, an expert
+// count out of range, ...). Used only around calls whose half-built result is thrown away
+// on failure and that catch std::exception themselves: loading a model, creating a context.
+// Asserts on other threads (compute workers) still abort, as before. See abi.cpp.
+struct asserts_throw {
+    asserts_throw();
+    ~asserts_throw();
+    asserts_throw(const asserts_throw &) = delete;
+    asserts_throw & operator=(const asserts_throw &) = delete;
+};
+
 struct llama_model_deleter   { void operator()(llama_model * m)   const { llama_model_free(m); } };
 struct llama_context_deleter { void operator()(llama_context * c) const { llama_free(c); } };
 struct llama_sampler_deleter { void operator()(llama_sampler * s) const { llama_sampler_free(s); } };

@@ -4,6 +4,7 @@
 
 #include "gguf.h"
 
+#include <cmath>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
@@ -14,6 +15,9 @@ namespace fs = std::filesystem;
 namespace {
 
 struct gguf_ctx_deleter { void operator()(gguf_context * g) const { gguf_free(g); } };
+struct ggml_ctx_deleter { void operator()(ggml_context * c) const { ggml_free(c); } };
+
+constexpr int64_t LLAMA_MAX_LAYERS_CHECK = 512;   // LLAMA_MAX_LAYERS in llama-hparams.h
 
 int64_t gguf_int(const gguf_context * g, const std::string & key, int64_t fallback) {
     const int64_t id = gguf_find_key(g, key.c_str());
@@ -30,6 +34,62 @@ int64_t gguf_int(const gguf_context * g, const std::string & key, int64_t fallba
         case GGUF_TYPE_UINT64: return (int64_t) gguf_get_val_u64(g, id);
         case GGUF_TYPE_INT64:  return gguf_get_val_i64(g, id);
         default:               return fallback;
+    }
+}
+
+[[noreturn]] void refuse(const std::string & path, const std::string & why) {
+    fail(PMTP_ERR_MODEL_LOAD, path + ": " + why + "; the file is damaged or was written wrongly: re-download or "
+                              "re-convert the model");
+}
+
+// Values llama.cpp accepts when it loads a model but that abort the process later, inside
+// a kernel on a compute thread (found by scripts/fuzz_gguf.py): refused here, before
+// llama.cpp sees the file.
+void check_values(const std::string & path, const gguf_context * g, const ggml_context * meta_c,
+                  const std::string & arch, int64_t n_layer_all, int64_t n_layer_mtp) {
+    if (n_layer_all == -1) {
+        return;   // no block_count: not a text model; llama.cpp says so better
+    }
+    if (n_layer_all < 1 || n_layer_all > LLAMA_MAX_LAYERS_CHECK) {
+        refuse(path, arch + ".block_count is " + std::to_string(n_layer_all) + " (must be 1.." +
+                     std::to_string(LLAMA_MAX_LAYERS_CHECK) + ")");
+    }
+    if (n_layer_mtp < 0 || n_layer_mtp >= n_layer_all) {
+        refuse(path, arch + ".nextn_predict_layers is " + std::to_string(n_layer_mtp) + " with " +
+                     std::to_string(n_layer_all) + " blocks");
+    }
+    for (int64_t i = 0; i < gguf_get_n_kv(g); ++i) {
+        const std::string key = gguf_get_key(g, i);
+        const bool eps = key.size() >= 7 && key.compare(key.size() - 7, 7, "epsilon") == 0;
+        if (eps && gguf_get_kv_type(g, i) == GGUF_TYPE_FLOAT32) {
+            const float v = gguf_get_val_f32(g, i);
+            if (!std::isfinite(v) || v < 0.0f) {   // rms_norm asserts eps >= 0 on a compute thread
+                refuse(path, key + " is " + std::to_string(v) + " (must be a finite number >= 0)");
+            }
+        }
+    }
+    // rope rotates pairs of a head's dimensions: at most the head size, and an even count
+    const int64_t n_embd   = gguf_int(g, arch + ".embedding_length", -1);
+    const int64_t n_head   = gguf_int(g, arch + ".attention.head_count", -1);
+    const int64_t head_dim = gguf_int(g, arch + ".attention.key_length",
+                                      n_embd > 0 && n_head > 0 ? n_embd / n_head : n_embd);
+    for (const char * suffix : {".rope.dimension_count", ".rope.dimension_count_swa"}) {
+        const int64_t n_rot = gguf_int(g, arch + suffix, -1);
+        if (n_rot == -1 && gguf_find_key(g, (arch + suffix).c_str()) < 0) {
+            continue;
+        }
+        if (n_rot <= 0 || n_rot % 2 != 0 || (head_dim > 0 && n_rot > head_dim)) {   // 0: decode never ends
+            refuse(path, arch + suffix + " is " + std::to_string(n_rot) + " (must be even, > 0 and at most the head "
+                         "size " + std::to_string(head_dim) + ")");
+        }
+    }
+    // converters and llama-quantize keep 1-D tensors (norms, biases) in F32, and the CPU's
+    // element-wise kernels take nothing else there
+    ggml_context * meta = const_cast<ggml_context *>(meta_c);   // ggml's iteration API is not const
+    for (ggml_tensor * t = ggml_get_first_tensor(meta); t; t = ggml_get_next_tensor(meta, t)) {
+        if (ggml_n_dims(t) == 1 && t->type != GGML_TYPE_F32) {
+            refuse(path, std::string("1-D tensor '") + t->name + "' is " + ggml_type_name(t->type) + " (must be F32)");
+        }
     }
 }
 
@@ -90,8 +150,10 @@ void classify_mtp(pmtp_model * m, const gguf_summary & g) {
 }  // namespace
 
 gguf_summary read_gguf_summary(const std::string & path) {
-    gguf_init_params gp = {/*no_alloc =*/ true, /*ctx =*/ nullptr};
+    ggml_context * meta_raw = nullptr;     // tensor shapes, no data
+    gguf_init_params gp = {/*no_alloc =*/ true, /*ctx =*/ &meta_raw};
     std::unique_ptr<gguf_context, gguf_ctx_deleter> g(gguf_init_from_file(path.c_str(), gp));
+    std::unique_ptr<ggml_context, ggml_ctx_deleter> meta(meta_raw);
     if (!g) {
         fail(PMTP_ERR_MODEL_LOAD, path + ": corrupted or truncated GGUF header; re-download or re-convert the model");
     }
@@ -103,6 +165,7 @@ gguf_summary read_gguf_summary(const std::string & path) {
     s.arch        = gguf_get_val_str(g.get(), arch_id);
     s.n_layer_all = gguf_int(g.get(), s.arch + ".block_count", -1);
     s.n_layer_mtp = gguf_int(g.get(), s.arch + ".nextn_predict_layers", 0);
+    check_values(path, g.get(), meta.get(), s.arch, s.n_layer_all, s.n_layer_mtp);
 
     std::error_code ec;
     const uint64_t file_size = fs::file_size(path, ec);
@@ -121,6 +184,27 @@ gguf_summary read_gguf_summary(const std::string & path) {
 }
 
 std::string last_llama_error();  // abi.cpp
+
+namespace {
+
+// What the tokenizer asserts on its first call, checked once the vocabulary is loaded.
+void check_vocab(const std::string & path, const llama_vocab * v) {
+    const enum llama_vocab_type type = llama_vocab_type(v);
+    if (type == LLAMA_VOCAB_TYPE_NONE) {
+        refuse(path, "the model has no tokenizer (tokenizer.ggml.model is missing or 'none')");
+    }
+    if ((llama_vocab_get_add_bos(v) || type == LLAMA_VOCAB_TYPE_WPM) && llama_vocab_bos(v) == LLAMA_TOKEN_NULL) {
+        refuse(path, "the tokenizer adds a BOS token but the model defines none (tokenizer.ggml.bos_token_id)");
+    }
+    if (llama_vocab_get_add_eos(v) && llama_vocab_eos(v) == LLAMA_TOKEN_NULL) {
+        refuse(path, "the tokenizer adds an EOS token but the model defines none (tokenizer.ggml.eos_token_id)");
+    }
+    if (type == LLAMA_VOCAB_TYPE_WPM && llama_vocab_sep(v) == LLAMA_TOKEN_NULL) {
+        refuse(path, "the WPM tokenizer needs a SEP token but the model defines none");
+    }
+}
+
+}  // namespace
 
 pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
     if (!path_c || !*path_c) {
@@ -181,7 +265,10 @@ pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
     mp.devices      = m->devices.empty() ? nullptr : m->devices.data();
     mp.mtp_device   = m->mtp_device;
 
-    m->model.reset(llama_model_load_from_file(path.c_str(), mp));
+    {
+        asserts_throw checked;   // a malformed file fails the load instead of aborting
+        m->model.reset(llama_model_load_from_file(path.c_str(), mp));
+    }
     rpc_check(m.get());  // a worker lost while loading explains a failed load best
     if (!m->model) {
         const std::string why = last_llama_error();
@@ -192,6 +279,7 @@ pmtp_model * model_load(const char * path_c, const pmtp_model_params & p) {
         fail(PMTP_ERR_MODEL_LOAD, path + ": llama.cpp could not load this " + g.arch + " model" +
              (why.empty() ? std::string() : ": " + why));
     }
+    check_vocab(path, m->vocab());
     m->mtp_loaded = p.load_mtp && m->has_mtp;
     return m.release();
 }

@@ -160,7 +160,10 @@ mtp_head make_head(pmtp_session * s, const pmtp_model * m, int32_t offset, bool 
     if (s->params.type_v >= 0) cp.type_v = (ggml_type) s->params.type_v;
 
     mtp_head head;
-    head.ctx.reset(llama_init_from_model(m->model.get(), cp));
+    {
+        asserts_throw checked;
+        head.ctx.reset(llama_init_from_model(m->model.get(), cp));
+    }
     if (!head.ctx) {
         fail(PMTP_ERR_MTP, "could not create the MTP context for " + m->path + " (see the log)");
     }

@@ -135,7 +135,10 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
     }
 
     rpc_check(model);
-    s->ctx.reset(llama_init_from_model(model->model.get(), cp));
+    {
+        asserts_throw checked;
+        s->ctx.reset(llama_init_from_model(model->model.get(), cp));
+    }
     if (!s->ctx) {
         fail(PMTP_ERR_OUT_OF_MEMORY, "could not create a context with n_ctx=" + std::to_string(p.n_ctx) +
              " (see the log); try a smaller n_ctx or a smaller KV cache type");

@@ -17,6 +17,8 @@ import jinja2
 import jinja2.ext
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
+from .errors import InvalidArgumentError
+
 # ChatML: used when the model ships no template.
 DEFAULT_CHAT_TEMPLATE = (
     "{% for message in messages %}"
@@ -26,9 +28,10 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-class ChatTemplateError(ValueError):
+class ChatTemplateError(InvalidArgumentError):
     """The chat template could not be compiled or rendered, or refused the
-    messages on purpose through ``raise_exception``."""
+    messages on purpose through ``raise_exception``. An ``InvalidArgumentError`` (so a
+    ``PmtpError`` and a ``ValueError``): the messages or the model's template are at fault."""
 
 
 def _raise_exception(message: str):
