@@ -339,6 +339,10 @@ int pmtp_session_new(pmtp_model * model, const pmtp_session_params * params, pmt
         need(out, "out");
         *out = nullptr;
         auto s = std::make_unique<pmtp_session>();
+        {
+            std::lock_guard<std::mutex> lock(g_log_mutex);
+            g_last_llama_error.clear();   // what a failed context creation logs explains it
+        }
         session_create(s.get(), model, *params);
         for (seq_state & sq : s->seqs) {
             session_reset(s.get(), sq);

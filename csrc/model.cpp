@@ -68,6 +68,20 @@ void check_values(const std::string & path, const gguf_context * g, const ggml_c
             }
         }
     }
+    // some tokenizers build tables quadratic in a token's length at load or first use; no
+    // real vocabulary has a token anywhere near this long
+    const int64_t tokens_id = gguf_find_key(g, "tokenizer.ggml.tokens");
+    if (tokens_id >= 0 && gguf_get_kv_type(g, tokens_id) == GGUF_TYPE_ARRAY &&
+        gguf_get_arr_type(g, tokens_id) == GGUF_TYPE_STRING) {
+        constexpr size_t max_token_bytes = 4096;
+        for (size_t i = 0; i < gguf_get_arr_n(g, tokens_id); ++i) {
+            const size_t n = std::strlen(gguf_get_arr_str(g, tokens_id, i));
+            if (n > max_token_bytes) {
+                refuse(path, "token " + std::to_string(i) + " is " + std::to_string(n) + " bytes long (at most " +
+                             std::to_string(max_token_bytes) + ")");
+            }
+        }
+    }
     // rope rotates pairs of a head's dimensions: at most the head size, and an even count
     const int64_t n_embd   = gguf_int(g, arch + ".embedding_length", -1);
     const int64_t n_head   = gguf_int(g, arch + ".attention.head_count", -1);
@@ -330,10 +344,18 @@ std::vector<llama_token> tokenize(const pmtp_model * m, const char * text, size_
         fail(PMTP_ERR_INVALID_ARG, "text is too long to tokenize in one call");
     }
     std::vector<llama_token> out(len + 8);
-    int32_t n = llama_tokenize(m->vocab(), text, (int32_t) len, out.data(), (int32_t) out.size(), add_special, parse_special);
-    if (n < 0) {
-        out.resize((size_t) -n);
+    int32_t n = 0;
+    try {
         n = llama_tokenize(m->vocab(), text, (int32_t) len, out.data(), (int32_t) out.size(), add_special, parse_special);
+        if (n < 0) {
+            out.resize((size_t) -n);
+            n = llama_tokenize(m->vocab(), text, (int32_t) len, out.data(), (int32_t) out.size(), add_special,
+                               parse_special);
+        }
+    } catch (const std::out_of_range &) {
+        // the tokenizer looked up a piece the vocabulary lacks (e.g. a byte-fallback token)
+        fail(PMTP_ERR_INVALID_ARG, "this model's vocabulary cannot encode the text: a token the tokenizer needs "
+                                   "(such as a byte-fallback token <0xXX>) is missing from the model file");
     }
     if (n < 0) {
         fail(PMTP_ERR_INTERNAL, "tokenization failed");

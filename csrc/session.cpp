@@ -8,6 +8,8 @@
 // a row's numbers do not depend on the batch it was decoded in.
 #include "internal.h"
 
+std::string last_llama_error();  // abi.cpp
+
 #include <algorithm>
 #include <chrono>
 #include <cmath>
@@ -140,6 +142,11 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
         s->ctx.reset(llama_init_from_model(model->model.get(), cp));
     }
     if (!s->ctx) {
+        const std::string why = last_llama_error();
+        if (why.find("llama.cpp check failed") != std::string::npos) {   // an assert turned into an error
+            fail(PMTP_ERR_MODEL_LOAD, "the model cannot run (" + why + "); the file is damaged or was written "
+                                      "wrongly: re-download or re-convert the model");
+        }
         fail(PMTP_ERR_OUT_OF_MEMORY, "could not create a context with n_ctx=" + std::to_string(p.n_ctx) +
              " (see the log); try a smaller n_ctx or a smaller KV cache type");
     }

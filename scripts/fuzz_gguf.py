@@ -436,7 +436,7 @@ def _worker(conn, mem_limit: int) -> None:
     os.environ["GGML_NO_BACKTRACE"] = "1"     # an abort dies at once (no debugger attached)
     import logging
     logging.disable(logging.CRITICAL)
-    from pyllama_mtp import Llama, MtpError, PmtpError
+    from pyllama_mtp import InternalError, Llama, MtpError, PmtpError
     while True:
         path, mtp = conn.recv()
         try:
@@ -448,6 +448,8 @@ def _worker(conn, mem_limit: int) -> None:
                 llm.generate("hello there", max_tokens=4)
                 llm.chat([{"role": "user", "content": "hi"}], max_tokens=2)
             conn.send(("ok", ""))
+        except InternalError as e:      # typed, but it says "a bug": reported like an untyped one
+            conn.send(("untyped", f"InternalError: {str(e)[:300]}"))
         except PmtpError as e:
             conn.send(("refused", type(e).__name__))
         except MemoryError:

@@ -46,6 +46,25 @@ def load_in_child(path, mtp: bool) -> str:
     return done.stdout
 
 
+def to_bf16(g, name: str) -> None:
+    """Store one F32 tensor of g as BF16 (a well-formed file: the data is repacked)."""
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+    chunks, offset = [], 0
+    for t in g.tensors:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(t.type)]
+        n_bytes = int(np.prod(t.dims)) // block * size
+        raw = g.data[t.offset:t.offset + n_bytes]
+        if t.name == name:
+            raw = (np.frombuffer(raw, np.float32).view(np.uint32) >> 16).astype(np.uint16).tobytes()
+            t.type = int(GGMLQuantizationType.BF16)
+        raw += b"\0" * (-len(raw) % g.alignment)
+        t.offset = offset
+        offset += len(raw)
+        chunks.append(raw)
+    g.data = b"".join(chunks)
+
+
 def write(fuzz, g, path):
     path.write_bytes(fuzz.encode(g))
     return path
@@ -77,3 +96,32 @@ def test_500_mutants_load_or_are_refused_with_a_typed_error(tmp_path):
                           capture_output=True, text=True, timeout=1800)
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-2000:]
     assert "'died'" not in done.stdout and "'hung'" not in done.stdout
+
+
+def test_a_rope_dimension_count_that_ends_odd_on_some_layers(fuzz, seeds, tmp_path):
+    """step35 halves the rope dimensions of its full-attention layers: 2 becomes 1, which the
+    rope kernel refused with an assert on a compute thread (patch 0015 checks it when the
+    graph is built, which context creation does)."""
+    import copy
+    g = copy.deepcopy(seeds["step35"][0])
+    fuzz._kv(g, "step35.rope.dimension_count").value = 2
+    out = load_in_child(write(fuzz, g, tmp_path / "rope.gguf"), mtp=True)
+    assert out.startswith("ModelLoadError") and "n_dims" in out
+
+
+def test_values_that_only_failed_inside_a_kernel_are_refused_before_loading(fuzz, seeds, tmp_path):
+    import copy
+    cases = {
+        "llama.attention.layer_norm_rms_epsilon": -1.0,     # rms_norm asserted eps >= 0 on a compute thread
+        "llama.rope.dimension_count": 1000,                 # rope asserted n_dims <= head size
+        "tokenizer.ggml.model": "none",                     # the tokenizer asserted it was initialised
+    }
+    for key, value in cases.items():
+        g = copy.deepcopy(seeds["llama"][0])
+        fuzz._kv(g, key).value = value
+        out = load_in_child(write(fuzz, g, tmp_path / f"{key}.gguf"), mtp=False)
+        assert out.startswith("ModelLoadError"), (key, out)
+    g = copy.deepcopy(seeds["llama"][0])
+    to_bf16(g, next(t.name for t in g.tensors if t.name.endswith("attn_norm.weight")))
+    out = load_in_child(write(fuzz, g, tmp_path / "bf16-norm.gguf"), mtp=False)
+    assert out.startswith("ModelLoadError") and "must be F32" in out
