@@ -17,6 +17,11 @@ with the server's at 1 client.
 
     python scripts/bench_server_load.py --size-gb 2.2 --acceptance 0.9 -t 2 -n 128
 
+--chaos runs the hostile-load check of scripts/server_chaos.py instead (64 clients x 20
+requests, 20% leaving early, 10% malformed; exactness, 5xx, recovery and RSS):
+
+    python scripts/bench_server_load.py --chaos --model M -t 2
+
 --upstream also runs upstream's llama-server (built by scripts/build_upstream.sh from the
 same pinned tree without our patches: its batched kernels) with -np equal to the largest
 client count, plain and with --spec-type draft-mtp, under the same load, and prints ours
@@ -74,11 +79,14 @@ class Server:
                    "--threads", str(threads), "--parallel", str(parallel), "--n-ctx", str(n_ctx), "--alias", "bench"]
             if mtp_draft is not None:
                 cmd += ["--mtp", "--draft", mtp_draft]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log goes to a file: a pipe nobody reads would block the server once full
+        import tempfile
+        self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log", delete=False)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.proc.stderr.read()[-2000:]}")
+                raise RuntimeError(f"server exited: {self.log_tail()}")
             try:
                 if httpx.get(f"{self.base}/health", timeout=1).status_code == 200:
                     return
@@ -91,9 +99,13 @@ class Server:
     def base(self) -> str:
         return f"http://127.0.0.1:{self.port}"
 
+    def log_tail(self, n: int = 2000) -> str:
+        return Path(self.log.name).read_text(errors="replace")[-n:]
+
     def close(self) -> None:
         self.proc.terminate()
         self.proc.wait(timeout=60)
+        self.log.close()
 
 
 def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, seed: int) -> dict:
@@ -199,7 +211,16 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--upstream", action="store_true",
                     help="also run upstream llama-server -np N, plain and draft-mtp (draft 3 when --draft is auto)")
+    chaos = ap.add_argument_group("--chaos: hostile load (see scripts/server_chaos.py)")
+    chaos.add_argument("--chaos", action="store_true",
+                       help="instead of the sweep: clients that leave, malformed requests, exactness and recovery")
+    chaos.add_argument("--chaos-clients", type=int, default=64, help="client threads (default 64)")
+    chaos.add_argument("--chaos-prompts", type=int, default=32, help="distinct prompts (default 32)")
+    chaos.add_argument("--parallel", type=int, default=4, help="the server's --parallel (default 4)")
+    chaos.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    if args.chaos:
+        return run_chaos(args)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
     if args.clients[0] < 1:
         ap.error("--clients must be >= 1")
@@ -221,6 +242,24 @@ def main(argv=None) -> int:
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
     return 0
+
+
+def run_chaos(args) -> int:
+    """--chaos: --requests per client (20 unless given), max_tokens -n (48 unless given)."""
+    from server_chaos import chaos, verdict
+    if "--requests" not in sys.argv:
+        args.requests = 20
+    if "-n" not in sys.argv and "--n-gen" not in sys.argv:
+        args.n_gen = 48
+    model = args.model or ensure_model(args.model_dir / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}.gguf",
+                                       args.size_gb, args.acceptance)
+    report = {"model": str(model), **chaos(model, lambda *a: Server(*a), args)}
+    misses = verdict(report)
+    report["missed"] = misses
+    print(json.dumps(report, indent=1))
+    if args.json:
+        args.json.write_text(json.dumps(report, indent=1))
+    return 1 if misses else 0
 
 
 if __name__ == "__main__":

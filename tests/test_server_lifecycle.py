@@ -29,6 +29,16 @@ def metric(base, name) -> float:
     raise AssertionError(f"no metric {name}")
 
 
+def statuses(base) -> dict[str, float]:
+    """/metrics requests_total summed by HTTP status."""
+    out: dict[str, float] = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("pyllama_mtp_requests_total{"):
+            status = line.split('status="')[1].split('"')[0]
+            out[status] = out.get(status, 0) + float(line.split()[-1])
+    return out
+
+
 def serve(model, *extra):
     return start_server(model, "--mtp", "--draft", "3", "--n-ctx", "4096", *extra)
 
@@ -75,6 +85,9 @@ def test_clients_that_leave_are_dropped_from_the_queue_and_their_slot(oracle_pat
         time.sleep(1.0)
         assert metric(base, "generation_tokens_total") == generated
         assert generated < 8 * LONG / 4
+        # each is counted as 499 (client closed request), none as a server error
+        counted = statuses(base)
+        assert counted.get("499") == 8 and not any(s.startswith("5") for s in counted), counted
         t0 = time.monotonic()
         r = httpx.post(f"{base}/v1/completions", json=body(max_tokens=4), timeout=30)
         assert r.status_code == 200 and time.monotonic() - t0 < 5

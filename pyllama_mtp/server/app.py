@@ -59,6 +59,10 @@ class RequestTimeout(Exception):
     """The request ran longer than --request-timeout."""
 
 
+class ClientLeft(Exception):
+    """A non-streaming request's client disconnected before the answer was ready."""
+
+
 _POLL_S = 0.25    # how often a waiting non-streaming request checks that its client is still there
 
 
@@ -70,6 +74,8 @@ def _error_for(e: Exception) -> ApiError:
         return ApiError(503, str(e), "server_error", code="shutting_down", headers={"Retry-After": "5"})
     if isinstance(e, RequestTimeout):
         return ApiError(504, str(e), "server_error", code="timeout")
+    if isinstance(e, ClientLeft):   # nobody reads it; 499 (client closed request) is what /metrics counts
+        return ApiError(499, str(e), "invalid_request_error", code="client_closed_request")
     if isinstance(e, RpcError):
         return ApiError(503, str(e), "server_error")
     if isinstance(e, PmtpError):
@@ -338,7 +344,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                 if loop.time() >= next_check:
                     next_check = loop.time() + _POLL_S
                     if watch_client and await request.is_disconnected():
-                        return
+                        raise ClientLeft("the client disconnected before the answer was ready")
                     if deadline is not None and loop.time() > deadline:
                         raise RequestTimeout(f"the request ran longer than {settings.request_timeout:g} s "
                                              f"(--request-timeout)")
