@@ -391,6 +391,13 @@ int pmtp_seq_reset(pmtp_session * session, int32_t seq) {
     });
 }
 
+int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq) {
+    return guarded([&] {
+        need(session, "session");
+        mtp_catch_up(session, session->seq(seq));
+    });
+}
+
 int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling) {
     return guarded([&] {
         need(session, "session");

@@ -196,6 +196,8 @@ int32_t mtp_rollback_redo(const pmtp_session * s);
 // state of the row before it (h_prev_first for i = 0, then h_rows[i - 1]).
 void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens, const float * h_prev_first,
                    const float * h_rows, size_t n, llama_pos pos0);
+// Every head takes the sequence's queued rows now (no-op without heads).
+void mtp_catch_up(pmtp_session * s, seq_state & sq);
 // Draft k[i] tokens for each seqs[i] (all heads' decodes shared by the sequences) into
 // out[i * 8 ..]; with rejection sampling the draft distributions stay in the heads.
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,

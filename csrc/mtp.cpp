@@ -447,6 +447,12 @@ void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens,
     }
 }
 
+void mtp_catch_up(pmtp_session * s, seq_state & sq) {
+    if (s->heads) {
+        mtp_flush(s, sq);
+    }
+}
+
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,
                llama_token * out) {
     mtp_heads & H = *s->heads;

@@ -242,6 +242,11 @@ PMTP_API int pmtp_seq_reset(pmtp_session * session, int32_t seq);
 /* Keep the sequence's first n_keep tokens, as pmtp_rollback does for sequence 0 (a new
  * prompt that shares a prefix with what the sequence holds prefills only the rest). */
 PMTP_API int pmtp_seq_rollback(pmtp_session * session, int32_t seq, int32_t n_keep);
+/* Let the MTP heads take every row the sequence decoded since they last ran (plain
+ * decodes and prefills queue rows for them; a draft takes them itself). A draft-length
+ * policy calls it before the first drafting step after plain decoding, so that the
+ * step it times costs what a step among drafting steps costs. No-op without heads. */
+PMTP_API int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq);
 PMTP_API int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling);
 PMTP_API int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n);
 PMTP_API int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out);

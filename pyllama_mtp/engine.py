@@ -371,6 +371,14 @@ class Session(_Handle):
         """Forget sequence ``seq`` (its slot is free for a new prompt)."""
         check(lib.pmtp_seq_reset(self._check_open(), seq))
 
+    def seq_mtp_catch_up(self, seq: int) -> None:
+        """Let the MTP heads take the rows sequence ``seq`` queued while decoding plainly
+        (a draft does it by itself; a policy timing its steps does it first)."""
+        check(lib.pmtp_seq_mtp_catch_up(self._check_open(), seq))
+
+    def mtp_catch_up(self) -> None:
+        self.seq_mtp_catch_up(0)
+
     def seq_rollback(self, seq: int, n_keep: int) -> None:
         """Keep the first ``n_keep`` tokens of sequence ``seq``."""
         check(lib.pmtp_seq_rollback(self._check_open(), seq, n_keep))

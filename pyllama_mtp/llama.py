@@ -21,7 +21,8 @@ from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, StepResult, build_info
 from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
-from .speculative import DraftPolicy, GenerationStats, validate_draft
+from .draft_policy import DraftPolicy, step_auto
+from .speculative import GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
 
 _llama_log = logging.getLogger("pyllama_mtp.llama_cpp")
@@ -310,12 +311,9 @@ class Llama:
         try:
             while True:
                 yield result, n_past
-                k = policy.choose() if policy else draft
-                t0 = time.perf_counter()
                 with gate.native():
-                    result, n_past = session.step(k), session.n_past
-                if policy:
-                    policy.update(k, result.n_accepted, time.perf_counter() - t0)
+                    result = step_auto(session, policy)[0] if policy else session.step(draft)
+                    n_past = session.n_past
                 generated.extend(result.tokens)
         finally:
             # Everything generated except the newest token is in the KV cache.

@@ -18,7 +18,7 @@ from .errors import InvalidArgumentError
 
 def validate_draft(draft, draft_max: int) -> int | str:
     """A per-call draft length: an int in [0, draft_max] (0 = plain decoding), or
-    "auto" (the DraftPolicy picks it every step)."""
+    "auto" (a draft_policy.DraftPolicy picks it every step)."""
     if draft == "auto":
         if draft_max < 1:
             raise InvalidArgumentError("draft='auto' needs a Llama created with mtp=")
@@ -30,135 +30,6 @@ def validate_draft(draft, draft_max: int) -> int | str:
             f"draft={draft} is outside [0, {draft_max}]: this Llama keeps {draft_max} MTP head(s) ready; "
             f"create it with a larger draft (at most {MAX_DRAFT}, and at most the number of chained heads)")
     return draft
-
-
-class DraftPolicy:
-    """Chooses the draft length of each step to maximise expected tokens per second.
-
-    It keeps running estimates of the acceptance rate at each draft position
-    (conditional on the earlier positions being accepted) and of the wall time of a
-    step with each draft length (0 = plain one-token decode). Expected tokens of a
-    step with k drafts are 1 + a1 + a1 a2 + ... + a1..ak. When plain decoding wins
-    the policy keeps decoding plainly and probes MTP again now and then, so it notices
-    when drafts start to pay again; it also tries the neighbours of its choice now
-    and then to keep their estimates fresh.
-    """
-
-    def __init__(self, draft_max: int, probe_every: int = 16, decay: float = 0.9):
-        self.draft_max = draft_max
-        self.probe_every = probe_every
-        self.decay = decay
-        self.accept = [0.8] * draft_max            # optimistic start: MTP gets tried
-        self.time: dict[int, float] = {}           # k -> EMA of the step's wall time (s)
-        self.guessed: set[int] = set()             # lengths whose time is a guess, not yet measured
-        self.steps = 0
-        self.probes = 0
-        self.interval = probe_every
-        self.next_probe = probe_every
-
-    def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for a in self.accept[:k]:
-            run *= a
-            total += run
-        return total
-
-    def _time(self, k: int) -> float | None:
-        if k in self.time:
-            return self.time[k]
-        known = sorted(self.time)
-        if not known:
-            return None
-        # unmeasured lengths: linear in k between the nearest measured ones
-        lower = max((j for j in known if j < k), default=None)
-        upper = min((j for j in known if j > k), default=None)
-        if lower is None:
-            return self.time[upper]
-        if upper is None:
-            slope = (self.time[lower] - self.time[known[0]]) / max(lower - known[0], 1) if len(known) > 1 else 0.0
-            return self.time[lower] + slope * (k - lower)
-        w = (k - lower) / (upper - lower)
-        return (1 - w) * self.time[lower] + w * self.time[upper]
-
-    def best(self) -> int:
-        rates = {}
-        for k in range(self.draft_max + 1):
-            t = self._time(k)
-            if t is not None and t > 0:
-                rates[k] = self.expected_tokens(k) / t
-        return max(rates, key=rates.get) if rates else self.draft_max
-
-    def choose(self) -> int:
-        self.steps += 1
-        unmeasured = [k for k in range(self.draft_max + 1) if k not in self.time]
-        if unmeasured:                               # measure every length once first
-            return unmeasured[0]
-        k = self.best()
-        if self.steps >= self.next_probe:            # refresh another length's estimates, in turn
-            self.probes += 1
-            others = [j for j in range(self.draft_max + 1) if j != k]
-            # probes cost time when they lose: back off while plain decoding keeps winning
-            self.interval = min(self.interval * 2, 256) if k == 0 else self.probe_every
-            self.next_probe = self.steps + self.interval
-            return others[self.probes % len(others)]
-        return k
-
-    def update(self, k: int, n_accepted: int, seconds: float) -> None:
-        self.update_time(k, seconds)
-        self.update_acceptance(k, n_accepted)
-
-    def update_time(self, k: int, seconds: float) -> None:
-        old = self.time.get(k)
-        first = old is None or k in self.guessed   # a measurement replaces a guess outright
-        self.time[k] = seconds if first else self.decay * old + (1 - self.decay) * seconds
-        self.guessed.discard(k)
-
-    def update_acceptance(self, k: int, n_accepted: int) -> None:
-        for i in range(min(k, n_accepted + 1)):    # positions that were tried
-            hit = 1.0 if i < n_accepted else 0.0
-            self.accept[i] = self.decay * self.accept[i] + (1 - self.decay) * hit
-
-
-class BatchDraftPolicy:
-    """The draft length of a step that decodes n sequences together.
-
-    A step's cost depends on how many sequences it holds (n verify batches of k+1 rows
-    cost more than n single rows in a way a one-sequence step does not show), so every
-    batch size n has its own DraftPolicy timing the whole step; all of them share one
-    acceptance estimate. Tokens per second of the step are n times the expected tokens
-    per sequence over the step's time, so each policy maximises exactly that; at a batch
-    size where drafting does not pay it settles on 0 (plain decoding) and probes again
-    with back-off.
-    """
-
-    def __init__(self, draft_max: int, **kw):
-        self.draft_max = draft_max
-        self.kw = kw
-        self.accept = [0.8] * draft_max
-        self.by_size: dict[int, DraftPolicy] = {}
-
-    def policy(self, n: int) -> DraftPolicy:
-        if n not in self.by_size:
-            p = DraftPolicy(self.draft_max, **self.kw)
-            p.accept = self.accept                 # one acceptance estimate for every batch size
-            if self.by_size:
-                # start from the nearest measured size's step times, scaled by the rows a step
-                # holds, instead of spending a step on every length first (sizes come and go
-                # as requests finish)
-                near = min(self.by_size, key=lambda m: abs(m - n))
-                p.time = {k: t * n / near for k, t in self.by_size[near].time.items()}
-                p.guessed = set(p.time)
-            self.by_size[n] = p
-        return self.by_size[n]
-
-    def choose(self, n: int) -> int:
-        return self.policy(n).choose()
-
-    def update(self, n: int, k: int, n_accepted: list[int], seconds: float) -> None:
-        p = self.policy(n)
-        p.update_time(k, seconds)
-        for a in n_accepted:
-            p.update_acceptance(k, a)
 
 
 @dataclass(frozen=True)

@@ -1,74 +1,165 @@
-"""draft='auto': the policy on simulated costs and acceptance, and exactness end to end."""
+"""draft='auto': the policy's decisions on simulated step costs and acceptance traces (no
+timing: every step's cost comes from a formula), and exactness end to end."""
 from __future__ import annotations
 
 import numpy as np
+import pytest
 
 from pyllama_mtp import Llama
-from pyllama_mtp.speculative import DraftPolicy
+from pyllama_mtp.draft_policy import (BatchDraftPolicy, DraftPolicy, MAX_INTERVAL, StepCosts, depth_bucket)
 
 
-def simulate(policy, accept_rate, step_time, n_steps=400, seed=0):
-    """Feed the policy steps from a model with i.i.d. acceptance and fixed costs;
-    returns the tokens per second it achieved and the draft lengths it chose."""
-    rng = np.random.default_rng(seed)
-    tokens = seconds = 0.0
-    chosen = []
-    for _ in range(n_steps):
-        k = policy.choose()
-        n_acc = 0
-        while n_acc < k and rng.random() < accept_rate:
-            n_acc += 1
-        policy.update(k, n_acc, step_time(k))
-        tokens += n_acc + 1
-        seconds += step_time(k)
-        chosen.append(k)
-    return tokens / seconds, chosen
+class Trace:
+    """Steps of one sequence: acceptance(step, position) -> chance, cost(k, depth) -> seconds."""
+
+    def __init__(self, policy, acceptance, cost, depth=0, seed=0):
+        self.policy, self.acceptance, self.cost = policy, acceptance, cost
+        self.depth, self.step = depth, 0
+        self.rng = np.random.default_rng(seed)
+        self.chosen: list[int] = []
+        self.depths: list[int] = []
+        self.tokens = self.seconds = 0.0
+
+    def run(self, n_steps: int) -> "Trace":
+        for _ in range(n_steps):
+            k = self.policy.choose(self.depth)
+            n_acc = 0
+            while n_acc < k and self.rng.random() < self.acceptance(self.step, n_acc):
+                n_acc += 1
+            t = self.cost(k, self.depth)
+            self.policy.update(k, n_acc, t, self.depth)
+            self.chosen.append(k)
+            self.depths.append(self.depth)
+            self.tokens += n_acc + 1
+            self.seconds += t
+            self.depth += n_acc + 1
+            self.step += 1
+        return self
+
+    @property
+    def rate(self) -> float:
+        return self.tokens / self.seconds
 
 
-def best_fixed(accept_rate, step_time, draft_max):
-    rates = [sum(accept_rate ** i for i in range(k + 1)) / step_time(k) for k in range(draft_max + 1)]
-    return max(rates), int(np.argmax(rates))
+def probe_starts(chosen: list[int]) -> list[int]:
+    """Steps where drafting started after plain decoding (a probe's first step)."""
+    return [i for i, k in enumerate(chosen) if k > 0 and (i == 0 or chosen[i - 1] == 0)]
 
 
-def test_high_acceptance_cheap_verify_drafts_the_maximum():
-    step_time = lambda k: 1.0 + 0.15 * k
-    rate, chosen = simulate(DraftPolicy(3), 0.9, step_time)
-    best, k_best = best_fixed(0.9, step_time, 3)
-    assert k_best == 3 and chosen[-50:].count(3) > 40
-    assert rate > 0.93 * best
+def const(a):
+    return lambda step, pos: a
 
 
-def test_low_acceptance_turns_mtp_off_and_keeps_probing():
-    step_time = lambda k: 1.0 + 0.5 * k
-    policy = DraftPolicy(3, probe_every=16)
-    rate, chosen = simulate(policy, 0.1, step_time)
-    assert chosen[-100:].count(0) > 95
-    assert policy.probes >= 3                          # it keeps checking whether drafts pay again
-    assert rate > 0.97 * (1 / step_time(0))           # never more than 3% below MTP off
+def expected_rate(a: list[float], t: float, k: int) -> float:
+    total, run = 1.0, 1.0
+    for i in range(k):
+        run *= a[i]
+        total += run
+    return total / t
 
 
-def test_middle_acceptance_picks_a_middle_length():
-    step_time = lambda k: 1.0 + 0.3 * k * k
-    best, k_best = best_fixed(0.7, step_time, 3)
-    rate, chosen = simulate(DraftPolicy(3), 0.7, step_time, n_steps=600)
-    assert k_best == 1 and max(set(chosen[-100:]), key=chosen[-100:].count) == 1
-    assert rate > 0.93 * best
+def test_acceptance_zero_settles_on_plain_within_a_few_steps_and_probes_ever_more_rarely():
+    cost = lambda k, d: 1.0 + 0.3 * k                  # drafts would pay if accepted
+    trace = Trace(DraftPolicy(3), const(0.0), cost).run(2000)
+    drafting = [i for i, k in enumerate(trace.chosen) if k > 0]
+    assert all(trace.chosen[i] == 1 for i in drafting)   # a probe is one step with one draft
+    # x4 back-off, plus one probe on entering each depth bucket (128, 256, 512, 1,024)
+    assert len(drafting) <= 9, drafting
+    assert drafting[:2] == [1, 65]
+    assert trace.rate > 0.995 * 1.0
 
 
-def test_auto_draft_is_lossless(step35_path):
-    with Llama(step35_path, n_ctx=1024, threads=2) as plain:
-        expected = plain.generate([11, 12, 13], max_tokens=200).tokens
-    with Llama(step35_path, n_ctx=1024, threads=2, mtp=True, draft="auto") as llm:
-        assert llm.draft_max == 3
-        assert llm.generate([11, 12, 13], max_tokens=200).tokens == expected
+def test_hopeless_drafting_is_probed_at_the_slowest_pace_at_once():
+    cost = lambda k, d: 1.0 + 2.5 * k                  # even all accepted, a draft step loses
+    trace = Trace(DraftPolicy(3), const(1.0), cost).run(1000)
+    probes = probe_starts(trace.chosen)
+    # the first probe, a two-step one (drafts were accepted), then hopeless: one on entering
+    # each depth bucket (128, 256, 512) and none in between
+    assert probes[:2] == [1, 17] and len(probes) <= 5, probes
+    assert sum(k > 0 for k in trace.chosen) <= 2 * len(probes)
+    assert trace.rate > 0.97
+
+
+def test_a_clear_winner_is_found_from_the_first_steps():
+    cost = lambda k, d: 1.0 + 0.15 * k
+    trace = Trace(DraftPolicy(3), const(0.9), cost).run(400)
+    best = max(expected_rate([0.9] * 3, cost(k, 0), k) for k in range(4))
+    assert expected_rate([0.9] * 3, cost(3, 0), 3) == best
+    assert trace.chosen[10:].count(3) > 0.9 * 390
+    assert trace.rate > 0.95 * best
+
+
+def test_a_middle_length_wins_when_later_drafts_are_rarely_accepted():
+    a = [0.9, 0.3, 0.1]
+    cost = lambda k, d: 1.0 + 0.3 * k
+    rates = [expected_rate(a, cost(k, 0), k) for k in range(4)]
+    assert int(np.argmax(rates)) == 1
+    trace = Trace(DraftPolicy(3), lambda step, pos: a[pos], cost).run(600)
+    last = trace.chosen[-200:]
+    assert max(set(last), key=last.count) == 1
+    assert trace.rate > 0.95 * max(rates)
+
+
+def test_drafting_stops_when_acceptance_drops_and_comes_back_when_it_recovers():
+    cost = lambda k, d: 1.0 + 0.2 * k
+    phases = lambda step, pos: 1.0 if step < 300 or step >= 900 else 0.0
+    trace = Trace(DraftPolicy(3), phases, cost).run(2000)
+    assert trace.chosen[250:300].count(3) >= 45           # predictable text: full drafts
+    # content turns unpredictable at step 300: plain decoding within 40 steps
+    assert all(k == 0 or k == 1 for k in trace.chosen[340:900])
+    assert trace.chosen[340:900].count(1) <= 6
+    # it turns predictable again at 900: drafting is back within one slowest probe interval
+    back = next(i for i in range(900, 2000) if trace.chosen[i] == 3)
+    assert back - 900 <= MAX_INTERVAL + 50
+    assert trace.chosen[back + 50:back + 150].count(3) >= 95
+
+
+def test_it_follows_the_cost_of_verify_as_the_context_grows():
+    """A verify row's cost grows with depth (attention), a plain step's does not: drafting
+    pays at a short context and loses past ~1,000 tokens."""
+    cost = lambda k, d: 1.0 + k * (0.15 + d / 1000)
+    trace = Trace(DraftPolicy(3), const(0.9), cost).run(3000)
+    chosen, depths = np.array(trace.chosen), np.array(trace.depths)
+    assert np.mean(chosen[depths < 128] == 3) > 0.8
+    deep = chosen[depths >= 2048]
+    assert len(deep) > 300 and np.mean(deep == 0) > 0.97
+
+
+def test_a_new_call_at_a_short_context_reuses_what_it_learned_there():
+    """Costs are kept per depth: after a long generation where drafting lost, a new short
+    call drafts from its first steps."""
+    cost = lambda k, d: 1.0 + k * (0.15 + d / 1000)
+    policy = DraftPolicy(3)
+    Trace(policy, const(0.9), cost).run(3000)
+    again = Trace(policy, const(0.9), cost, seed=1).run(20)
+    assert again.chosen[:20].count(3) >= 18
+
+
+def test_unmeasured_lengths_and_depths_are_predicted_from_what_was_measured():
+    costs = StepCosts()
+    for _ in range(3):
+        costs.add(0, 0, 1.0, 0)
+        costs.add(0, 1, 1.2, 0)
+    assert costs.predict(0, 3) == pytest.approx(1.6)          # the line through k = 0 and 1
+    costs.add(depth_bucket(3000), 0, 2.0, 0)
+    assert costs.predict(depth_bucket(3000), 3) == pytest.approx(3.2)   # bucket 0's shape, scaled
+    assert costs.predict(depth_bucket(600), 1) == pytest.approx(2.4)    # the nearest bucket's figure
+    assert StepCosts().predict(0, 1) is None
+
+
+def test_catch_up_comes_before_the_first_drafting_step_after_plain_decoding():
+    policy = DraftPolicy(3)
+    assert policy.catch_up_first(1) and not policy.catch_up_first(0)
+    policy.update(2, 2, 1.0)
+    assert not policy.catch_up_first(3)
+    policy.update(0, 0, 1.0)
+    assert policy.catch_up_first(3)
 
 
 def test_batch_policy_drafts_where_it_pays_and_stops_where_it_does_not():
     """Simulated server steps: one sequence is memory-bound (drafting is nearly free),
     eight sequences are compute-bound (a step costs its rows), so the policy must draft
-    3 at batch size 1 and decode plainly at batch size 8, each near the best fixed rate."""
-    from pyllama_mtp.speculative import BatchDraftPolicy
-
+    3 at batch size 1 and decode plainly at batch size 8."""
     def step_time(n, k):
         return max(0.05, 0.01 * n * (k + 1))
 
@@ -77,14 +168,25 @@ def test_batch_policy_drafts_where_it_pays_and_stops_where_it_does_not():
     chosen = {1: [], 8: []}
     for i in range(800):
         n = 1 if (i // 100) % 2 == 0 else 8           # sizes alternate, as requests come and go
-        k = policy.choose(n)
+        k = policy.choose(n, 0)
         accepted = []
         for _ in range(n):
             a = 0
             while a < k and rng.random() < 0.8:
                 a += 1
             accepted.append(a)
-        policy.update(n, k, accepted, step_time(n, k))
+        policy.update(n, k, accepted, step_time(n, k), 0)
         chosen[n].append(k)
     assert np.mean(np.array(chosen[1][-200:]) == 3) > 0.8
-    assert np.mean(np.array(chosen[8][-200:]) == 0) > 0.8
+    assert np.mean(np.array(chosen[8][-200:]) == 0) > 0.9
+
+
+@pytest.mark.parametrize("prompt_len", [3, 300])
+def test_auto_draft_is_lossless(step35_path, prompt_len):
+    prompt = [11 + i % 97 for i in range(prompt_len)]
+    with Llama(step35_path, n_ctx=1024, threads=2) as plain:
+        expected = plain.generate(prompt, max_tokens=200).tokens
+    with Llama(step35_path, n_ctx=1024, threads=2, mtp=True, draft="auto") as llm:
+        assert llm.draft_max == 3
+        assert llm.generate(prompt, max_tokens=200).tokens == expected
+        assert llm.generate(prompt, max_tokens=200).tokens == expected   # learned state, prefix reused

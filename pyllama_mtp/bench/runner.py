@@ -12,7 +12,7 @@ import numpy as np
 
 from ..config import ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
-from ..speculative import DraftPolicy
+from ..draft_policy import DraftPolicy, step_auto
 from .params import Instance, BenchTest
 
 
@@ -100,11 +100,7 @@ class InstanceRunner:
                 if policy is None:
                     produced += len(s.step(int(test.n_draft)).tokens)
                     continue
-                k = policy.choose()
-                t_step = time.perf_counter()
-                result = s.step(k)
-                policy.update(k, result.n_accepted, time.perf_counter() - t_step)
-                produced += len(result.tokens)
+                produced += len(step_auto(s, policy)[0].tokens)
         elapsed = time.perf_counter_ns() - t0
         if m is not None:
             after = s.stats()

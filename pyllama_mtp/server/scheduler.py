@@ -27,7 +27,8 @@ import time
 from dataclasses import dataclass, field
 
 from ..llama import Llama, SequenceOutput
-from ..speculative import BatchDraftPolicy, GenerationStats
+from ..draft_policy import BatchDraftPolicy
+from ..speculative import GenerationStats
 from .worker import Job, Worker, refuse_queued
 
 _DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
@@ -50,6 +51,7 @@ class _Slot:
     drafted_at: list[int] = field(default_factory=lambda: [0] * 8)
     accepted_at: list[int] = field(default_factory=lambda: [0] * 8)
     tokens: list[int] = field(default_factory=list)   # prompt, then every token generated
+    last_k: int = 0           # drafts of its last step (0: the heads may have rows queued)
 
     def count(self, result) -> None:
         if result.n_drafted:
@@ -241,10 +243,15 @@ class BatchWorker:
     def _step(self) -> None:
         seqs = sorted(self.slots)
         auto = [s for s in seqs if self.slots[s].draft == "auto"]
-        k_auto = self.policy.choose(len(seqs)) if auto and self.policy else 0
+        depth = max(self.session.seq_n_past(s) for s in auto) if auto else 0
+        k_auto = self.policy.choose(len(seqs), depth) if auto and self.policy else 0
         drafts = [k_auto if self.slots[s].draft == "auto" else self.slots[s].draft for s in seqs]
-        t0 = time.perf_counter()
         try:
+            for seq, k in zip(seqs, drafts):
+                # rows queued by plain decoding go to the heads outside the timed step
+                if k > 0 and self.slots[seq].last_k == 0:
+                    self.session.seq_mtp_catch_up(seq)
+            t0 = time.perf_counter()
             results = self.session.step_batch(seqs, drafts)
         except Exception as e:   # nothing of this step reached any slot: all of them end with the error
             for seq in seqs:
@@ -252,7 +259,9 @@ class BatchWorker:
             return
         if auto and self.policy:
             accepted = [r.n_accepted for s, r in zip(seqs, results) if self.slots[s].draft == "auto"]
-            self.policy.update(len(seqs), k_auto, accepted, time.perf_counter() - t0)
+            self.policy.update(len(seqs), k_auto, accepted, time.perf_counter() - t0, depth)
+        for seq, k in zip(seqs, drafts):
+            self.slots[seq].last_k = k
         for seq, result in zip(seqs, results):
             self.slots[seq].count(result)
             self._deliver(self.slots[seq], result)

@@ -1,0 +1,350 @@
+"""The draft length of each step when ``draft="auto"``.
+
+A step with k drafts yields on average E(k) = 1 + a1 + a1 a2 + ... + a1..ak tokens, where
+a_i is the measured chance that draft i is accepted once drafts 1..i-1 were, and costs
+T(k, depth) seconds, measured in this session at about this context depth. The policy
+takes the k with the most expected tokens per second, and keeps its figures fresh with
+probes:
+
+- a probe is a step with a neighbouring draft length (k*-1, k*+1, or plain decoding to
+  refresh its cost); from plain decoding it is one step with a single draft, the
+  shortest step that drafts. The first step after a change of length runs slow (graphs
+  are rebuilt), so only steps that repeat the previous length are timed as they are;
+  a probe runs two steps where that is worth it (see ``choose``);
+- probes back off exponentially (x4) while they do not change the decision, so a model
+  whose drafts do not pay costs ever less; when drafting could not pay even if every
+  draft were accepted, probing drops to its slowest pace at once; a probe whose outcome
+  contradicts the estimate (a draft accepted where acceptance looked hopeless) resets
+  the pace, so drafting comes back soon after the content turns predictable again;
+- costs are kept per depth bucket (powers of two of the context length), because the
+  verify/decode cost ratio changes as attention grows; a bucket not measured yet borrows
+  the shape of its nearest measured neighbour, and entering one is probed at once.
+
+Before the first drafting step after plain decoding, the caller lets the MTP heads catch
+up with the rows they have queued (``Session.mtp_catch_up``): that one-off cost does not
+belong to the cost of a drafting step, and timing it in would make MTP look worse than it
+is. ``step_auto`` does this for one sequence.
+"""
+from __future__ import annotations
+
+import time
+
+ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
+ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
+TIME_WINDOW = 8         # step cost: running mean of the last ~8 steps per (depth bucket, k)
+DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
+BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
+MAX_INTERVAL = 512
+BACKOFF = 4
+
+
+class RunningMean:
+    """Mean of the samples so far, turning into an exponential moving average over about
+    ``window`` samples; ``weight`` 0 means the value is a guess the first sample replaces."""
+
+    __slots__ = ("value", "weight", "window", "updated")
+
+    def __init__(self, window: int, value: float | None = None, weight: int = 0):
+        self.value, self.weight, self.window, self.updated = value, weight, window, -1
+
+    def add(self, x: float, step: int = -1) -> None:
+        self.weight = min(self.weight + 1, self.window)
+        self.value = x if self.weight == 1 else self.value + (x - self.value) / self.weight
+        self.updated = step
+
+    def add_provisional(self, x: float, step: int = -1) -> None:
+        """A sample known to run high (see StepCosts): kept, as the least of such samples,
+        only until a real one comes."""
+        if self.weight == 0:
+            self.value = x if self.value is None else min(self.value, x)
+            self.updated = step
+
+
+def depth_bucket(depth: int) -> int:
+    """0 below 128 tokens of context, then one bucket per doubling (2,048-4,095 -> 5)."""
+    return max(0, max(int(depth), 1).bit_length() - 7)
+
+
+class Acceptance:
+    """Per-position acceptance estimates, shared by every policy of one engine."""
+
+    def __init__(self, draft_max: int):
+        self.positions = [RunningMean(ACCEPT_WINDOW) for _ in range(draft_max)]
+
+    def rate(self, i: int) -> float:
+        """a_(i+1): observed, or the previous position's when position i was never tried."""
+        m = self.positions[i]
+        if m.value is not None:
+            return m.value
+        return self.rate(i - 1) if i > 0 else ACCEPT_PRIOR
+
+    def observe(self, k: int, n_accepted: int) -> None:
+        for i in range(min(k, n_accepted + 1)):          # positions that were tried
+            m = self.positions[i]
+            if m.value is None:                          # start from the prior, as one observation
+                m.value, m.weight = self.rate(i), 1
+            m.add(1.0 if i < n_accepted else 0.0)
+
+    def expected_tokens(self, k: int) -> float:
+        total, run = 1.0, 1.0
+        for i in range(k):
+            run *= self.rate(i)
+            total += run
+        return total
+
+
+class StepCosts:
+    """Measured seconds of a step with k drafts, by depth bucket.
+
+    Only a step that drafts as many tokens as the step before it is timed as it is
+    (steady): a step after a change of length rebuilds compute graphs and runs with cold
+    caches, which costs a tiny model several times a steady step. Such a sample only
+    stands in while the length has no steady one here.
+    """
+
+    def __init__(self):
+        self.buckets: dict[int, dict[int, RunningMean]] = {}
+
+    def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
+        m = self.buckets.setdefault(bucket, {}).setdefault(k, RunningMean(TIME_WINDOW))
+        if steady:
+            m.add(seconds, step)
+        else:
+            m.add_provisional(seconds, step)
+
+    def steady(self, bucket: int, k: int) -> bool:
+        m = self.buckets.get(bucket, {}).get(k)
+        return m is not None and m.weight > 0
+
+    def points(self, bucket: int) -> dict[int, float]:
+        return {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items()) if m.value is not None}
+
+    def last_update(self, bucket: int, k: int) -> int:
+        m = self.buckets.get(bucket, {}).get(k)
+        return m.updated if m is not None else -1
+
+    def seed(self, other: "StepCosts", scale: float) -> None:
+        """Start from another's figures times ``scale``, as guesses the first sample replaces."""
+        for b, by_k in other.buckets.items():
+            for k, m in by_k.items():
+                if m.value is not None:
+                    self.buckets.setdefault(b, {})[k] = RunningMean(TIME_WINDOW, m.value * scale, 0)
+
+    def predict(self, bucket: int, k: int) -> float | None:
+        pts = self.points(bucket)
+        if k in pts:
+            return pts[k]
+        if len(pts) >= 2:
+            return _line(pts, k)
+        others = sorted((b for b in self.buckets if b != bucket and self.points(b)), key=lambda b: abs(b - bucket))
+        if not pts:                                      # nothing here yet: the nearest bucket's figure
+            return self.predict(others[0], k) if others else None
+        (j, t_j), = pts.items()                          # one point: the nearest bucket's shape
+        for b in others:
+            shape = self.points(b)
+            if len(shape) >= 2 or (j in shape and k in shape):
+                t_k_b, t_j_b = _line(shape, k), _line(shape, j)
+                if t_j_b > 0:
+                    return t_j * t_k_b / t_j_b
+        return t_j * (1 + DEFAULT_DRAFT_COST * k) / (1 + DEFAULT_DRAFT_COST * j)
+
+
+def _line(pts: dict[int, float], k: int) -> float:
+    """Piecewise-linear through the measured points, extended by the nearest segment."""
+    if k in pts:
+        return pts[k]
+    xs = sorted(pts)
+    if len(xs) == 1:
+        return pts[xs[0]]
+    if k < xs[0]:
+        a, b = xs[0], xs[1]
+    elif k > xs[-1]:
+        a, b = xs[-2], xs[-1]
+    else:
+        a = max(x for x in xs if x < k)
+        b = min(x for x in xs if x > k)
+    t = pts[a] + (pts[b] - pts[a]) * (k - a) / (b - a)
+    return max(t, 1e-9)
+
+
+class DraftPolicy:
+    """Picks each step's draft length from this session's measured costs and acceptance
+    (see the module's docstring). ``choose(depth)`` before the step, ``update(...)`` after."""
+
+    def __init__(self, draft_max: int, acceptance: Acceptance | None = None):
+        self.draft_max = draft_max
+        self.acceptance = acceptance or Acceptance(draft_max)
+        self.costs = StepCosts()
+        self.steps = 0
+        self.interval = BASE_INTERVAL
+        self.next_probe = 2                # the first step decodes plainly, the second drafts once
+        self.probing: int | None = None    # the decision a running probe departed from
+        self.bucket = 0
+        self.last_k = 0
+        self.n_probes = 0
+        self.trial_left = 0                # steps a probe still runs at trial_k
+        self.trial_k = 0
+        self._surprised = False            # a probe's draft was accepted against the odds
+
+    # ------------------------------------------------------------------ estimates
+
+    def expected_tokens(self, k: int) -> float:
+        return self.acceptance.expected_tokens(k)
+
+    def rates(self, bucket: int | None = None) -> dict[int, float]:
+        """Expected tokens per second for each draft length with a cost estimate."""
+        b = self.bucket if bucket is None else bucket
+        out = {}
+        for k in range(self.draft_max + 1):
+            t = self.costs.predict(b, k)
+            if t is not None and t > 0:
+                out[k] = self.expected_tokens(k) / t
+        return out
+
+    def best(self, bucket: int | None = None) -> int:
+        rates = self.rates(bucket)
+        return max(rates, key=lambda k: (rates[k], -k)) if rates else 0
+
+    def hopeless(self) -> bool:
+        """Drafting would not beat plain decoding here even if every draft were accepted."""
+        t0 = self.costs.predict(self.bucket, 0)
+        if t0 is None or not any(self.costs.steady(self.bucket, k) for k in range(1, self.draft_max + 1)):
+            return False
+        return all((k + 1) / self.costs.predict(self.bucket, k) < 1 / t0 for k in range(1, self.draft_max + 1))
+
+    # ------------------------------------------------------------------ decisions
+
+    def choose(self, depth: int = 0) -> int:
+        self.steps += 1
+        bucket = depth_bucket(depth)
+        if bucket != self.bucket:
+            self.bucket = bucket
+            if not self.costs.points(bucket):   # a depth not measured yet: its costs differ, probe now
+                self.next_probe = min(self.next_probe, self.steps)
+        if self.draft_max < 1:
+            return 0
+        if self.trial_left:
+            self.trial_left -= 1
+            return self.trial_k
+        best = self.best()
+        if self.steps >= self.next_probe:
+            self.probing = best
+            self.n_probes += 1
+            k = self._probe_length(best)
+            # A probe's own step is timed high (see StepCosts); a second step at the same
+            # length gives its steady cost. Worth it where drafting runs anyway or drafts
+            # are being accepted; from plain decoding with drafts rejected, one step.
+            if best > 0 or (k > 0 and self.promising() and not self.costs.steady(self.bucket, k)):
+                self.trial_k, self.trial_left = k, 1
+            return k
+        return best
+
+    def _probe_length(self, best: int) -> int:
+        if best == 0:
+            if self.promising():            # drafts are accepted: the shortest length not timed steadily
+                return next((k for k in range(1, self.draft_max + 1) if not self.costs.steady(self.bucket, k)), 1)
+            return 1                        # the shortest step that drafts
+        # the length whose cost here is the stalest
+        return min(self._neighbours(best), key=lambda k: self.costs.last_update(self.bucket, k))
+
+    def promising(self) -> bool:
+        """Drafts have been accepted more often than not."""
+        return self.acceptance.rate(0) > ACCEPT_PRIOR
+
+    def still_learning(self, best: int) -> bool:
+        """Drafts are accepted but a length a probe would try has no steady cost at this
+        depth yet."""
+        return self.promising() and not all(self.costs.steady(self.bucket, k) for k in self._neighbours(best))
+
+    def _neighbours(self, best: int) -> list[int]:
+        """What a probe from ``best`` may try."""
+        if best == 0:
+            return [1]
+        return sorted({best - 1, 0} | ({best + 1} if best < self.draft_max else set()))
+
+    def catch_up_first(self, k: int) -> bool:
+        """Whether the heads should take their queued rows before a step with k drafts
+        (the previous step decoded plainly), so that the step's time is a drafting step's."""
+        return k > 0 and self.last_k == 0
+
+    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None) -> None:
+        self.update_time(k, seconds, depth)
+        self.update_acceptance(k, n_accepted)
+        self.finish_step(k)
+
+    def update_time(self, k: int, seconds: float, depth: int | None = None) -> None:
+        bucket = self.bucket if depth is None else depth_bucket(depth)
+        self.costs.add(bucket, k, seconds, self.steps, steady=k == self.last_k)
+
+    def update_acceptance(self, k: int, n_accepted: int) -> bool:
+        """Record a step's acceptance; True when a draft was accepted that the estimate
+        called unlikely (the content may have turned predictable)."""
+        surprise = k > 0 and n_accepted > 0 and self.acceptance.rate(0) < 0.5
+        self.acceptance.observe(k, n_accepted)
+        self._surprised = self._surprised or surprise
+        return surprise
+
+    def finish_step(self, k: int) -> None:
+        self.last_k = k
+        if self.probing is None:
+            self._surprised = False
+            return
+        if self.trial_left:                 # the probe's second step comes next
+            return
+        before, self.probing = self.probing, None
+        if self.hopeless():
+            self.interval = MAX_INTERVAL
+        elif (after := self.best()) != before or self._surprised or self.still_learning(after):
+            self.interval = BASE_INTERVAL
+        else:
+            self.interval = min(self.interval * BACKOFF, MAX_INTERVAL)
+        self._surprised = False
+        self.next_probe = self.steps + self.interval
+
+
+def step_auto(session, policy: DraftPolicy):
+    """One step of sequence 0 with the policy's draft length (catch-up untimed, see above)."""
+    depth = session.n_past
+    k = policy.choose(depth)
+    if policy.catch_up_first(k):
+        session.mtp_catch_up()
+    t0 = time.perf_counter()
+    result = session.step(k)
+    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth)
+    return result, k
+
+
+class BatchDraftPolicy:
+    """The draft length of a step that decodes n sequences together.
+
+    A step's cost depends on how many sequences it holds, so every batch size n has its
+    own DraftPolicy timing the whole step (a size seen for the first time starts from the
+    nearest size's costs scaled by n, as guesses); all of them share one acceptance
+    estimate. Tokens per second of the step are n times the expected tokens per sequence
+    over the step's time, so each maximises exactly that.
+    """
+
+    def __init__(self, draft_max: int):
+        self.draft_max = draft_max
+        self.acceptance = Acceptance(draft_max)
+        self.by_size: dict[int, DraftPolicy] = {}
+
+    def policy(self, n: int) -> DraftPolicy:
+        if n not in self.by_size:
+            p = DraftPolicy(self.draft_max, self.acceptance)
+            if self.by_size:
+                near = min(self.by_size, key=lambda m: abs(m - n))
+                p.costs.seed(self.by_size[near].costs, n / near)
+                p.next_probe = BASE_INTERVAL
+            self.by_size[n] = p
+        return self.by_size[n]
+
+    def choose(self, n: int, depth: int = 0) -> int:
+        return self.policy(n).choose(depth)
+
+    def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None) -> None:
+        p = self.policy(n)
+        p.update_time(k, seconds, depth)
+        for a in n_accepted:
+            p.update_acceptance(k, a)
+        p.finish_step(k)
