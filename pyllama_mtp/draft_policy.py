@@ -35,7 +35,9 @@ TIME_WINDOW = 8         # step cost: running mean of the last ~8 steps per (dept
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
 BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
 MAX_INTERVAL = 512
+HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
+RECHECK = 8             # steps between recomputing the decision when nothing else changed
 
 
 class RunningMean:
@@ -185,6 +187,10 @@ class DraftPolicy:
         self.trial_left = 0                # steps a probe still runs at trial_k
         self.trial_k = 0
         self._surprised = False            # a probe's draft was accepted against the odds
+        self._best = 0                     # the decision, recomputed every RECHECK steps
+        self.timed = True                  # whether the chosen step must be timed and reported
+        self.coast = 0                     # plain steps step_auto takes without asking (see there)
+        self._recheck_at = 0
 
     # ------------------------------------------------------------------ estimates
 
@@ -216,17 +222,28 @@ class DraftPolicy:
 
     def choose(self, depth: int = 0) -> int:
         self.steps += 1
+        self.timed = True
         bucket = depth_bucket(depth)
         if bucket != self.bucket:
-            self.bucket = bucket
-            if not self.costs.points(bucket):   # a depth not measured yet: its costs differ, probe now
+            deeper, self.bucket = bucket > self.bucket, bucket
+            self._recheck_at = 0
+            # a depth not measured yet: its costs differ, probe now; unless plain decoding
+            # has won long enough to probe at the slowest pace (a verify's cost relative to
+            # a decode's grows with depth: what did not pay above does not pay deeper)
+            settled_plain = self._best == 0 and self.interval >= MAX_INTERVAL
+            if not self.costs.points(bucket) and not (deeper and settled_plain):
                 self.next_probe = min(self.next_probe, self.steps)
         if self.draft_max < 1:
             return 0
         if self.trial_left:
             self.trial_left -= 1
             return self.trial_k
-        best = self.best()
+        if self.steps < self._recheck_at and self.steps < self.next_probe:
+            # costs drift slowly: no need to recompute every step, nor to time every plain one
+            self.timed = self._best > 0 or self.last_k > 0 or self.steps % RECHECK == 0
+            return self._best
+        best = self._best = self.best()
+        self._recheck_at = self.steps + RECHECK
         if self.steps >= self.next_probe:
             self.probing = best
             self.n_probes += 1
@@ -262,6 +279,15 @@ class DraftPolicy:
             return [1]
         return sorted({best - 1, 0} | ({best + 1} if best < self.draft_max else set()))
 
+    def coast_budget(self, depth: int) -> int:
+        """Plain steps to come (from ``depth``, one token each) before the policy has anything
+        to decide, time or probe: up to the next recheck, probe or depth bucket."""
+        if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left:
+            return 0
+        next_bucket_at = 1 << (self.bucket + 7)
+        until = min(self._recheck_at, self.next_probe) - self.steps - 1
+        return max(0, min(until, next_bucket_at - depth - 1, RECHECK - 1 - self.steps % RECHECK))
+
     def catch_up_first(self, k: int) -> bool:
         """Whether the heads should take their queued rows before a step with k drafts
         (the previous step decoded plainly), so that the step's time is a drafting step's."""
@@ -279,9 +305,13 @@ class DraftPolicy:
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
         """Record a step's acceptance; True when a draft was accepted that the estimate
         called unlikely (the content may have turned predictable)."""
-        surprise = k > 0 and n_accepted > 0 and self.acceptance.rate(0) < 0.5
+        if k == 0:
+            return False
+        surprise = n_accepted > 0 and self.acceptance.rate(0) < 0.5
         self.acceptance.observe(k, n_accepted)
         self._surprised = self._surprised or surprise
+        if surprise:
+            self._recheck_at = 0
         return surprise
 
     def finish_step(self, k: int) -> None:
@@ -292,8 +322,9 @@ class DraftPolicy:
         if self.trial_left:                 # the probe's second step comes next
             return
         before, self.probing = self.probing, None
-        if self.hopeless():
-            self.interval = MAX_INTERVAL
+        self._recheck_at = 0
+        if self.hopeless():                 # only the costs could change that: the slowest pace
+            self.interval = max(MAX_INTERVAL, min(self.interval * BACKOFF, HOPELESS_INTERVAL))
         elif (after := self.best()) != before or self._surprised or self.still_learning(after):
             self.interval = BASE_INTERVAL
         else:
@@ -304,8 +335,16 @@ class DraftPolicy:
 
 def step_auto(session, policy: DraftPolicy):
     """One step of sequence 0 with the policy's draft length (catch-up untimed, see above)."""
+    if policy.coast:                       # plain steps the policy need not see (a tiny model's
+        policy.coast -= 1                  # step takes ~0.1 ms: bookkeeping would show)
+        policy.steps += 1
+        return session.step(0), 0
     depth = session.n_past
     k = policy.choose(depth)
+    if not policy.timed:                   # a plain step among plain steps: nothing to learn
+        result = session.step(0)
+        policy.coast = policy.coast_budget(depth + 1)
+        return result, 0
     if policy.catch_up_first(k):
         session.mtp_catch_up()
     t0 = time.perf_counter()
