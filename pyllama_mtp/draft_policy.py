@@ -37,6 +37,7 @@ BASE_INTERVAL = 16      # steps between probes, at first and after the decision 
 MAX_INTERVAL = 512
 HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
+SWITCH_MARGIN = 1.03    # a new decision must promise 3% more tokens per second
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 
 
@@ -190,6 +191,7 @@ class DraftPolicy:
         self._best = 0                     # the decision, recomputed every RECHECK steps
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps step_auto takes without asking (see there)
+        self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
         self._recheck_at = 0
 
     # ------------------------------------------------------------------ estimates
@@ -208,8 +210,25 @@ class DraftPolicy:
         return out
 
     def best(self, bucket: int | None = None) -> int:
+        """The length with the most expected tokens per second, counting what switching to
+        it costs: the measured extra time of a switch (graphs rebuilt, heads catching up),
+        there and back, spread over the steps a decision lasts at least (the probe
+        interval). The current decision stays unless another beats it by more than
+        SWITCH_MARGIN."""
         rates = self.rates(bucket)
-        return max(rates, key=lambda k: (rates[k], -k)) if rates else 0
+        if not rates:
+            return 0
+        if self.switch_cost.value:
+            b = self.bucket if bucket is None else bucket
+            spread = 2 * self.switch_cost.value / max(self.interval, BASE_INTERVAL)
+            for k in rates:
+                if k != self._best:
+                    rates[k] = self.expected_tokens(k) / (self.costs.predict(b, k) + spread)
+        top = max(rates, key=lambda k: (rates[k], -k))
+        current = self._best
+        if current in rates and rates[top] <= rates[current] * SWITCH_MARGIN:
+            return current
+        return top
 
     def hopeless(self) -> bool:
         """Drafting would not beat plain decoding here even if every draft were accepted."""
@@ -293,14 +312,20 @@ class DraftPolicy:
         (the previous step decoded plainly), so that the step's time is a drafting step's."""
         return k > 0 and self.last_k == 0
 
-    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None) -> None:
-        self.update_time(k, seconds, depth)
+    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None,
+               catch_up: float = 0.0) -> None:
+        self.update_time(k, seconds, depth, catch_up)
         self.update_acceptance(k, n_accepted)
         self.finish_step(k)
 
-    def update_time(self, k: int, seconds: float, depth: int | None = None) -> None:
+    def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0) -> None:
+        """A step's seconds (and those its heads took to catch up first, if they did)."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
-        self.costs.add(bucket, k, seconds, self.steps, steady=k == self.last_k)
+        steady = k == self.last_k
+        if not steady and self.costs.steady(bucket, k):   # what the switch cost beyond a steady step
+            extra = seconds - self.costs.points(bucket)[k] + catch_up
+            self.switch_cost.add(max(extra, 0.0))
+        self.costs.add(bucket, k, seconds, self.steps, steady=steady)
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
         """Record a step's acceptance; True when a draft was accepted that the estimate
@@ -345,11 +370,14 @@ def step_auto(session, policy: DraftPolicy):
         result = session.step(0)
         policy.coast = policy.coast_budget(depth + 1)
         return result, 0
+    catch_up = 0.0
     if policy.catch_up_first(k):
+        t0 = time.perf_counter()
         session.mtp_catch_up()
+        catch_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = session.step(k)
-    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth)
+    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth, catch_up)
     return result, k
 
 

@@ -50,8 +50,10 @@ class LocalWorker:
             args += ["--cache", os.fspath(cache_dir)]
         self.log_path = Path(log_path) if log_path else None
         self._log = open(self.log_path, "wb") if self.log_path else subprocess.DEVNULL
+        # its own process group: the worker supervises a serving child, and kill/pause/resume
+        # reach both
         self.proc = subprocess.Popen(args, stdout=self._log, stderr=subprocess.STDOUT, preexec_fn=preexec_fn,
-                                     env={**os.environ, **(env or {})})
+                                     env={**os.environ, **(env or {})}, start_new_session=True)
         try:
             wait_listening(self.port, proc=self.proc)
         except BaseException:
@@ -61,9 +63,15 @@ class LocalWorker:
     def alive(self) -> bool:
         return self.proc.poll() is None
 
+    def _signal_group(self, sig) -> None:
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
     def kill(self) -> None:
         if self.alive():
-            self.proc.kill()
+            self._signal_group(signal.SIGKILL)
         self.proc.wait()
         self._close_log()
 
@@ -77,10 +85,10 @@ class LocalWorker:
             self._close_log()
 
     def pause(self) -> None:
-        os.kill(self.proc.pid, signal.SIGSTOP)
+        self._signal_group(signal.SIGSTOP)
 
     def resume(self) -> None:
-        os.kill(self.proc.pid, signal.SIGCONT)
+        self._signal_group(signal.SIGCONT)
 
     def log_text(self) -> str:
         return self.log_path.read_text(errors="replace") if self.log_path and self.log_path.exists() else ""

@@ -7,7 +7,13 @@ another host, with the package's own llama.cpp build (ggml's RPC backend).
 The RPC protocol has no authentication and no encryption, and a client can make the
 worker read and write its memory: run workers only on a network you trust. The worker
 binds to 127.0.0.1 unless ``--host`` names another address *and* ``--allow-remote`` is
-given. One client is served at a time; others wait in the listen queue.
+given. Each connection is served on its own thread (requests that use the devices take
+turns); a connection that does not complete the handshake within a second is closed.
+
+The serving loop runs in a child process that this one starts again whenever it dies:
+a client can send a graph whose data makes a compute kernel assert (a row index out of
+range, say), which aborts the process that runs it. Its clients then lose their
+connection (they get ``RpcError``); the port answers again within a second.
 """
 from __future__ import annotations
 
@@ -17,8 +23,10 @@ import logging
 import os
 import signal
 import socket
+import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 
 log = logging.getLogger("pyllama_mtp.rpc_worker")
@@ -145,7 +153,51 @@ def serve(host: str, port: int, *, threads: int, devices=(), cache_dir: str | No
     os._exit(0)
 
 
+def _die_with_parent() -> None:
+    """In the serving child: end when the supervisor ends, however it ends (Linux)."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)   # PR_SET_PDEATHSIG
+
+
+def supervise(child_argv: list[str]) -> int:
+    """Run the serving process and start it again when it dies; its exit status when it
+    ends by itself (0 after SIGINT/SIGTERM reached it, 1 when it cannot start)."""
+    stop = threading.Event()
+    child: list[subprocess.Popen] = []
+
+    def on_signal(signum, _frame):
+        stop.set()
+        if child and child[-1].poll() is None:
+            child[-1].send_signal(signum)      # it logs and exits 0
+
+    previous = {sig: signal.signal(sig, on_signal) for sig in (signal.SIGINT, signal.SIGTERM)}
+    deaths: list[float] = []
+    try:
+        while True:
+            child.append(subprocess.Popen([sys.executable, "-m", "pyllama_mtp.rpc_worker", "--serve-child",
+                                           *child_argv], preexec_fn=_die_with_parent))
+            code = child[-1].wait()
+            if stop.is_set() or code >= 0:
+                return 0 if stop.is_set() else code
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            log.warning("the serving process died (%s), probably from a malformed request; starting it again", name)
+            deaths = [t for t in deaths if time.monotonic() - t < 10] + [time.monotonic()]
+            if len(deaths) > 5:                # dying over and over: do not spin
+                time.sleep(1.0)
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
+
+
 def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    serve_child = "--serve-child" in argv
+    if serve_child:
+        argv.remove("--serve-child")
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING if args.quiet else logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s: %(message)s")
@@ -161,6 +213,8 @@ def main(argv=None) -> int:
     if problem:
         print(f"pyllama-mtp-rpc-worker: error: {problem}", file=sys.stderr)
         return 2
+    if not serve_child:
+        return supervise(argv)
     try:
         serve(args.host, args.port, threads=args.threads, devices=args.device, cache_dir=args.cache)
     except PmtpError as e:

@@ -211,7 +211,10 @@ def test_worker_out_of_memory_is_an_error(tmp_path):
     # ~100 MB on the worker, which may map only ~60 MB more than it has at start
     path = testing.write_llama(tmp_path / "big.gguf", n_embd=256, n_layer=2, n_ff=16384)
     with LocalWorker(log_path=tmp_path / "w.log") as probe:
-        with open(f"/proc/{probe.proc.pid}/status") as f:
+        # the process that serves is the worker's child (the worker supervises it)
+        pid = probe.proc.pid
+        serving = open(f"/proc/{pid}/task/{pid}/children").read().split()[0]
+        with open(f"/proc/{serving}/status") as f:
             vm = next(int(line.split()[1]) * 1024 for line in f if line.startswith("VmSize:"))
     limit = vm + 64 * 2**20
 
