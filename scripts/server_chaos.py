@@ -139,9 +139,9 @@ def chaos(model: Path, server_cls, args) -> dict:
 
     try:
         rss_idle = rss_kb(server.proc.pid)
-        # a warm-up round of the same load (two requests per client): connection buffers, thread
-        # stacks and the allocator's pools reach their working size; growth after it is a leak
-        round_of(2)
+        # a warm-up round of the same load (up to two requests per client): connection buffers,
+        # thread stacks and the allocator's pools reach their working size; growth after it is a leak
+        round_of(min(2, args.requests))
         time.sleep(1.0)
         rss_before = rss_kb(server.proc.pid)
         with lock:

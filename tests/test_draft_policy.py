@@ -12,8 +12,9 @@ from pyllama_mtp.draft_policy import (BatchDraftPolicy, DraftPolicy, MAX_INTERVA
 class Trace:
     """Steps of one sequence: acceptance(step, position) -> chance, cost(k, depth) -> seconds."""
 
-    def __init__(self, policy, acceptance, cost, depth=0, seed=0):
+    def __init__(self, policy, acceptance, cost, depth=0, seed=0, switch_cost=0.0):
         self.policy, self.acceptance, self.cost = policy, acceptance, cost
+        self.switch_cost = switch_cost      # added to a step whose length differs from the last
         self.depth, self.step = depth, 0
         self.rng = np.random.default_rng(seed)
         self.chosen: list[int] = []
@@ -27,6 +28,8 @@ class Trace:
             while n_acc < k and self.rng.random() < self.acceptance(self.step, n_acc):
                 n_acc += 1
             t = self.cost(k, self.depth)
+            if self.chosen and k != self.chosen[-1]:
+                t += self.switch_cost
             self.policy.update(k, n_acc, t, self.depth)
             self.chosen.append(k)
             self.depths.append(self.depth)
@@ -133,6 +136,23 @@ def test_a_new_call_at_a_short_context_reuses_what_it_learned_there():
     Trace(policy, const(0.9), cost).run(3000)
     again = Trace(policy, const(0.9), cost, seed=1).run(20)
     assert again.chosen[:20].count(3) >= 18
+
+
+def test_a_marginal_gain_does_not_make_it_switch_back_and_forth_when_switching_costs():
+    """Drafting one token is 6% better than plain at steady state, but every change of
+    length costs three plain steps (a tiny model: graphs rebuilt, heads catching up): the
+    policy must not flip between the two, and must not lose against plain decoding. Where
+    drafting clearly pays, the same switching cost must not keep it from drafting."""
+    cost = lambda k, d: 1.0 + 0.8 * k
+    trace = Trace(DraftPolicy(3), const(0.9), cost, switch_cost=3.0).run(3000)
+    switches = sum(a != b for a, b in zip(trace.chosen, trace.chosen[1:]))
+    assert switches <= 40, switches
+    assert trace.rate > 0.97 * 1.0
+    cheap = lambda k, d: 1.0 + 0.2 * k
+    trace = Trace(DraftPolicy(3), const(0.9), cheap, switch_cost=3.0).run(3000)
+    best_fixed = max(expected_rate([0.9] * 3, cheap(k, 0), k) for k in range(4))
+    assert trace.chosen[-1000:].count(3) > 950
+    assert trace.rate > 0.95 * best_fixed
 
 
 def test_unmeasured_lengths_and_depths_are_predicted_from_what_was_measured():
