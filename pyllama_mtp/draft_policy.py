@@ -17,8 +17,8 @@ probes:
   contradicts the estimate (a draft accepted where acceptance looked hopeless) resets
   the pace, so drafting comes back soon after the content turns predictable again;
 - costs are kept per depth bucket (powers of two of the context length), because the
-  verify/decode cost ratio changes as attention grows; a bucket not measured yet borrows
-  the shape of its nearest measured neighbour, and entering one is probed at once.
+  verify/decode cost ratio changes as attention grows; a bucket starts from its nearest
+  measured neighbour's costs (as two samples' worth) and entering it is probed at once.
 
 Before the first drafting step after plain decoding, the caller lets the MTP heads catch
 up with the rows they have queued (``Session.mtp_catch_up``): that one-off cost does not
@@ -37,7 +37,10 @@ BASE_INTERVAL = 16      # steps between probes, at first and after the decision 
 MAX_INTERVAL = 512
 HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
-SWITCH_MARGIN = 1.03    # a new decision must promise 3% more tokens per second
+OUTLIER = 3.0           # step-time samples are capped at this multiple of the estimate
+SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
+SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
+SEED_WEIGHT = 2         # a new depth bucket starts from its neighbour's costs, as this many samples
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 
 
@@ -55,11 +58,23 @@ class RunningMean:
         self.value = x if self.weight == 1 else self.value + (x - self.value) / self.weight
         self.updated = step
 
+    def add_time(self, x: float, step: int = -1) -> None:
+        """A step's seconds: as ``add``, but a sample over OUTLIER times the estimate (the
+        process was preempted, say) counts as OUTLIER times it, so that one such step does
+        not stand for its length for the next dozen."""
+        if self.weight > 0 and self.value is not None:
+            x = min(x, self.value * OUTLIER)
+        self.add(x, step)
+
     def add_provisional(self, x: float, step: int = -1) -> None:
         """A sample known to run high (see StepCosts): kept, as the least of such samples,
-        only until a real one comes."""
+        only until a real one comes; one below a real estimate shows that the estimate ran
+        high (it came from a disturbed step) and replaces it."""
         if self.weight == 0:
             self.value = x if self.value is None else min(self.value, x)
+            self.updated = step
+        elif x < self.value:
+            self.value = x
             self.updated = step
 
 
@@ -111,7 +126,7 @@ class StepCosts:
     def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
         m = self.buckets.setdefault(bucket, {}).setdefault(k, RunningMean(TIME_WINDOW))
         if steady:
-            m.add(seconds, step)
+            m.add_time(seconds, step)
         else:
             m.add_provisional(seconds, step)
 
@@ -125,6 +140,17 @@ class StepCosts:
     def last_update(self, bucket: int, k: int) -> int:
         m = self.buckets.get(bucket, {}).get(k)
         return m.updated if m is not None else -1
+
+    def seed_bucket(self, bucket: int) -> None:
+        """Start an unmeasured bucket from its nearest measured neighbour's costs, weighted
+        as SEED_WEIGHT samples: its first steps refine them instead of replacing them (a
+        lone sample can be far off)."""
+        others = [b for b in self.buckets if b != bucket and self.points(b)]
+        if not others or self.points(bucket):
+            return
+        near = min(others, key=lambda b: abs(b - bucket))
+        self.buckets[bucket] = {k: RunningMean(TIME_WINDOW, m.value, min(m.weight, SEED_WEIGHT))
+                                for k, m in self.buckets[near].items() if m.value is not None}
 
     def seed(self, other: "StepCosts", scale: float) -> None:
         """Start from another's figures times ``scale``, as guesses the first sample replaces."""
@@ -220,7 +246,7 @@ class DraftPolicy:
             return 0
         if self.switch_cost.value:
             b = self.bucket if bucket is None else bucket
-            spread = 2 * self.switch_cost.value / max(self.interval, BASE_INTERVAL)
+            spread = 2 * self.switch_cost.value / max(self.interval, SWITCH_HORIZON)
             for k in rates:
                 if k != self._best:
                     rates[k] = self.expected_tokens(k) / (self.costs.predict(b, k) + spread)
@@ -252,6 +278,7 @@ class DraftPolicy:
             settled_plain = self._best == 0 and self.interval >= MAX_INTERVAL
             if not self.costs.points(bucket) and not (deeper and settled_plain):
                 self.next_probe = min(self.next_probe, self.steps)
+            self.costs.seed_bucket(bucket)
         if self.draft_max < 1:
             return 0
         if self.trial_left:
