@@ -35,6 +35,7 @@ TIME_WINDOW = 8         # step cost: running mean of the last ~8 steps per (dept
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
 BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
 MAX_INTERVAL = 512
+PROBE_BUDGET = 0.01      # while decoding plainly, probes may cost this share of the time
 HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
 OUTLIER = 3.0           # step-time samples are capped at this multiple of the estimate
@@ -349,9 +350,15 @@ class DraftPolicy:
         """A step's seconds (and those its heads took to catch up first, if they did)."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
         steady = k == self.last_k
-        if not steady and self.costs.steady(bucket, k):   # what the switch cost beyond a steady step
-            extra = seconds - self.costs.points(bucket)[k] + catch_up
-            self.switch_cost.add(max(extra, 0.0))
+        if not steady:
+            # what the switch cost beyond a steady step of this length (of a plain step, for
+            # a length never timed steadily here: a probe from plain decoding)
+            if self.costs.steady(bucket, k):
+                reference = self.costs.points(bucket)[k]
+            else:
+                reference = self.costs.predict(bucket, 0) if k > 0 and self.costs.steady(bucket, 0) else None
+            if reference is not None:
+                self.switch_cost.add(max(seconds + catch_up - reference, 0.0))
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
@@ -381,8 +388,20 @@ class DraftPolicy:
             self.interval = BASE_INTERVAL
         else:
             self.interval = min(self.interval * BACKOFF, MAX_INTERVAL)
+            if after == 0:
+                self.interval = max(self.interval, self._affordable_interval())
         self._surprised = False
         self.next_probe = self.steps + self.interval
+
+    def _affordable_interval(self) -> int:
+        """While decoding plainly: enough steps between probes that probing costs at most
+        PROBE_BUDGET of the time (on a tiny model at a long context a probe, with the heads
+        catching up and graphs rebuilt both ways, costs dozens of plain steps)."""
+        t0 = self.costs.predict(self.bucket, 0)
+        if not t0 or self.switch_cost.value is None:
+            return 0
+        probe = 2 * self.switch_cost.value      # there (the probe's step beyond a plain one) and back
+        return int(min(probe / (PROBE_BUDGET * t0), HOPELESS_INTERVAL))
 
 
 def step_auto(session, policy: DraftPolicy):
