@@ -238,10 +238,10 @@ class DraftPolicy:
 
     def best(self, bucket: int | None = None) -> int:
         """The length with the most expected tokens per second, counting what switching to
-        it costs: the measured extra time of a switch (graphs rebuilt, heads catching up),
-        there and back, spread over the steps a decision lasts at least (the probe
-        interval). The current decision stays unless another beats it by more than
-        SWITCH_MARGIN."""
+        it costs: the measured extra time of a switch (graphs rebuilt, caches cold),
+        there and back, spread over the steps a decision lasts (the probe interval, at
+        least SWITCH_HORIZON). The current decision stays unless another beats it by more
+        than SWITCH_MARGIN."""
         rates = self.rates(bucket)
         if not rates:
             return 0
@@ -347,7 +347,8 @@ class DraftPolicy:
         self.finish_step(k)
 
     def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0) -> None:
-        """A step's seconds (and those its heads took to catch up first, if they did)."""
+        """A step's seconds (``catch_up``: those its heads took to catch up first, if they did;
+        not a cost of the decision, see below)."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
         steady = k == self.last_k
         if not steady:
@@ -357,8 +358,10 @@ class DraftPolicy:
                 reference = self.costs.points(bucket)[k]
             else:
                 reference = self.costs.predict(bucket, 0) if k > 0 and self.costs.steady(bucket, 0) else None
+            # (the heads' catch-up is not counted: plain decoding pays it too, in the flush
+            # that feeds the heads every n_batch rows)
             if reference is not None:
-                self.switch_cost.add(max(seconds + catch_up - reference, 0.0))
+                self.switch_cost.add(max(seconds - reference, 0.0))
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
