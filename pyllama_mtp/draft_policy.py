@@ -287,7 +287,7 @@ class DraftPolicy:
             return self.trial_k
         if self.steps < self._recheck_at and self.steps < self.next_probe:
             # costs drift slowly: no need to recompute every step, nor to time every plain one
-            self.timed = self._best > 0 or self.last_k > 0 or self.steps % RECHECK == 0
+            self.timed = self._best > 0 or self.last_k != 0 or self.steps % RECHECK == 0
             return self._best
         best = self._best = self.best()
         self._recheck_at = self.steps + RECHECK
@@ -335,10 +335,18 @@ class DraftPolicy:
         until = min(self._recheck_at, self.next_probe) - self.steps - 1
         return max(0, min(until, next_bucket_at - depth - 1, RECHECK - 1 - self.steps % RECHECK))
 
+    def start_sequence(self) -> None:
+        """A new generation begins (after a prompt was prefilled): its first step is not
+        steady, whatever length it has (prefill ran graphs of its own), and the heads have
+        the prompt's rows queued."""
+        self.last_k = -1
+        self.coast = 0
+
     def catch_up_first(self, k: int) -> bool:
         """Whether the heads should take their queued rows before a step with k drafts
-        (the previous step decoded plainly), so that the step's time is a drafting step's."""
-        return k > 0 and self.last_k == 0
+        (the previous step decoded plainly, or none ran yet), so that the step's time is a
+        drafting step's."""
+        return k > 0 and self.last_k <= 0
 
     def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None,
                catch_up: float = 0.0) -> None:
@@ -408,7 +416,8 @@ class DraftPolicy:
 
 
 def step_auto(session, policy: DraftPolicy):
-    """One step of sequence 0 with the policy's draft length (catch-up untimed, see above)."""
+    """One step of sequence 0 with the policy's draft length (catch-up untimed, see above).
+    Call ``policy.start_sequence()`` before the first step of each generation."""
     if policy.coast:                       # plain steps the policy need not see (a tiny model's
         policy.coast -= 1                  # step takes ~0.1 ms: bookkeeping would show)
         policy.steps += 1

@@ -310,6 +310,8 @@ class Llama:
             result, n_past = session.last_result, session.n_past
         generated = list(result.tokens)
         policy = self._policy if draft == "auto" else None
+        if policy:
+            policy.start_sequence()
         try:
             while True:
                 yield result, n_past

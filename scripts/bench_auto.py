@@ -63,6 +63,8 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                     s.prefill(prompt)
                     s.sample()
                     produced, t0 = 1, time.perf_counter()
+                    if mode == "auto":
+                        policy.start_sequence()
                     while produced < n_gen:
                         if mode == "auto":
                             result, k = step_auto(s, policy)

@@ -96,6 +96,8 @@ class InstanceRunner:
             s.sample()
             produced = 1
             policy = self.policy if test.n_draft == "auto" else None
+            if policy:
+                policy.start_sequence()
             while produced < test.n_gen:
                 if policy is None:
                     produced += len(s.step(int(test.n_draft)).tokens)
