@@ -2,7 +2,7 @@
 speculative decoding from Python.
 
     from pyllama_mtp import Llama
-    llm = Llama("model.gguf", mtp=True)          # draft="auto"; draft=3 fixes the length
+    llm = Llama("model.gguf", mtp=True, draft=3)   # or draft="auto"
     print(llm.generate("def quicksort(xs):", max_tokens=64).text)
 
 The native library is loaded on first use of anything that needs it, so the

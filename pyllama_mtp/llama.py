@@ -113,9 +113,9 @@ class Llama:
 
     ``mtp=True`` uses the MTP layers inside the model file; ``mtp="path.gguf"`` uses an
     MTP-only file next to a trunk-only one. ``draft`` is how many tokens the MTP heads
-    propose per step (overridable per call, up to this value); the default ``"auto"``
-    picks it every step from this session's measured step costs and acceptance, and
-    decodes plainly where drafting does not pay (``draft_policy``).
+    propose per step (overridable per call, up to this value); ``"auto"`` picks it every
+    step from this session's measured step costs and acceptance, and decodes plainly
+    where drafting does not pay (``draft_policy``).
 
     ``rpc=["host:port", ...]`` spreads the trunk over RPC workers (``pyllama-mtp-rpc-worker``
     on each host): with ``n_gpu_layers=N`` the last N layers go to the workers' devices (and
@@ -134,7 +134,7 @@ class Llama:
     ``close()`` from any thread is safe: waiting calls and open streams raise ``ClosedError``.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int | str = "auto",
+    def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int | str = 3,
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = -1,
                  threads: int | None = None, threads_batch: int | None = None, seed: int | None = None,
                  use_mmap: bool = True, flash_attn: bool | None = None, type_k: str | None = None,

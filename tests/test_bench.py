@@ -98,7 +98,7 @@ def test_console_script_runs_a_builtin_model(tmp_path):
                           env={**__import__("os").environ, **env})
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
-    assert [r["n_draft"] for r in records] == [0, 1, 2, 3, "auto"]
+    assert [r["n_draft"] for r in records] == [0, 1, 2, 3]
 
 
 def test_plot_without_matplotlib_says_which_extra_before_any_run():

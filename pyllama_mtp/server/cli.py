@@ -1,6 +1,6 @@
 """pyllama-mtp-server: OpenAI-compatible HTTP server with MTP speculative decoding.
 
-    pyllama-mtp-server --model step35.gguf --mtp --port 8080
+    pyllama-mtp-server --model step35.gguf --mtp --draft 3 --port 8080
     pyllama-mtp-server --model trunk.gguf --mtp-model mtp-only.gguf
 """
 from __future__ import annotations
@@ -18,9 +18,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "-m", required=True, help="GGUF model path")
     ap.add_argument("--mtp", action="store_true", help="use the MTP layers inside the model file")
     ap.add_argument("--mtp-model", help="MTP-only GGUF to use with a trunk-only --model (implies MTP)")
-    ap.add_argument("--draft", default="auto",
+    ap.add_argument("--draft", default="3",
                     help="MTP draft length, or 'auto' to pick it every step from measured costs and acceptance "
-                         "(default auto); requests may ask for another")
+                         "(default 3); requests may ask for another")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
