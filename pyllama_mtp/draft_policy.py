@@ -348,15 +348,14 @@ class DraftPolicy:
         drafting step's."""
         return k > 0 and self.last_k <= 0
 
-    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None,
-               catch_up: float = 0.0) -> None:
-        self.update_time(k, seconds, depth, catch_up)
+    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None) -> None:
+        self.update_time(k, seconds, depth)
         self.update_acceptance(k, n_accepted)
         self.finish_step(k)
 
-    def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0) -> None:
-        """A step's seconds (``catch_up``: those its heads took to catch up first, if they did;
-        not a cost of the decision, see below)."""
+    def update_time(self, k: int, seconds: float, depth: int | None = None) -> None:
+        """A step's seconds (without the heads' catch-up before it: plain decoding pays that
+        too, in the flush that feeds the heads every n_batch rows)."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
         steady = k == self.last_k
         if not steady:
@@ -366,8 +365,6 @@ class DraftPolicy:
                 reference = self.costs.points(bucket)[k]
             else:
                 reference = self.costs.predict(bucket, 0) if k > 0 and self.costs.steady(bucket, 0) else None
-            # (the heads' catch-up is not counted: plain decoding pays it too, in the flush
-            # that feeds the heads every n_batch rows)
             if reference is not None:
                 self.switch_cost.add(max(seconds - reference, 0.0))
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
@@ -428,14 +425,11 @@ def step_auto(session, policy: DraftPolicy):
         result = session.step(0)
         policy.coast = policy.coast_budget(depth + 1)
         return result, 0
-    catch_up = 0.0
     if policy.catch_up_first(k):
-        t0 = time.perf_counter()
         session.mtp_catch_up()
-        catch_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = session.step(k)
-    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth, catch_up)
+    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth)
     return result, k
 
 

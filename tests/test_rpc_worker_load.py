@@ -12,11 +12,12 @@ import pytest
 
 from pyllama_mtp import Llama, build_info
 from pyllama_mtp.rpc_local import LocalWorker, wait_listening
+from test_rpc import _hello as hello, recv_exactly
 
 pytestmark = pytest.mark.skipif(not build_info().get("rpc"), reason="this build has no RPC backend")
 
 PROMPT = "the quick brown fox"
-HELLO, ALLOC_BUFFER, BUFFER_GET_BASE, SET_TENSOR, GRAPH_COMPUTE = 14, 0, 3, 6, 10
+ALLOC_BUFFER, BUFFER_GET_BASE, SET_TENSOR, GRAPH_COMPUTE = 0, 3, 6, 10
 GET_ROWS = 40                       # ggml_op
 N_COMMANDS = 19
 
@@ -24,22 +25,6 @@ N_COMMANDS = 19
 def generate(path, **kw):
     with Llama(path, threads=1, n_ctx=256, **kw) as llm:
         return llm.generate(PROMPT, max_tokens=24).tokens
-
-
-def recv_exactly(conn, n):
-    out = b""
-    while len(out) < n:
-        chunk = conn.recv(n - len(out))
-        if not chunk:
-            raise ConnectionError("closed")
-        out += chunk
-    return out
-
-
-def hello(conn):
-    conn.sendall(struct.pack("<BQ", HELLO, 24) + bytes(24))
-    size, = struct.unpack("<Q", recv_exactly(conn, 8))
-    return recv_exactly(conn, size)
 
 
 def call(conn, cmd, payload, reply=True):
