@@ -211,7 +211,6 @@ class DraftPolicy:
         self.probing: int | None = None    # the decision a running probe departed from
         self.bucket = 0
         self.last_k = 0
-        self.n_probes = 0
         self.trial_left = 0                # steps a probe still runs at trial_k
         self.trial_k = 0
         self._surprised = False            # a probe's draft was accepted against the odds
@@ -246,11 +245,11 @@ class DraftPolicy:
         if not rates:
             return 0
         if self.switch_cost.value:
-            b = self.bucket if bucket is None else bucket
             spread = 2 * self.switch_cost.value / max(self.interval, SWITCH_HORIZON)
             for k in rates:
-                if k != self._best:
-                    rates[k] = self.expected_tokens(k) / (self.costs.predict(b, k) + spread)
+                if k != self._best:      # seconds per step E/rate, plus the spread switch cost
+                    e = self.expected_tokens(k)
+                    rates[k] = e / (e / rates[k] + spread)
         top = max(rates, key=lambda k: (rates[k], -k))
         current = self._best
         if current in rates and rates[top] <= rates[current] * SWITCH_MARGIN:
@@ -293,7 +292,6 @@ class DraftPolicy:
         self._recheck_at = self.steps + RECHECK
         if self.steps >= self.next_probe:
             self.probing = best
-            self.n_probes += 1
             k = self._probe_length(best)
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
