@@ -108,6 +108,25 @@ class SequenceOutput:
         return Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
 
 
+@dataclass
+class _WallTotals:
+    """Wall-clock totals of a Llama's calls, for ``llm.stats`` (the native counters keep no
+    prompt/generation wall times)."""
+    n_prompt: int = 0
+    n_generated: int = 0
+    n_timed: int = 0          # tokens after each call's first: the ones t_generate covers
+    t_prompt: float = 0.0
+    t_generate: float = 0.0
+
+    def add(self, n_prompt: int, n_generated: int, t0: float, t_first: float | None, t_end: float) -> None:
+        t_first = t_first if t_first is not None else t_end
+        self.n_prompt += n_prompt
+        self.n_generated += n_generated
+        self.n_timed += max(n_generated - 1, 0)
+        self.t_prompt += t_first - t0
+        self.t_generate += t_end - t_first
+
+
 class Llama:
     """A GGUF model with a context, ready to generate; MTP speculative decoding with ``mtp=``.
 
@@ -187,6 +206,7 @@ class Llama:
         # one policy per Llama: what it learns about acceptance and costs carries over calls
         self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
         self._stats_base = GenerationStats()
+        self._wall = _WallTotals()
 
     @property
     def devices(self):
@@ -231,13 +251,18 @@ class Llama:
 
     @property
     def stats(self) -> GenerationStats:
-        """Speculative-decoding counters since this Llama was created (or reset_stats)."""
+        """Speculative-decoding counters and timings of every generate/stream/chat call since
+        this Llama was created (or reset_stats); tok/s counts each call's tokens after its first."""
         with self._gate.native():
-            return GenerationStats.from_native(self.session.stats()).minus(self._stats_base)
+            span = GenerationStats.from_native(self.session.stats()).minus(self._stats_base)
+        w = self._wall
+        return dataclasses.replace(span, n_prompt_tokens=w.n_prompt, n_generated=w.n_generated,
+                                   t_prompt_s=w.t_prompt, t_generate_s=w.t_generate, n_timed=w.n_timed)
 
     def reset_stats(self) -> None:
         with self._gate.native():
             self._stats_base = GenerationStats.from_native(self.session.stats())
+        self._wall = _WallTotals()
 
     def tokenize(self, text: str | bytes, *, add_special: bool = True, parse_special: bool = False) -> list[int]:
         with self._gate.native():
@@ -371,11 +396,18 @@ class Llama:
 
     def _chunks(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
         output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, max_tokens, self._n_ctx, stops)
-        for step, n_past in self._steps(tokens, sampling, draft):
-            chunk = output.push(step, n_past)
-            yield chunk
-            if chunk.finish_reason is not None:
-                return
+        t0, t_first, n = time.perf_counter(), None, 0
+        try:
+            for step, n_past in self._steps(tokens, sampling, draft):
+                chunk = output.push(step, n_past)
+                if t_first is None:
+                    t_first = time.perf_counter()
+                n += len(chunk.tokens)
+                yield chunk
+                if chunk.finish_reason is not None:
+                    return
+        finally:
+            self._wall.add(len(tokens), n, t0, t_first, time.perf_counter())
 
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
         """Generate a whole completion; keyword arguments as for :meth:`stream`."""

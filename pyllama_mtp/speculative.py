@@ -53,6 +53,7 @@ class GenerationStats:
     n_generated: int = 0
     t_prompt_s: float = 0.0       # wall time: prompt processing up to the first token
     t_generate_s: float = 0.0     # wall time: the rest of the generation
+    n_timed: int | None = None    # tokens t_generate_s covers (None: all but the first)
     extra: dict = field(default_factory=dict)
 
     @property
@@ -82,7 +83,7 @@ class GenerationStats:
     @property
     def tokens_per_second(self) -> float:
         """Generated tokens after the first, over the time they took (decode speed)."""
-        n = self.n_generated - 1
+        n = self.n_generated - 1 if self.n_timed is None else self.n_timed
         return n / self.t_generate_s if n > 0 and self.t_generate_s > 0 else 0.0
 
     @property

@@ -206,6 +206,26 @@ def test_stats_count_drafts_per_position(mtp3, plain):
     assert len(stats.acceptance_per_position) == 3
 
 
+def test_llm_stats_carry_the_timings_of_every_call(mtp3, plain):
+    # the README's quickstart prints llm.stats: it must show a decode speed, not 0.0 tok/s
+    mtp3.reset_stats()
+    first = mtp3.generate(prompt_of(plain, 3), max_tokens=20, draft=3)
+    second = mtp3.generate(prompt_of(plain, 4), max_tokens=30, draft=0)
+    stream = mtp3.stream(prompt_of(plain, 5), max_tokens=40)
+    streamed = [len(next(stream).tokens) for _ in range(3)]
+    stream.close()                      # a stream left early counts what it produced
+    stats = mtp3.stats
+    calls = (first.stats, second.stats)
+    assert stats.n_generated == len(first.tokens) + len(second.tokens) + sum(streamed)
+    assert stats.n_prompt_tokens == 3 + 4 + 5
+    assert stats.t_generate_s >= sum(c.t_generate_s for c in calls) > 0
+    assert stats.tokens_per_second > 0 and "0.0 tok/s" not in str(stats)
+    assert stats.drafted >= first.stats.drafted > 0
+    mtp3.reset_stats()
+    cleared = mtp3.stats
+    assert (cleared.n_generated, cleared.drafted, cleared.tokens_per_second) == (0, 0, 0.0)
+
+
 class TestRollback:
     """Force accept/reject patterns through the granular verbs and compare the
     target's next-token logits with a fresh context that never saw rejected tokens."""
