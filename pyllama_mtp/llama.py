@@ -22,6 +22,7 @@ from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, StepResult, build_info
 from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
 from .draft_policy import DraftPolicy, step_auto
+from .batch import generate_batch
 from .speculative import GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
 
@@ -414,6 +415,31 @@ class Llama:
         args = self._call_args(prompt, max_tokens, **kwargs)
         with self._gate.turn():
             return self._generate(args)
+
+    def generate_batch(self, prompts: Sequence, max_tokens: int | None = 256, *, progress: bool | None = None,
+                       **kwargs) -> list[Completion]:
+        """Generate a completion for every prompt (text or token ids), decoding up to
+        ``parallel`` of them at once with MTP across all (continuous batching: a finished
+        sequence's slot takes the next prompt). Options as for :meth:`stream`, the same for
+        every prompt; all prompts are checked before any runs. Completions come in the order
+        of ``prompts``, each with its own stats; greedy output of each equals ``generate``
+        of it alone, bit for bit. A progress bar goes to stderr for 8 or more prompts when it
+        is a terminal (``progress=True``/``False`` forces it on or off)."""
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+            raise InvalidArgumentError("prompts must be a list of prompts (each text or a list of token ids)")
+        if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
+            raise InvalidArgumentError("prompts is a list of ints: pass [token_ids] for one tokenized prompt")
+        calls = [self._call_args(p, max_tokens, **kwargs) for p in prompts]
+        with self._gate.turn():
+            t0 = time.perf_counter()
+            results = generate_batch(self, calls, progress)
+            n = sum(len(r.tokens) for r in results)
+            # llm.stats: the batch's aggregate decode speed (its sequences ran side by side)
+            self._wall.n_prompt += sum(r.n_prompt_tokens for r in results)
+            self._wall.n_generated += n
+            self._wall.n_timed += n
+            self._wall.t_generate += time.perf_counter() - t0
+            return results
 
     def _generate(self, args) -> Completion:
         with self._gate.native():

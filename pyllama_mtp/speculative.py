@@ -139,3 +139,31 @@ class GenerationStats:
         return (f"drafted {self.drafted}, accepted {self.accepted} ({self.acceptance_rate:.1%}), "
                 f"per position [{per_pos}], mean accepted {self.mean_accepted_length:.2f}/step, "
                 f"{self.tokens_per_second:.1f} tok/s")
+
+
+@dataclass
+class SequenceCounters:
+    """Draft counters of one sequence decoded next to others (the native counters are the
+    session's): what ``Completion.stats`` reports for it."""
+    n_steps: int = 0
+    drafted: int = 0
+    accepted: int = 0
+    drafted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)
+    accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)
+
+    def count(self, result) -> None:
+        """Count one step's result (a plain decode drafts nothing and counts no step)."""
+        if result.n_drafted:
+            self.n_steps += 1
+            self.drafted += result.n_drafted
+            self.accepted += result.n_accepted
+            for i in range(min(result.n_drafted, MAX_DRAFT)):
+                self.drafted_at[i] += 1
+                self.accepted_at[i] += i < result.n_accepted
+
+    def stats(self, **wall) -> GenerationStats:
+        """These counters plus the wall-clock fields given (n_generated, t_generate_s, ...)."""
+        return GenerationStats(n_steps=self.n_steps, drafted=self.drafted, accepted=self.accepted,
+                               emitted=self.accepted + self.n_steps,
+                               drafted_per_position=tuple(self.drafted_at),
+                               accepted_per_position=tuple(self.accepted_at), **wall)

@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 from ..llama import Llama, SequenceOutput
 from ..draft_policy import BatchDraftPolicy
-from ..speculative import GenerationStats
+from ..speculative import GenerationStats, SequenceCounters
 from .worker import Job, Worker, refuse_queued
 
 _DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
@@ -45,29 +45,13 @@ class _Slot:
     t_first: float
     reused: int = 0           # prompt tokens found in the slot's KV cache
     n_generated: int = 0
-    n_steps: int = 0
-    drafted: int = 0
-    accepted: int = 0
-    drafted_at: list[int] = field(default_factory=lambda: [0] * 8)
-    accepted_at: list[int] = field(default_factory=lambda: [0] * 8)
+    counters: SequenceCounters = field(default_factory=SequenceCounters)
     tokens: list[int] = field(default_factory=list)   # prompt, then every token generated
     last_k: int = 0           # drafts of its last step (0: the heads may have rows queued)
 
-    def count(self, result) -> None:
-        if result.n_drafted:
-            self.n_steps += 1
-            self.drafted += result.n_drafted
-            self.accepted += result.n_accepted
-            for i in range(min(result.n_drafted, 8)):
-                self.drafted_at[i] += 1
-                self.accepted_at[i] += i < result.n_accepted
-
     def stats(self) -> GenerationStats:
-        return GenerationStats(n_steps=self.n_steps, drafted=self.drafted, accepted=self.accepted,
-                               drafted_per_position=tuple(self.drafted_at),
-                               accepted_per_position=tuple(self.accepted_at),
-                               n_prompt_tokens=self.n_prompt, n_generated=self.n_generated,
-                               extra={"prompt_tokens_reused": self.reused})
+        return self.counters.stats(n_prompt_tokens=self.n_prompt, n_generated=self.n_generated,
+                                   extra={"prompt_tokens_reused": self.reused})
 
 
 @dataclass
@@ -263,7 +247,7 @@ class BatchWorker:
         for seq, k in zip(seqs, drafts):
             self.slots[seq].last_k = k
         for seq, result in zip(seqs, results):
-            self.slots[seq].count(result)
+            self.slots[seq].counters.count(result)
             self._deliver(self.slots[seq], result)
 
     def _deliver(self, slot: _Slot, result) -> None:

@@ -1,0 +1,147 @@
+"""Many prompts through one Session at once (``Llama.generate_batch``): offline work such as
+evaluations or data generation.
+
+Continuous batching: up to ``n_seq_max`` sequences (``Llama(parallel=N)``) decode together;
+every loop steps all of them in one ``step_batch`` call (the MTP heads draft for all of them
+in one decode per head and the target verifies all of them in one batch), and a sequence
+that finishes frees its slot for the next prompt at once. A new prompt is prefilled whole
+between steps. Each sequence's greedy output equals its output alone, bit for bit: the
+batch-invariant kernels give every row the bits it gets alone.
+
+``draft="auto"`` takes the length a BatchDraftPolicy picks for the number of sequences in
+the step (0 where MTP does not pay at that batch size); a fixed draft is used as given.
+"""
+from __future__ import annotations
+
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from .draft_policy import BatchDraftPolicy
+from .speculative import SequenceCounters
+
+# A progress bar appears on stderr (when it is a terminal) for batches of at least this many prompts.
+PROGRESS_MIN_PROMPTS = 8
+
+
+@dataclass
+class _Running:
+    """One prompt in a slot: its output so far and its counters."""
+    index: int                 # position in the caller's list
+    seq: int
+    n_prompt: int
+    draft: int | str
+    output: object             # llama.SequenceOutput
+    with_logprobs: bool
+    t_start: float
+    t_first: float = 0.0
+    texts: list[str] = field(default_factory=list)
+    tokens: list[int] = field(default_factory=list)
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    counters: SequenceCounters = field(default_factory=SequenceCounters)
+    last_k: int = 0            # drafts of its last step (0: the heads may have rows queued)
+
+    def take(self, chunk) -> bool:
+        """Add one chunk; True when the sequence is done."""
+        self.texts.append(chunk.text)
+        self.tokens.extend(chunk.tokens)
+        self.logprobs.extend(chunk.logprobs or ())
+        self.top_logprobs.extend(chunk.top_logprobs or ())
+        return chunk.finish_reason is not None
+
+
+def _progress_bar(total: int, progress: bool | None):
+    show = progress if progress is not None else (total >= PROGRESS_MIN_PROMPTS and sys.stderr.isatty())
+    if not show:
+        return None
+    from tqdm import tqdm
+    return tqdm(total=total, file=sys.stderr, unit="prompt", desc="generate_batch")
+
+
+def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> list:
+    """Run every call (the validated arguments of ``Llama._stream``) to its end through
+    ``llm``'s session; Completions in the order of ``calls``. Runs inside a turn of the
+    Llama's gate."""
+    from .llama import Completion, SequenceOutput   # llama imports this module
+
+    session, gate = llm.session, llm._gate
+    pending = deque(enumerate(calls))
+    free = list(range(session.n_seq_max))            # lowest id first: active ids stay consecutive
+    running: dict[int, _Running] = {}
+    results: list = [None] * len(calls)
+    uses_auto = any(call[3] == "auto" for call in calls)
+    policy = BatchDraftPolicy(llm.draft_max) if uses_auto and llm.draft_max else None
+    bar = _progress_bar(len(calls), progress)
+
+    def finish(r: _Running) -> None:
+        del running[r.seq]
+        free.append(r.seq)
+        free.sort()
+        t_end = time.perf_counter()
+        stats = r.counters.stats(n_prompt_tokens=r.n_prompt, n_generated=len(r.tokens),
+                                 t_prompt_s=r.t_first - r.t_start, t_generate_s=t_end - r.t_first)
+        results[r.index] = Completion("".join(r.texts), tuple(r.tokens), r.output.finish_reason or "length",
+                                      r.n_prompt, stats, tuple(r.logprobs) if r.with_logprobs else None,
+                                      tuple(r.top_logprobs) if r.with_logprobs else None)
+        if bar is not None:
+            bar.update(1)
+
+    def start(index: int, call: tuple) -> None:
+        tokens, max_tokens, sampling, draft, stops = call
+        seq = free.pop(0)
+        r = _Running(index, seq, len(tokens), draft,
+                     SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, max_tokens, llm.n_ctx, stops),
+                     sampling.n_logprobs >= 0, time.perf_counter())
+        running[seq] = r
+        with gate.native():
+            session.seq_reset(seq)
+            session.seq_set_sampling(seq, sampling)
+            session.seq_prefill(seq, tokens)
+            first = session.seq_sample(seq)           # right after the prefill: no decode in between
+            n_past = session.seq_n_past(seq)
+        r.t_first = time.perf_counter()
+        if r.take(r.output.push(first, n_past)):
+            finish(r)
+
+    def step() -> None:
+        seqs = sorted(running)
+        auto = [s for s in seqs if running[s].draft == "auto"]
+        with gate.native():
+            depth = max(session.seq_n_past(s) for s in auto) if auto else 0
+            k_auto = policy.choose(len(seqs), depth) if auto and policy else 0
+            drafts = [k_auto if running[s].draft == "auto" else running[s].draft for s in seqs]
+            for seq, k in zip(seqs, drafts):
+                # rows queued by plain decoding go to the heads outside the timed step
+                if k > 0 and running[seq].last_k == 0:
+                    session.seq_mtp_catch_up(seq)
+            t0 = time.perf_counter()
+            results_ = session.step_batch(seqs, drafts)
+            t_step = time.perf_counter() - t0
+            n_past = [session.seq_n_past(s) for s in seqs]
+        if auto and policy:
+            accepted = [res.n_accepted for s, res in zip(seqs, results_) if running[s].draft == "auto"]
+            policy.update(len(seqs), k_auto, accepted, t_step, depth)
+        for seq, k, res, past in zip(seqs, drafts, results_, n_past):
+            r = running[seq]
+            r.last_k = k
+            r.counters.count(res)
+            if r.take(r.output.push(res, past)):
+                finish(r)
+
+    try:
+        while pending or running:
+            while pending and free:
+                start(*pending.popleft())
+            if running:
+                step()
+    finally:
+        if bar is not None:
+            bar.close()
+        # the slots' caches no longer hold what the Llama's own calls expect in sequence 0
+        llm._kv_tokens = []
+        with gate.native():
+            for seq in range(session.n_seq_max):
+                session.seq_reset(seq)
+    return results
