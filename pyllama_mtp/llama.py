@@ -109,6 +109,12 @@ class SequenceOutput:
         return Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
 
 
+def _is_prompt_list(prompt) -> bool:
+    """A list of prompts (texts, or lists of token ids), not one prompt of token ids."""
+    return (isinstance(prompt, (list, tuple)) and len(prompt) > 0
+            and all(isinstance(p, (str, bytes, list, tuple)) for p in prompt))
+
+
 @dataclass
 class _WallTotals:
     """Wall-clock totals of a Llama's calls, for ``llm.stats`` (the native counters keep no
@@ -514,8 +520,20 @@ class Llama:
         return openai_shapes.completion_logprobs(tokens, result.logprobs, tops)
 
     def create_completion(self, prompt, max_tokens: int | None = 16, *, stream: bool = False, **kwargs):
-        """OpenAI ``/v1/completions`` shaped result (a dict, or an iterator of chunk dicts)."""
+        """OpenAI ``/v1/completions`` shaped result (a dict, or an iterator of chunk dicts).
+        ``prompt`` may be a list of prompts (texts or token-id lists), as in OpenAI's API: they
+        run together through :meth:`generate_batch`, one choice each, in order."""
         cid, created, name = openai_shapes.new_id("cmpl"), int(time.time()), self._model_name()
+        if _is_prompt_list(prompt):
+            if stream:
+                raise InvalidArgumentError("stream=True takes one prompt; pass a list of prompts without stream")
+            results = self.generate_batch(prompt, max_tokens, **kwargs)
+            total = GenerationStats(drafted=sum(r.stats.drafted for r in results),
+                                    accepted=sum(r.stats.accepted for r in results))
+            return openai_shapes.completions_response(
+                cid, name, created, [(r.text, r.finish_reason, self._logprobs_object(r, chat=False)) for r in results],
+                sum(r.n_prompt_tokens for r in results), sum(len(r.tokens) for r in results),
+                extra_usage=self._usage_extra(total))
         if stream:
             chunks = self.stream(prompt, max_tokens, **kwargs)
             return (openai_shapes.completion_chunk(cid, name, created, c.text, c.finish_reason) for c in chunks)

@@ -51,6 +51,18 @@ def completion_response(id: str, model: str, created: int, text: str, finish_rea
             "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
 
 
+def completions_response(id: str, model: str, created: int, choices: list[tuple[str, str, object]],
+                         prompt_tokens: int, completion_tokens: int, extra_usage: dict | None = None) -> dict:
+    """A ``/v1/completions`` result for a list of prompts: one choice per (text,
+    finish_reason, logprobs), indexed in order; usage sums every prompt's."""
+    out = []
+    for i, (text, finish_reason, logprobs) in enumerate(choices):
+        _check_finish_reason(finish_reason, final=True)
+        out.append({"index": i, "text": text, "logprobs": logprobs, "finish_reason": finish_reason})
+    return {"id": id, "object": "text_completion", "created": created, "model": model, "choices": out,
+            "usage": usage(prompt_tokens, completion_tokens, extra_usage)}
+
+
 def completion_chunk(id: str, model: str, created: int, text: str, finish_reason: str | None,
                      logprobs: dict | None = None) -> dict:
     """One streamed ``/v1/completions`` piece: the same object type as the whole result,

@@ -103,3 +103,22 @@ def test_progress_bar_goes_to_stderr(pair, capsys):
     assert "generate_batch" in err and "3/3" in err
     batch.generate_batch(prompts(plain.info.n_vocab, 3), max_tokens=4, progress=False)
     assert "generate_batch" not in capsys.readouterr().err
+
+
+def test_create_completion_takes_a_list_of_prompts_like_openai(pair):
+    plain, batch = pair
+    texts = ["one two", "three four five", "six"]
+    single = [batch.create_completion(t, max_tokens=12) for t in texts]
+    both = batch.create_completion(texts, max_tokens=12)
+    assert [c["index"] for c in both["choices"]] == [0, 1, 2]
+    assert [c["text"] for c in both["choices"]] == [s["choices"][0]["text"] for s in single]
+    assert both["usage"]["prompt_tokens"] == sum(s["usage"]["prompt_tokens"] for s in single)
+    assert both["usage"]["completion_tokens"] == sum(s["usage"]["completion_tokens"] for s in single)
+    assert both["usage"]["drafted_tokens"] >= 0 and both["object"] == "text_completion"
+    ids = [plain.tokenize(t) for t in texts]
+    assert [c["text"] for c in batch.create_completion(ids, max_tokens=12)["choices"]] == \
+        [c["text"] for c in both["choices"]]
+    # one prompt given as token ids stays one prompt
+    assert len(batch.create_completion(ids[1], max_tokens=4)["choices"]) == 1
+    with pytest.raises(InvalidArgumentError, match="stream"):
+        batch.create_completion(texts, max_tokens=4, stream=True)
