@@ -29,6 +29,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.request
 from pathlib import Path
@@ -76,14 +77,17 @@ def llama_bench_tg(model: Path, threads: int, n_gen: int) -> float:
 
 
 class UpstreamServer:
-    def __init__(self, model: Path, threads: int, draft: int, n_ctx: int):
+    def __init__(self, model: Path, threads: int, draft: int, n_ctx: int, parallel: int = 1):
+        """``n_ctx``: the context of each of the ``parallel`` slots."""
         self.port = free_port()
         cmd = [str(UPSTREAM_BIN / "llama-server"), "-m", str(model), "-t", str(threads), "--port", str(self.port),
-               "--host", "127.0.0.1", "-c", str(n_ctx), "-np", "1", "--no-webui"]
+               "--host", "127.0.0.1", "-c", str(n_ctx * parallel), "-np", str(parallel), "--no-webui"]
         if draft:
             cmd += ["--spec-type", "draft-mtp", "--spec-draft-n-max", str(draft), "--spec-draft-n-min", "0",
                     "--spec-draft-p-min", "0"]
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        # its log goes to a file: a pipe nobody reads fills up and blocks the server
+        self.log = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -93,7 +97,8 @@ class UpstreamServer:
             except OSError:
                 time.sleep(0.5)
             if self.proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited: {self.proc.stderr.read()[-2000:]}")
+                self.log.seek(0)
+                raise RuntimeError(f"llama-server exited: {self.log.read()[-2000:]}")
         raise RuntimeError("llama-server did not become ready")
 
     def complete(self, prompt_tokens: list[int], n_gen: int, cache_prompt: bool = False) -> dict:
@@ -110,6 +115,7 @@ class UpstreamServer:
             self.proc.wait(timeout=20)
         except subprocess.TimeoutExpired:
             self.proc.kill()
+        self.log.close()
 
 
 def ours(llm, prompt: list[int], n_gen: int, draft: int) -> dict:
