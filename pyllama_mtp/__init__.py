@@ -6,7 +6,7 @@ speculative decoding from Python.
     print(llm.generate("def quicksort(xs):", max_tokens=64).text)
 
 The native library is loaded on first use of anything that needs it, so the
-pure-Python parts (testing models, chat templates, bench parsing) import without it.
+pure-Python parts (tiny models, chat templates, bench parsing) import without it.
 """
 from __future__ import annotations
 

@@ -18,7 +18,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .draft_policy import BatchDraftPolicy
 from .speculative import SequenceCounters
 
 # A progress bar appears on stderr (when it is a terminal) for batches of at least this many prompts.
@@ -71,8 +70,8 @@ def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> lis
     free = list(range(session.n_seq_max))            # lowest id first: active ids stay consecutive
     running: dict[int, _Running] = {}
     results: list = [None] * len(calls)
-    uses_auto = any(call[3] == "auto" for call in calls)
-    policy = BatchDraftPolicy(llm.draft_max) if uses_auto and llm.draft_max else None
+    # the Llama's batch policy: what it learns about step costs and acceptance carries over calls
+    policy = llm._batch_policy if any(call[3] == "auto" for call in calls) else None
     bar = _progress_bar(len(calls), progress)
 
     def finish(r: _Running) -> None:

@@ -21,7 +21,7 @@ from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, StepResult, build_info
 from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
-from .draft_policy import DraftPolicy, step_auto
+from .draft_policy import BatchDraftPolicy, DraftPolicy, step_auto
 from .batch import generate_batch
 from .speculative import GenerationStats, validate_draft
 from .text import StopMatcher, Utf8StreamDecoder
@@ -212,6 +212,7 @@ class Llama:
         self.prompt_tokens_reused = 0     # prompt tokens the last call found in the KV cache
         # one policy per Llama: what it learns about acceptance and costs carries over calls
         self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
+        self._batch_policy = BatchDraftPolicy(self.draft_max) if self.draft_max else None   # generate_batch's
         self._stats_base = GenerationStats()
         self._wall = _WallTotals()
 

@@ -5,7 +5,7 @@ llama-server (same pinned tree, model and threads; built by scripts/build_upstre
 ``-np`` slots and N concurrent clients, plain and with its draft-mtp. All in one run; every
 batch's greedy output is checked against the one-by-one output.
 
-    python scripts/bench_batch.py -m MODEL.gguf -t 2 -n 64 --counts 1,2,4,8,16 --drafts 0,3,auto
+    python scripts/bench_batch.py -m MODEL.gguf -t 2 -n 64 --counts 1,2,4,8,16 --drafts 0,3,auto --rounds 3
 
 Aggregate tok/s = every generated token of the N prompts / wall time from the first request
 to the last result (prompt processing included, as a user of a batch sees it).
@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import random
+import statistics
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -40,6 +41,16 @@ def ours(llm, prompts, n_gen: int, draft) -> dict:
             "alone": sum(len(r.tokens) for r in alone) / t_alone}
 
 
+def ours_rounds(llm, prompts, n_gen: int, drafts, rounds: int) -> dict:
+    """Median over rounds of every draft, the drafts in a rotating order each round (the
+    auto policies live on across rounds, as across the calls of one Llama)."""
+    runs = {d: [] for d in drafts}
+    for r in range(rounds):
+        for d in drafts[r % len(drafts):] + drafts[:r % len(drafts)]:
+            runs[d].append(ours(llm, prompts, n_gen, d))
+    return {d: {key: statistics.median(x[key] for x in runs[d]) for key in ("batch", "alone")} for d in drafts}
+
+
 def upstream(server: UpstreamServer, prompts, n_gen: int) -> float:
     t0 = time.perf_counter()
     with ThreadPoolExecutor(len(prompts)) as pool:
@@ -55,6 +66,7 @@ def main() -> int:
     ap.add_argument("-n", "--n-gen", type=int, default=64)
     ap.add_argument("--counts", default="1,2,4,8,16")
     ap.add_argument("--drafts", default="0,3,auto", help="ours: draft lengths (0 = MTP off)")
+    ap.add_argument("--rounds", type=int, default=1, help="ours: median of this many rounds per cell")
     ap.add_argument("--upstream-draft", type=int, default=3, help="upstream draft-mtp length (0: plain only)")
     args = ap.parse_args()
 
@@ -65,7 +77,7 @@ def main() -> int:
     with Llama(args.model, mtp=True, draft=3, parallel=slots, n_ctx=n_ctx, threads=args.threads) as llm:
         prompts = make_prompts(llm.info.n_vocab, slots)
         llm.generate_batch(prompts[:2], max_tokens=8, progress=False)    # warm-up
-        table = {n: {d: ours(llm, prompts[:n], args.n_gen, d) for d in drafts} for n in counts}
+        table = {n: ours_rounds(llm, prompts[:n], args.n_gen, drafts, args.rounds) for n in counts}
     up = {}
     ensure_upstream()
     for k in sorted({0, args.upstream_draft}):

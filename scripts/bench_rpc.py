@@ -32,7 +32,8 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from bench_vs_upstream import ensure_model  # noqa: E402  (same oracle files)
 
 from pyllama_mtp import Llama  # noqa: E402
-from pyllama_mtp.rpc_local import DelayProxy, LocalWorker  # noqa: E402
+sys.path.insert(0, str(ROOT / "tests"))          # local RPC workers are a test factory
+from factories.rpc_local import DelayProxy, LocalWorker  # noqa: E402
 
 PROMPT = [10, 11, 12, 13]   # token ids, as in bench_vs_upstream.py
 

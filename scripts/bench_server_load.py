@@ -46,7 +46,7 @@ ROOT = Path(__file__).resolve().parent.parent
 
 def ensure_model(path: Path, size_gb: float, acceptance: float) -> Path:
     if not path.exists():
-        from pyllama_mtp import testing
+        from pyllama_mtp import tiny_models as testing
         testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,
                              **testing.oracle_size_for(size_gb * 1e9))
         print(f"wrote {path} ({path.stat().st_size / 1e9:.2f} GB)", file=sys.stderr)

@@ -51,10 +51,12 @@ QWEN35MOE_ORACLE = dict(moe=True, n_embd=1536, n_head=12, n_head_kv=4, head_dim=
 
 def ensure_model(path: Path, size_gb: float, acceptance: float, arch: str = "step35") -> Path:
     if not path.exists():
-        from pyllama_mtp import testing
+        from pyllama_mtp import tiny_models as testing
         t0 = time.perf_counter()
         if arch == "qwen35moe":
-            testing.write_qwen35(path, oracle=True, acceptance=acceptance, seed=1, dtype="f16",
+            sys.path.insert(0, str(ROOT / "tests"))      # the qwen35 layout is a test factory
+            from factories.qwen35 import write_qwen35
+            write_qwen35(path, oracle=True, acceptance=acceptance, seed=1, dtype="f16",
                                  n_layer=max(4, round(24 * size_gb / 2.2)), **QWEN35MOE_ORACLE)
         else:
             testing.write_step35(path, oracle=True, acceptance=acceptance, seed=1,

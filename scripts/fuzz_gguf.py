@@ -499,7 +499,7 @@ class Loader:
 
 
 def seeds(workdir: Path) -> list[tuple[str, Gguf, bool]]:
-    from pyllama_mtp import testing
+    from pyllama_mtp import tiny_models as testing
     llama = testing.write_llama(workdir / "seed-llama.gguf", seed=1, n_embd=32, n_layer=2, n_head=4, n_head_kv=2,
                                 n_ff=64)
     step35 = testing.write_step35(workdir / "seed-step35.gguf", seed=2, n_embd=32, n_layer=2, n_mtp=2, n_swa=4)

@@ -8,7 +8,7 @@ import textwrap
 
 import pytest
 
-from pyllama_mtp import testing
+import factories as testing
 
 
 @pytest.fixture(scope="session")
@@ -79,7 +79,7 @@ def start_server(model_path, *extra, threads: int = 1):
 
     import httpx
 
-    from pyllama_mtp.rpc_local import free_port
+    from factories.rpc_local import free_port
     port = free_port()
     proc = subprocess.Popen([sys.executable, "-m", "pyllama_mtp.server.cli", "--model", model_path, "--port", str(port),
                              "--n-ctx", "512", "--threads", str(threads), "--alias", "tiny", *extra],

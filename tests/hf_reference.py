@@ -1,5 +1,5 @@
 """The independent reference for parity tests: Hugging Face transformers' step3p7 model
-(float32, CPU) on a tiny checkpoint from pyllama_mtp.hf_testing, with its MTP layers.
+(float32, CPU) on a tiny checkpoint from tests/factories/hf_checkpoint.py, with its MTP layers.
 
 transformers' generic MtpModel cannot load a Step-3.5/3.7 checkpoint's MTP blocks by
 itself (the per-block ``transformer.shared_head.norm`` never reaches its ``post_norm``),

@@ -1,5 +1,5 @@
 """Run the pinned llama.cpp converter (vendor/llama.cpp/convert_hf_to_gguf.py) on a tiny
-checkpoint from pyllama_mtp.hf_testing, in a subprocess, with two stand-ins:
+checkpoint from tests/factories/hf_checkpoint.py, in a subprocess, with two stand-ins:
 
 * transformers' AutoConfig is made to fail, so the converter reads config.json as shipped.
   transformers >= 5.23 knows step3p5 and renames the original keys the converter looks up
@@ -22,6 +22,7 @@ SCRIPT = VENDOR / "convert_hf_to_gguf.py"
 _SHIM = textwrap.dedent("""
     import runpy, sys
     vendor = sys.argv.pop(1)
+    sys.path.insert(0, sys.argv.pop(1))   # the tests directory: factories
     sys.path[:0] = [vendor, vendor + "/gguf-py"]
     import transformers
 
@@ -30,7 +31,7 @@ _SHIM = textwrap.dedent("""
 
     transformers.AutoConfig.from_pretrained = no_auto_config
     from conversion.step3 import Step35Model
-    from pyllama_mtp.hf_testing import add_tokenizer
+    from factories.hf_checkpoint import add_tokenizer
     Step35Model.set_vocab = lambda self: add_tokenizer(self.gguf_writer)
     sys.argv[0] = vendor + "/convert_hf_to_gguf.py"
     runpy.run_path(sys.argv[0], run_name="__main__")
@@ -50,7 +51,8 @@ def missing() -> str | None:
 def convert(src_dir, out, *, outtype: str = "f32", split: str | None = None) -> Path:
     """split: None (trunk and MTP in one file), "mtp" (--mtp) or "trunk" (--no-mtp)."""
     flags = {None: [], "mtp": ["--mtp"], "trunk": ["--no-mtp"]}[split]
-    cmd = [sys.executable, "-c", _SHIM, str(VENDOR), str(src_dir), "--outfile", str(out), "--outtype", outtype,
+    tests_dir = str(Path(__file__).resolve().parent)
+    cmd = [sys.executable, "-c", _SHIM, str(VENDOR), tests_dir, str(src_dir), "--outfile", str(out), "--outtype", outtype,
            *flags]
     r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     if r.returncode != 0:

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from pyllama_mtp import testing
+import factories as testing
 from conftest import run_isolated
 
 LOAD_AND_REPORT = """

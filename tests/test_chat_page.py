@@ -18,7 +18,7 @@ import httpx
 import pytest
 
 from conftest import start_server
-from pyllama_mtp import testing
+import factories as testing
 
 webdriver = pytest.importorskip("selenium.webdriver", reason="needs selenium (pip install 'pyllama-mtp[test]')")
 from selenium.webdriver.chrome.service import Service  # noqa: E402

@@ -12,7 +12,10 @@ import pytest
 
 import pinned_converter
 from conftest import assert_mtp_file_lossless
-from pyllama_mtp import Llama, hf_testing, testing
+from pyllama_mtp import Llama
+
+import factories as testing
+from factories import hf_checkpoint as hf_testing
 from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError, MtpError
 from pyllama_mtp.tools.cli import main
 from pyllama_mtp.tools.extract_mtp import extract_mtp

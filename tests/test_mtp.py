@@ -49,7 +49,7 @@ def test_greedy_mtp_equals_plain_across_swa_window(plain, mtp3, prompt_len):
 def test_greedy_mtp_equals_plain_on_more_random_models(tmp_path, seed):
     """Near-ties between the top two logits are where batch-dependent arithmetic
     would flip a greedy token: more models, more chances to catch one."""
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(tmp_path / f"s{seed}.gguf", seed=seed, n_swa=8))
     with Llama(path, n_ctx=1024, threads=2) as plain_llm:
         prompt = prompt_of(plain_llm, 7)
@@ -97,7 +97,7 @@ def test_heads_after_every_accept_pattern_and_rollback_equal_a_fresh_catch_up(tm
     tokens again for every head to be fed the previous head's outputs. After any
     history, the heads' drafts and logits equal those of heads that caught up on the
     same tokens in one go."""
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(tmp_path / "m.gguf", seed=4, n_swa=8, oracle=kind != "random", acceptance=0.6))
     patterns, rng = set(), np.random.default_rng(0)
     with Model(ModelConfig(path, load_mtp=True)) as model, \
@@ -274,7 +274,7 @@ def test_swa_guard_catches_split_verify_and_recovers(tmp_path):
     token still attends to. Unguarded, the target's state drifts from a plain run's;
     the guard detects the loss after each rollback and re-prefills, so the state stays
     identical to plain decoding with the same layout."""
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(tmp_path / "wide-window.gguf", seed=11, n_swa=255))
     layout = dict(n_ctx=1024, threads=2, n_ubatch=1, n_batch=64)
     with Model(ModelConfig(path, load_mtp=True)) as model:
@@ -304,7 +304,7 @@ def test_mtp_can_be_switched_off_per_call(mtp3, plain):
 
 def test_greedy_mtp_equals_plain_with_f16_weights(tmp_path):
     """F16 weights take other CPU kernels (AMX tiles on CPUs that have them)."""
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(tmp_path / "f16.gguf", seed=31, n_swa=8, dtype="f16", n_embd=128))
     with Llama(path, n_ctx=1024, threads=2) as plain_llm:
         prompt = prompt_of(plain_llm, 9)

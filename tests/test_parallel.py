@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyllama_mtp import testing
+import factories as testing
 from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
 from pyllama_mtp.engine import Model, Session
 from pyllama_mtp.errors import InvalidArgumentError

@@ -20,7 +20,7 @@ pytest.importorskip("safetensors")
 
 import pinned_converter  # noqa: E402
 from hf_reference import Reference  # noqa: E402
-from pyllama_mtp import hf_testing  # noqa: E402
+from factories import hf_checkpoint as hf_testing  # noqa: E402
 from pyllama_mtp.config import ContextConfig, ModelConfig  # noqa: E402
 from pyllama_mtp.engine import Model, Session  # noqa: E402
 from pyllama_mtp.tools.extract_mtp import extract_mtp  # noqa: E402

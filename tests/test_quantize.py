@@ -11,7 +11,9 @@ import numpy as np
 import pytest
 
 from conftest import assert_mtp_file_lossless
-from pyllama_mtp import Llama, testing
+from pyllama_mtp import Llama
+
+import factories as testing
 from pyllama_mtp.errors import InvalidArgumentError, ModelLoadError, MtpError
 from pyllama_mtp.tools.cli import main
 from pyllama_mtp.tools.gguf_header import read_header

@@ -8,7 +8,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pyllama_mtp import Llama, testing
+from pyllama_mtp import Llama
+
+import factories as testing
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
 

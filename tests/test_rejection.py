@@ -111,7 +111,7 @@ def sample_histograms(path, n_runs, n_tokens, **mtp):
 def test_mtp_rejection_sampling_matches_plain_sampling_end_to_end(models_dir):
     """Token histograms at positions 1..3 (the ones MTP drafts) over many seeds: plain
     sampling and MTP with rejection sampling must come from the same distribution."""
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(models_dir / "sampling-oracle.gguf", seed=8, oracle=True, acceptance=0.7))
     n_runs = 400
     plain, _ = sample_histograms(path, n_runs, 4)
@@ -128,7 +128,7 @@ def test_mtp_rejection_sampling_matches_plain_sampling_end_to_end(models_dir):
 
 
 def test_rejection_accepts_more_than_match_at_high_temperature(models_dir):
-    from pyllama_mtp import testing
+    import factories as testing
     path = str(testing.write_step35(models_dir / "t-oracle.gguf", seed=8, oracle=True, acceptance=1.0))
     # the oracle's logits are very peaked; at temperature 8 its distributions are broad
     kw = dict(max_tokens=64, temperature=8.0, top_k=0, top_p=1.0, min_p=0.0)
@@ -155,7 +155,7 @@ class TestLogprobs:
 
     @pytest.fixture(scope="class")
     def pair(self, models_dir):
-        from pyllama_mtp import testing
+        import factories as testing
         path = str(testing.write_step35(models_dir / "lp-oracle.gguf", seed=9, oracle=True, acceptance=0.8))
         with Llama(path, n_ctx=256, threads=2) as plain, Llama(path, n_ctx=256, threads=2, mtp=True, draft=3) as mtp:
             yield plain, mtp

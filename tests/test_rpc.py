@@ -16,8 +16,10 @@ import time
 import pytest
 
 from conftest import first_diff, start_server
-from pyllama_mtp import InvalidArgumentError, Llama, ModelLoadError, RpcError, build_info, testing
-from pyllama_mtp.rpc_local import LocalWorker, free_port
+from pyllama_mtp import InvalidArgumentError, Llama, ModelLoadError, RpcError, build_info
+
+import factories as testing
+from factories.rpc_local import LocalWorker, free_port
 
 pytestmark = pytest.mark.skipif(not build_info().get("rpc"), reason="this build has no RPC backend")
 

@@ -11,7 +11,7 @@ import time
 import pytest
 
 from pyllama_mtp import Llama, build_info
-from pyllama_mtp.rpc_local import LocalWorker, wait_listening
+from factories.rpc_local import LocalWorker, wait_listening
 from test_rpc import _hello as hello, recv_exactly
 
 pytestmark = pytest.mark.skipif(not build_info().get("rpc"), reason="this build has no RPC backend")

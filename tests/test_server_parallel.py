@@ -134,7 +134,8 @@ def test_usage_and_spec_decode_counters(client, server):
 
 def test_parallel_with_a_recurrent_model(tmp_path):
     """qwen35 (recurrent state per slot): concurrent requests get their greedy text alone."""
-    from pyllama_mtp import Llama, testing
+    from pyllama_mtp import Llama
+    import factories as testing
     path = str(testing.write_qwen35(tmp_path / "q.gguf", seed=1))
     proc, base = start_server(path, "--mtp", "--draft", "2", "--parallel", "2")
     try:

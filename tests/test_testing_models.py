@@ -8,7 +8,7 @@ import pytest
 
 gguf = pytest.importorskip("gguf")
 
-from pyllama_mtp import testing  # noqa: E402
+import factories as testing  # noqa: E402
 
 N_LAYER, N_MTP = 4, 3
 

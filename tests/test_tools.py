@@ -15,7 +15,9 @@ import gguf
 import numpy as np
 import pytest
 
-from pyllama_mtp import Llama, testing
+from pyllama_mtp import Llama
+
+import factories as testing
 from pyllama_mtp.tools.cli import main
 
 SEED = 3

@@ -6,7 +6,7 @@ import hashlib
 import os
 from pathlib import Path
 
-from .. import testing
+from .. import tiny_models as testing
 
 # name -> (factory, keyword arguments); oracle models have MTP heads that agree with
 # the trunk's next prediction on the given fraction of tokens.

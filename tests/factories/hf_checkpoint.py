@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .testing import N_VOCAB
+from pyllama_mtp.tiny_models import N_VOCAB
 
 ARCHS = ("Step3p5ForCausalLM", "Step3p7ForConditionalGeneration")
 
@@ -217,7 +217,7 @@ def write_checkpoint(dir, *, arch: str = "Step3p5ForCausalLM", seed: int = 0, dt
 
 
 def add_tokenizer(writer) -> None:
-    """The tokenizer keys of :mod:`pyllama_mtp.testing`'s vocabulary, for a GGUF converted
+    """The tokenizer keys of :mod:`pyllama_mtp.tiny_models`'s vocabulary, for a GGUF converted
     from one of these checkpoints."""
-    from .testing import _add_metadata, _tokenizer_metadata, vocabulary
+    from pyllama_mtp.tiny_models import _add_metadata, _tokenizer_metadata, vocabulary
     _add_metadata(writer, _tokenizer_metadata(vocabulary()))
