@@ -271,3 +271,11 @@ def test_stream_extension_marks_draft_tokens_and_reports_stats(client, reference
 def test_models_report_the_draft_range(client):
     model = client.models.list().data[0]
     assert model.model_extra["x_pmtp"] == {"mtp": True, "draft_max": 3, "draft_default": 3, "n_ctx": 512}
+
+
+def test_a_list_of_prompts_runs_one_after_another_without_parallel(client, reference):
+    both = client.completions.create(model="tiny", prompt=["one two", "three"], max_tokens=12, temperature=0)
+    assert [c.text for c in both.choices] == [reference.generate(p, max_tokens=12).text for p in ("one two", "three")]
+    assert [c.index for c in both.choices] == [0, 1]
+    with pytest.raises(openai.BadRequestError, match="empty"):
+        client.completions.create(model="tiny", prompt=[[7, 8, 9], []], max_tokens=4)   # an empty prompt in the list

@@ -276,3 +276,24 @@ def test_stream_extension_with_parallel_slots(client):
         assert len(stats["acceptance_per_position"]) == 3
         if round_ == 1:
             assert stats["prompt_tokens_reused"] >= 16    # the slot kept the same prompt
+
+
+def test_a_list_of_prompts_gives_one_choice_each_in_order(client, reference):
+    # OpenAI's /v1/completions takes a list of prompts; with --parallel they run side by side
+    def create(prompt, n, **kw):
+        return client.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0, **kw)
+
+    prompts = ["one two three", "a", "the quick brown fox", "x y z", "hello there"]
+    alone = [reference.generate(p, max_tokens=40) for p in prompts]
+    both = create(prompts, 40)
+    assert [c.index for c in both.choices] == list(range(len(prompts)))
+    assert [c.text for c in both.choices] == [a.text for a in alone]
+    assert both.usage.completion_tokens == sum(len(a.tokens) for a in alone)
+    assert both.usage.prompt_tokens == sum(a.n_prompt_tokens for a in alone)
+    token_lists = [reference.tokenize(p) for p in prompts[:2]]
+    assert [c.text for c in create(token_lists, 40).choices] == [a.text for a in alone[:2]]
+    assert len(create(token_lists[0], 8).choices) == 1          # token ids alone stay one prompt
+    with pytest.raises(openai.BadRequestError, match="one prompt"):
+        create(prompts, 8, stream=True)
+    with pytest.raises(openai.BadRequestError, match="at most"):
+        create(["x"] * 65, 1)

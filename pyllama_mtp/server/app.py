@@ -24,6 +24,7 @@ from .. import openai_shapes
 from ..chat import ChatTemplateError
 from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
 from ..llama import Llama
+from ..speculative import GenerationStats
 from .metrics import Metrics
 from .scheduler import BatchWorker
 from .stream_extras import DraftSpans, message_stats
@@ -91,6 +92,7 @@ _log = logging.getLogger("pyllama_mtp.server")
 _STRICT = ConfigDict(extra="ignore", strict=True)
 _ROLES = ("system", "developer", "user", "assistant", "tool")
 _MAX_JSON_DEPTH = 64          # deeper bodies are refused before validation
+_MAX_PROMPTS = 64             # prompts in one /v1/completions request
 
 
 class _StreamOptions(BaseModel):
@@ -123,7 +125,8 @@ class _Options(BaseModel):
 
 
 class CompletionRequest(_Options):
-    prompt: str | list[int]
+    # one prompt (text or token ids), or a list of prompts as OpenAI's API takes them
+    prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
     logprobs: int | None = Field(default=None, ge=0, le=20)   # legacy: how many alternatives per token
 
@@ -473,10 +476,33 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             yield "data: [DONE]\n\n"
         return StreamingResponse(body(), media_type="text/event-stream")
 
+    async def completions_of_prompts(req: CompletionRequest, kwargs, request: Request) -> dict:
+        """A list of prompts: each runs as its own job (side by side with --parallel), one
+        choice each, in order; usage sums them."""
+        if req.stream:
+            raise ApiError(400, "stream: true takes one prompt; send a list of prompts without stream",
+                           param="prompt")
+        if len(req.prompt) > _MAX_PROMPTS:
+            raise ApiError(400, f"at most {_MAX_PROMPTS} prompts per request, got {len(req.prompt)}", param="prompt")
+        every = [check(lambda p=p: p, kwargs) for p in req.prompt]
+        admit()
+        cid, created = openai_shapes.new_id("cmpl"), int(time.time())
+        done = await asyncio.gather(*(collect(t, kwargs, request, chat=False) for t in every), return_exceptions=True)
+        failed = [d for d in done if isinstance(d, BaseException)]
+        if failed:
+            raise failed[0]
+        counted = [stats for _, _, _, stats, _ in done if stats is not None]
+        total = GenerationStats(drafted=sum(s.drafted for s in counted), accepted=sum(s.accepted for s in counted))
+        return openai_shapes.completions_response(
+            cid, settings.model_name, created, [(text, finish, lps) for text, _, finish, _, lps in done],
+            sum(len(t) for t in every), sum(n for _, n, _, _, _ in done), extra_usage=usage_extra(total))
+
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         kwargs = _generation_kwargs(req, llm, settings)
+        if req.prompt and all(isinstance(p, (str, list)) for p in req.prompt) and not isinstance(req.prompt, str):
+            return await completions_of_prompts(req, kwargs, request)
         tokens = check(lambda: req.prompt, kwargs)
         admit()
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
