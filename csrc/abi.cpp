@@ -486,7 +486,7 @@ int pmtp_draft(pmtp_session * session, int32_t k, int32_t * out, size_t cap, siz
         if (k < 1 || k > session->params.draft_max || (size_t) k > cap) {
             fail(PMTP_ERR_INVALID_ARG, "draft k must be in [1, " + std::to_string(session->params.draft_max) + "]");
         }
-        llama_token buf[8];
+        llama_token buf[PMTP_MAX_DRAFT];
         mtp_draft(session, {&session->seqs[0]}, {k}, buf);
         std::copy(buf, buf + k, out);
         if (n_out) {

@@ -137,7 +137,7 @@ void fill_logprobs(const pmtp_sampling & sp, const float * logits, int32_t n_voc
     }
     const float lse = max_l + (float) std::log(sum);
     out->logprob[i] = logits[tok] - lse;
-    const int32_t k = std::min(sp.n_logprobs, std::min<int32_t>(20, n_vocab));
+    const int32_t k = std::min(sp.n_logprobs, std::min<int32_t>(PMTP_MAX_TOP_LOGPROBS, n_vocab));
     out->n_top = k;
     if (k == 0) {
         return;

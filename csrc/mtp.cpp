@@ -627,7 +627,7 @@ void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_toke
     s->stats.n_drafted  += n;
     s->stats.n_accepted += n_acc;
     s->stats.n_emitted  += n_acc + 1;
-    for (size_t i = 0; i < n && i < 8; ++i) {
+    for (size_t i = 0; i < n && i < PMTP_MAX_DRAFT; ++i) {
         s->stats.drafted_at[i]++;
         s->stats.accepted_at[i] += i < n_acc;
         if (q_probs) {

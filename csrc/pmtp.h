@@ -28,6 +28,11 @@ extern "C" {
 
 /* --- cffi cdef begin --- */
 
+/* Limits of the engine, read by cffi and by pyllama_mtp.config (one definition each). */
+#define PMTP_MAX_DRAFT 8          /* drafts per step (MTP heads kept ready)              */
+#define PMTP_MAX_SEQUENCES 64     /* sequences decoded together (n_seq_max)              */
+#define PMTP_MAX_TOP_LOGPROBS 20  /* alternatives per token with n_logprobs              */
+
 enum pmtp_status {
     PMTP_OK                = 0,
     PMTP_ERR_INVALID_ARG   = 1,  /* a parameter is out of range or inconsistent        */
@@ -167,10 +172,10 @@ typedef struct pmtp_stats {
     uint64_t n_drafted;
     uint64_t n_accepted;
     uint64_t n_emitted;          /* tokens produced by steps (accepted + sampled)      */
-    uint64_t accepted_at[8];     /* drafts accepted at position i                       */
-    uint64_t drafted_at[8];      /* drafts proposed at position i                       */
-    uint64_t accepted_at_rejection[8]; /* the same two, for steps that used rejection   */
-    uint64_t drafted_at_rejection[8];  /* sampling (the arrays above count all steps)   */
+    uint64_t accepted_at[PMTP_MAX_DRAFT];  /* drafts accepted at position i             */
+    uint64_t drafted_at[PMTP_MAX_DRAFT];   /* drafts proposed at position i             */
+    uint64_t accepted_at_rejection[PMTP_MAX_DRAFT]; /* the same two, for steps that */
+    uint64_t drafted_at_rejection[PMTP_MAX_DRAFT];  /* used rejection sampling      */
     uint64_t swa_recoveries;     /* guard violations repaired by re-prefill             */
     double   t_draft_s;
     double   t_verify_s;
@@ -185,14 +190,14 @@ typedef struct pmtp_stats {
  * each token also carries log p under the target's own logits (log-softmax), accepted
  * drafts included, and with n_logprobs = k the k most likely tokens. */
 typedef struct pmtp_step_result {
-    int32_t tokens[9];
-    bool    from_draft[9];
+    int32_t tokens[PMTP_MAX_DRAFT + 1];
+    bool    from_draft[PMTP_MAX_DRAFT + 1];
     int32_t n_tokens;
     int32_t n_drafted;
     int32_t n_accepted;
-    float   logprob[9];
-    int32_t top_tokens[9][20];
-    float   top_logprobs[9][20];
+    float   logprob[PMTP_MAX_DRAFT + 1];
+    int32_t top_tokens[PMTP_MAX_DRAFT + 1][PMTP_MAX_TOP_LOGPROBS];
+    float   top_logprobs[PMTP_MAX_DRAFT + 1][PMTP_MAX_TOP_LOGPROBS];
     int32_t n_top;
 } pmtp_step_result;
 

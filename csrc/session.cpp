@@ -44,8 +44,9 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
     if (p.n_batch == 0 || p.n_ubatch == 0) {
         fail(PMTP_ERR_INVALID_ARG, "n_batch and n_ubatch must be >= 1");
     }
-    if (p.draft_max < 0 || p.draft_max > 8) {
-        fail(PMTP_ERR_INVALID_ARG, "draft must be in [0, 8] (got " + std::to_string(p.draft_max) + ")");
+    if (p.draft_max < 0 || p.draft_max > PMTP_MAX_DRAFT) {
+        fail(PMTP_ERR_INVALID_ARG, "draft must be in [0, " + std::to_string(PMTP_MAX_DRAFT) + "] (got " +
+                                   std::to_string(p.draft_max) + ")");
     }
     if (p.flash_attn < -1 || p.flash_attn > 1) {
         fail(PMTP_ERR_INVALID_ARG, "flash_attn must be -1 (auto), 0 (off) or 1 (on)");
@@ -55,8 +56,9 @@ void validate_session_params(const pmtp_model * m, const pmtp_session_params & p
             fail(PMTP_ERR_INVALID_ARG, "KV cache type " + std::to_string(t) + " is not a ggml type");
         }
     }
-    if (p.n_seq_max < 1 || p.n_seq_max > 64) {
-        fail(PMTP_ERR_INVALID_ARG, "n_seq_max must be in [1, 64] (got " + std::to_string(p.n_seq_max) + ")");
+    if (p.n_seq_max < 1 || p.n_seq_max > PMTP_MAX_SEQUENCES) {
+        fail(PMTP_ERR_INVALID_ARG, "n_seq_max must be in [1, " + std::to_string(PMTP_MAX_SEQUENCES) + "] (got " +
+                                   std::to_string(p.n_seq_max) + ")");
     }
     if (p.n_seq_max > 1) {
         if (p.flash_attn == 0) {
@@ -187,8 +189,9 @@ void session_set_sampling(pmtp_session * s, seq_state & sq, const pmtp_sampling 
     if (sp.penalty_last_n < -1) {
         fail(PMTP_ERR_INVALID_ARG, "penalty_last_n must be >= -1 (-1 = whole context)");
     }
-    if (sp.n_logprobs < -1 || sp.n_logprobs > 20) {
-        fail(PMTP_ERR_INVALID_ARG, "n_logprobs must be in [-1, 20] (-1 = off)");
+    if (sp.n_logprobs < -1 || sp.n_logprobs > PMTP_MAX_TOP_LOGPROBS) {
+        fail(PMTP_ERR_INVALID_ARG, "n_logprobs must be in [-1, " + std::to_string(PMTP_MAX_TOP_LOGPROBS) +
+                                   "] (-1 = off)");
     }
     if (sp.accept != 0 && sp.accept != 1) {
         fail(PMTP_ERR_INVALID_ARG, "accept must be 0 (match) or 1 (rejection sampling)");

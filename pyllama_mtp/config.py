@@ -5,16 +5,33 @@ from __future__ import annotations
 
 import math
 import os
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .errors import InvalidArgumentError
 
 _SPLIT_MODES = {"none": 0, "layer": 1, "row": 2}
 _MTP_PLACEMENTS = {"local": 0, "split": 1}
 _KV_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q5_0": 6, "q5_1": 7, "q8_0": 8, "bf16": 30}
-# The MTP engine's step result holds at most 8 drafts.
-MAX_DRAFT = 8
-MAX_SEQUENCES = 64   # the native engine's limit on sequences decoded together
+
+
+def _engine_limits() -> dict[str, int]:
+    """The ``#define PMTP_MAX_*`` limits of pmtp.h, the one place they are defined (the
+    header ships next to the native library; a source tree has it in csrc/). Read as text,
+    so this module imports without the native library."""
+    here = Path(__file__).resolve().parent
+    for header in (here / "lib" / "pmtp.h", here.parent / "csrc" / "pmtp.h"):
+        if header.is_file():
+            found = re.findall(r"^#define PMTP_(MAX_\w+) (\d+)", header.read_text(), re.MULTILINE)
+            return {name: int(value) for name, value in found}
+    raise ImportError(f"pmtp.h not found in {here / 'lib'} or {here.parent / 'csrc'}; reinstall pyllama-mtp")
+
+
+_LIMITS = _engine_limits()
+MAX_DRAFT = _LIMITS["MAX_DRAFT"]                  # drafts per step
+MAX_SEQUENCES = _LIMITS["MAX_SEQUENCES"]          # sequences decoded together
+MAX_TOP_LOGPROBS = _LIMITS["MAX_TOP_LOGPROBS"]    # alternatives per token with logprobs
 
 
 def default_threads() -> int:
@@ -142,7 +159,7 @@ class SamplingParams:
     penalty_last_n: int = 64
     seed: int = 0xFFFFFFFF
     accept: str | None = None     # MTP at temperature > 0: "rejection" (default) or "match"
-    n_logprobs: int = -1          # -1 off; 0 each token's logprob; k <= 20 also the top k
+    n_logprobs: int = -1          # -1 off; 0 each token's logprob; k <= MAX_TOP_LOGPROBS also the top k
 
     def __post_init__(self):
         for name in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
@@ -156,8 +173,8 @@ class SamplingParams:
         _require(self.repeat_penalty > 0, f"repeat_penalty must be > 0 (1 = off), got {self.repeat_penalty}")
         _require(_is_int(self.penalty_last_n) and self.penalty_last_n >= -1, "penalty_last_n must be an int >= -1")
         _require(_is_int(self.seed) and 0 <= self.seed <= 0xFFFFFFFF, f"seed must be an int in [0, 2**32), got {self.seed!r}")
-        _require(_is_int(self.n_logprobs) and -1 <= self.n_logprobs <= 20,
-                 f"logprobs must be an int in [0, 20], got {self.n_logprobs!r}")
+        _require(_is_int(self.n_logprobs) and -1 <= self.n_logprobs <= MAX_TOP_LOGPROBS,
+                 f"logprobs must be an int in [0, {MAX_TOP_LOGPROBS}], got {self.n_logprobs!r}")
         _require(self.accept in (None, "match", "rejection"),
                  f"accept must be 'match' or 'rejection', got {self.accept!r}")
 

@@ -53,3 +53,15 @@ def test_token_pieces_rebuild_text(llama_path):
     with Model(ModelConfig(llama_path)) as m:
         tokens = m.tokenize("pieces of text, ünïcode", add_special=False)
         assert b"".join(m.token_pieces[t] for t in tokens).decode() == "pieces of text, ünïcode"
+
+
+def test_engine_limits_have_one_definition_read_by_cffi_and_python():
+    # pmtp.h defines them once; cffi's structs and pyllama_mtp.config both follow it
+    from pyllama_mtp import _native, config
+    ffi, lib = _native.ffi, _native.lib
+    assert (lib.PMTP_MAX_DRAFT, lib.PMTP_MAX_SEQUENCES, lib.PMTP_MAX_TOP_LOGPROBS) == \
+        (config.MAX_DRAFT, config.MAX_SEQUENCES, config.MAX_TOP_LOGPROBS)
+    assert len(ffi.new("pmtp_stats *").drafted_at) == config.MAX_DRAFT
+    result = ffi.new("pmtp_step_result *")
+    assert len(result.tokens) == config.MAX_DRAFT + 1
+    assert len(result.top_tokens[0]) == config.MAX_TOP_LOGPROBS

@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from ..config import ContextConfig, ModelConfig, SamplingParams
+from ..config import MAX_DRAFT, ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
 from ..draft_policy import DraftPolicy, step_auto
 from .params import Instance, BenchTest
@@ -24,8 +24,8 @@ class Measurement:
     drafted: int = 0
     accepted: int = 0
     n_steps: int = 0
-    drafted_at: list[int] = field(default_factory=lambda: [0] * 8)
-    accepted_at: list[int] = field(default_factory=lambda: [0] * 8)
+    drafted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)
+    accepted_at: list[int] = field(default_factory=lambda: [0] * MAX_DRAFT)
 
     @property
     def n_tokens(self) -> int:
@@ -109,7 +109,7 @@ class InstanceRunner:
             m.drafted += after["n_drafted"] - before["n_drafted"]
             m.accepted += after["n_accepted"] - before["n_accepted"]
             m.n_steps += after["n_steps"] - before["n_steps"]
-            for i in range(8):
+            for i in range(MAX_DRAFT):
                 m.drafted_at[i] += after["drafted_at"][i] - before["drafted_at"][i]
                 m.accepted_at[i] += after["accepted_at"][i] - before["accepted_at"][i]
         return elapsed

@@ -23,6 +23,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from .. import openai_shapes
 from ..chat import ChatTemplateError
 from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
+from ..config import MAX_TOP_LOGPROBS
 from ..llama import Llama
 from ..speculative import GenerationStats
 from .metrics import Metrics
@@ -128,7 +129,7 @@ class CompletionRequest(_Options):
     # one prompt (text or token ids), or a list of prompts as OpenAI's API takes them
     prompt: str | list[int] | list[str] | list[list[int]]
     max_tokens: int | None = Field(default=16, ge=1)
-    logprobs: int | None = Field(default=None, ge=0, le=20)   # legacy: how many alternatives per token
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)   # legacy: alternatives per token
 
     @property
     def n_logprobs(self) -> int | None:
@@ -138,7 +139,7 @@ class CompletionRequest(_Options):
 class ChatRequest(_Options):
     messages: list[dict] = Field(min_length=1)
     logprobs: bool = False
-    top_logprobs: int | None = Field(default=None, ge=0, le=20)
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 
     @field_validator("messages")
     @classmethod

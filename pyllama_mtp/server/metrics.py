@@ -6,6 +6,8 @@ from __future__ import annotations
 import threading
 from collections import defaultdict
 
+from ..config import MAX_DRAFT
+
 _LATENCY_BUCKETS = (0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0)
 
 
@@ -47,7 +49,7 @@ class Metrics:
         self.num_drafts = 0
         self.num_draft_tokens = 0
         self.num_accepted_tokens = 0
-        self.accepted_per_pos: list[int] = [0] * 8
+        self.accepted_per_pos: list[int] = [0] * MAX_DRAFT
         self.request_latency = Histogram()
         self.time_to_first_token = Histogram()
         self.running = 0                            # sequences being decoded now
