@@ -51,6 +51,31 @@ class _Running:
         return chunk.finish_reason is not None
 
 
+def step_together(session, seqs: list[tuple[int, int | str, int]], policy) -> list[tuple[int, object, int]]:
+    """One decode cycle for several sequences: ``seqs`` holds (sequence id, its draft setting
+    (an int or "auto"), the drafts of its last step); returns per sequence (drafts used, its
+    StepResult, tokens in its KV cache after). ``"auto"`` sequences take the length
+    ``policy`` (a BatchDraftPolicy) picks for this many sequences at the deepest context
+    among them, and the policy learns from the step's time and acceptance. The loop of
+    ``generate_batch`` and the server's scheduler both step their sequences here."""
+    ids = [seq for seq, _, _ in seqs]
+    auto = [seq for seq, draft, _ in seqs if draft == "auto"]
+    depth = max(session.seq_n_past(seq) for seq in auto) if auto else 0
+    k_auto = policy.choose(len(ids), depth) if auto and policy else 0
+    drafts = [k_auto if draft == "auto" else draft for _, draft, _ in seqs]
+    for (seq, _, last_k), k in zip(seqs, drafts):
+        # rows queued by plain decoding go to the heads outside the timed step
+        if k > 0 and last_k == 0:
+            session.seq_mtp_catch_up(seq)
+    t0 = time.perf_counter()
+    results = session.step_batch(ids, drafts)
+    seconds = time.perf_counter() - t0
+    if auto and policy:
+        accepted = [res.n_accepted for (_, draft, _), res in zip(seqs, results) if draft == "auto"]
+        policy.update(len(ids), k_auto, accepted, seconds, depth)
+    return [(k, res, session.seq_n_past(seq)) for seq, k, res in zip(ids, drafts, results)]
+
+
 def _progress_bar(total: int, progress: bool | None):
     show = progress if progress is not None else (total >= PROGRESS_MIN_PROMPTS and sys.stderr.isatty())
     if not show:
@@ -106,23 +131,9 @@ def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> lis
 
     def step() -> None:
         seqs = sorted(running)
-        auto = [s for s in seqs if running[s].draft == "auto"]
         with gate.native():
-            depth = max(session.seq_n_past(s) for s in auto) if auto else 0
-            k_auto = policy.choose(len(seqs), depth) if auto and policy else 0
-            drafts = [k_auto if running[s].draft == "auto" else running[s].draft for s in seqs]
-            for seq, k in zip(seqs, drafts):
-                # rows queued by plain decoding go to the heads outside the timed step
-                if k > 0 and running[seq].last_k == 0:
-                    session.seq_mtp_catch_up(seq)
-            t0 = time.perf_counter()
-            results_ = session.step_batch(seqs, drafts)
-            t_step = time.perf_counter() - t0
-            n_past = [session.seq_n_past(s) for s in seqs]
-        if auto and policy:
-            accepted = [res.n_accepted for s, res in zip(seqs, results_) if running[s].draft == "auto"]
-            policy.update(len(seqs), k_auto, accepted, t_step, depth)
-        for seq, k, res, past in zip(seqs, drafts, results_, n_past):
+            steps = step_together(session, [(s, running[s].draft, running[s].last_k) for s in seqs], policy)
+        for seq, (k, res, past) in zip(seqs, steps):
             r = running[seq]
             r.last_k = k
             r.counters.count(res)

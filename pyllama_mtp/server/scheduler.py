@@ -27,6 +27,7 @@ import time
 from dataclasses import dataclass, field
 
 from ..llama import Llama, SequenceOutput
+from ..batch import step_together
 from ..draft_policy import BatchDraftPolicy
 from ..speculative import GenerationStats, SequenceCounters
 from .worker import Job, Worker, refuse_queued
@@ -226,29 +227,18 @@ class BatchWorker:
 
     def _step(self) -> None:
         seqs = sorted(self.slots)
-        auto = [s for s in seqs if self.slots[s].draft == "auto"]
-        depth = max(self.session.seq_n_past(s) for s in auto) if auto else 0
-        k_auto = self.policy.choose(len(seqs), depth) if auto and self.policy else 0
-        drafts = [k_auto if self.slots[s].draft == "auto" else self.slots[s].draft for s in seqs]
         try:
-            for seq, k in zip(seqs, drafts):
-                # rows queued by plain decoding go to the heads outside the timed step
-                if k > 0 and self.slots[seq].last_k == 0:
-                    self.session.seq_mtp_catch_up(seq)
-            t0 = time.perf_counter()
-            results = self.session.step_batch(seqs, drafts)
+            steps = step_together(self.session, [(s, self.slots[s].draft, self.slots[s].last_k) for s in seqs],
+                                  self.policy)
         except Exception as e:   # nothing of this step reached any slot: all of them end with the error
             for seq in seqs:
                 self._finish(seq, error=e)
             return
-        if auto and self.policy:
-            accepted = [r.n_accepted for s, r in zip(seqs, results) if self.slots[s].draft == "auto"]
-            self.policy.update(len(seqs), k_auto, accepted, time.perf_counter() - t0, depth)
-        for seq, k in zip(seqs, drafts):
-            self.slots[seq].last_k = k
-        for seq, result in zip(seqs, results):
-            self.slots[seq].counters.count(result)
-            self._deliver(self.slots[seq], result)
+        for seq, (k, result, _) in zip(seqs, steps):
+            slot = self.slots[seq]
+            slot.last_k = k
+            slot.counters.count(result)
+            self._deliver(slot, result)
 
     def _deliver(self, slot: _Slot, result) -> None:
         slot.tokens.extend(result.tokens)
