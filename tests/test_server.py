@@ -138,7 +138,7 @@ def test_metrics_have_request_and_spec_decode_counters(server, client):
     (json.dumps({"model": "tiny", "prompt": "x", "mtp": "yes"}).encode(), 400, "mtp"),
     (json.dumps({"model": "tiny", "prompt": "x", "stream": "true"}).encode(), 400, "stream"),
     (json.dumps({"model": "tiny", "prompt": [True, 5]}).encode(), 400, "prompt"),
-    (json.dumps({"model": "tiny", "prompt": ["a", "b"]}).encode(), 400, "prompt"),
+    (json.dumps({"model": "tiny", "prompt": [["a"], ["b"]]}).encode(), 400, "prompt"),   # lists of texts are not prompts
     (json.dumps({"model": "tiny", "prompt": "x", "temperature": 1e9}).encode(), 400, "temperature"),
     (json.dumps({"model": "tiny", "prompt": "x", "frequency_penalty": 1e308}).encode(), 400, "frequency_penalty"),
     (json.dumps({"model": "tiny", "prompt": "x", "presence_penalty": -3}).encode(), 400, "presence_penalty"),
