@@ -133,6 +133,14 @@ class _WallTotals:
         self.t_prompt += t_first - t0
         self.t_generate += t_end - t_first
 
+    def add_batch(self, n_prompt: int, n_generated: int, seconds: float) -> None:
+        """A generate_batch call: its sequences ran side by side, so its aggregate speed is
+        every token over the batch's wall time."""
+        self.n_prompt += n_prompt
+        self.n_generated += n_generated
+        self.n_timed += n_generated
+        self.t_generate += seconds
+
 
 class Llama:
     """A GGUF model with a context, ready to generate; MTP speculative decoding with ``mtp=``.
@@ -440,12 +448,8 @@ class Llama:
         with self._gate.turn():
             t0 = time.perf_counter()
             results = generate_batch(self, calls, progress)
-            n = sum(len(r.tokens) for r in results)
-            # llm.stats: the batch's aggregate decode speed (its sequences ran side by side)
-            self._wall.n_prompt += sum(r.n_prompt_tokens for r in results)
-            self._wall.n_generated += n
-            self._wall.n_timed += n
-            self._wall.t_generate += time.perf_counter() - t0
+            self._wall.add_batch(sum(r.n_prompt_tokens for r in results), sum(len(r.tokens) for r in results),
+                                 time.perf_counter() - t0)
             return results
 
     def _generate(self, args) -> Completion:
