@@ -502,7 +502,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
         kwargs = _generation_kwargs(req, llm, settings)
-        if req.prompt and all(isinstance(p, (str, list)) for p in req.prompt) and not isinstance(req.prompt, str):
+        if not isinstance(req.prompt, str) and req.prompt and all(isinstance(p, (str, list)) for p in req.prompt):
             return await completions_of_prompts(req, kwargs, request)
         tokens = check(lambda: req.prompt, kwargs)
         admit()
