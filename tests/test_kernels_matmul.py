@@ -85,6 +85,41 @@ def test_repacked_layouts_are_exercised_where_the_cpu_has_them():
     assert all(not mul_mat(t, w, x, repack=False)[1] for t in repacked)
 
 
+def cpu_flags() -> set[str]:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
+    except OSError:
+        return set()
+
+
+def test_f16_weights_take_the_interleaved_layout_on_x86_with_avx2():
+    # F16 weights with rows in multiples of 4 and a row length that is a multiple of the SIMD
+    # width (16) go to the interleaved layout, whose kernels share work across rows.
+    if not {"avx2", "f16c", "fma"} <= cpu_flags():
+        pytest.skip("the interleaved F16 layout needs x86 with AVX2, F16C and FMA")
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    assert mul_mat("F16", rng.standard_normal((16, 64)).astype(np.float32), x)[1]
+    assert not mul_mat("F16", rng.standard_normal((18, 64)).astype(np.float32), x)[1]      # rows % 4
+    assert not mul_mat("F16", rng.standard_normal((16, 200)).astype(np.float32), x[:, :1].repeat(200, 1))[1]
+
+
+@pytest.mark.parametrize("k, m", [(64, 4), (2048, 24), (1024, 36)])
+def test_f16_products_match_a_float64_reference_at_every_batch_size(k, m):
+    # One row, a verify batch, a block of 64 and a prompt batch of several blocks: all must
+    # be right (F16-rounded inputs summed in float32), and every row must have its bits alone.
+    rng = np.random.default_rng(k + m)
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((150, k)).astype(np.float32)
+    ref = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
+    alone = np.concatenate([mul_mat("F16", w, x[i:i + 1])[0] for i in range(x.shape[0])])
+    for n in (1, 4, 64, 65, 150):
+        out, _ = mul_mat("F16", w, x[:n])
+        np.testing.assert_allclose(out, ref[:n], rtol=0, atol=1e-5 * np.sqrt(k) * np.abs(ref).max())
+        assert rows_that_differ(out, alone[:n]) == [], f"k={k} m={m} n={n}"
+
+
 def test_probe_rejects_bad_arguments_with_an_error():
     ffi, lib = _native.ffi, _native.lib
     w = np.zeros((8, 100), np.float32)
