@@ -93,31 +93,51 @@ def cpu_flags() -> set[str]:
         return set()
 
 
-def test_f16_weights_take_the_interleaved_layout_on_x86_with_avx2():
-    # F16 weights with rows in multiples of 4 and a row length that is a multiple of the SIMD
-    # width (16) go to the interleaved layout, whose kernels share work across rows.
+FLOAT_TYPES = ("F32", "F16", "BF16")
+
+
+def rounded(type_name: str, a: np.ndarray) -> np.ndarray:
+    """a as the type stores it (and as the type's kernels round activations), in float64."""
+    a = np.asarray(a, np.float32)
+    if type_name == "F16":
+        return a.astype(np.float16).astype(np.float64)
+    if type_name == "BF16":  # round to nearest even on the upper 16 bits
+        u = a.view(np.uint32).astype(np.uint64)
+        u = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16 << 16).astype(np.uint32)
+        return u.view(np.float32).astype(np.float64)
+    return a.astype(np.float64)
+
+
+@pytest.mark.parametrize("type_name", FLOAT_TYPES)
+def test_float_weights_take_the_interleaved_layout_on_x86_with_avx2(type_name):
+    # Weights with rows in multiples of 4 and a row length that is a multiple of the SIMD
+    # width (16 floats) go to the interleaved layout, whose kernels share work across rows.
     if not {"avx2", "f16c", "fma"} <= cpu_flags():
-        pytest.skip("the interleaved F16 layout needs x86 with AVX2, F16C and FMA")
+        pytest.skip("the interleaved layout needs x86 with AVX2, F16C and FMA")
     rng = np.random.default_rng(5)
     x = rng.standard_normal((1, 64)).astype(np.float32)
-    assert mul_mat("F16", rng.standard_normal((16, 64)).astype(np.float32), x)[1]
-    assert not mul_mat("F16", rng.standard_normal((18, 64)).astype(np.float32), x)[1]      # rows % 4
-    assert not mul_mat("F16", rng.standard_normal((16, 200)).astype(np.float32), x[:, :1].repeat(200, 1))[1]
+    assert mul_mat(type_name, rng.standard_normal((16, 64)).astype(np.float32), x)[1]
+    assert not mul_mat(type_name, rng.standard_normal((18, 64)).astype(np.float32), x)[1]    # rows % 4
+    assert not mul_mat(type_name, rng.standard_normal((16, 200)).astype(np.float32), x[:, :1].repeat(200, 1))[1]
+    assert not mul_mat(type_name, rng.standard_normal((16, 64)).astype(np.float32), x, repack=False)[1]
 
 
+@pytest.mark.parametrize("type_name", FLOAT_TYPES)
 @pytest.mark.parametrize("k, m", [(64, 4), (2048, 24), (1024, 36)])
-def test_f16_products_match_a_float64_reference_at_every_batch_size(k, m):
+def test_float_products_match_a_float64_reference_at_every_batch_size(type_name, k, m):
     # One row, a verify batch, a block of 64 and a prompt batch of several blocks: all must
-    # be right (F16-rounded inputs summed in float32), and every row must have its bits alone.
+    # be right (inputs rounded to the type, summed in float32), and every row must have the
+    # bits it has alone (prompt batches included, where the interleaved layout is used).
     rng = np.random.default_rng(k + m)
     w = rng.standard_normal((m, k)).astype(np.float32)
     x = rng.standard_normal((150, k)).astype(np.float32)
-    ref = x.astype(np.float16).astype(np.float64) @ w.astype(np.float16).astype(np.float64).T
-    alone = np.concatenate([mul_mat("F16", w, x[i:i + 1])[0] for i in range(x.shape[0])])
+    ref = rounded(type_name, x) @ rounded(type_name, w).T
+    alone = np.concatenate([mul_mat(type_name, w, x[i:i + 1])[0] for i in range(x.shape[0])])
     for n in (1, 4, 64, 65, 150):
-        out, _ = mul_mat("F16", w, x[:n])
+        out, repacked = mul_mat(type_name, w, x[:n])
         np.testing.assert_allclose(out, ref[:n], rtol=0, atol=1e-5 * np.sqrt(k) * np.abs(ref).max())
-        assert rows_that_differ(out, alone[:n]) == [], f"k={k} m={m} n={n}"
+        if repacked or n <= 64:
+            assert rows_that_differ(out, alone[:n]) == [], f"{type_name} k={k} m={m} n={n}"
 
 
 def test_probe_rejects_bad_arguments_with_an_error():
