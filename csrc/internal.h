@@ -199,17 +199,28 @@ void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens,
 // Every head takes the sequence's queued rows now (no-op without heads).
 void mtp_catch_up(pmtp_session * s, seq_state & sq);
 // Draft k[i] tokens for each seqs[i] (all heads' decodes shared by the sequences) into
-// out[i * 8 ..]; with rejection sampling the draft distributions stay in the heads.
+// out[i * PMTP_MAX_DRAFT ..]; with rejection sampling the draft distributions stay in the heads.
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,
                llama_token * out);
 // The draft distributions [k, n_vocab] of a sequence's last mtp_draft (rejection sampling).
 const float * mtp_draft_probs(pmtp_session * s, const seq_state & sq);
-// Verify rows of one sequence that the target decoded at batch rows row0 .. row0 + n:
-// accept, roll back, queue the heads' rows, guard the window. q_probs: the draft
-// distributions when the drafts were sampled from them (rejection sampling); NULL
-// accepts drafts that equal the target's own samples.
-void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
-                const float * q_probs, pmtp_step_result * out);
+// A verify of one sequence's [pending, drafts[0..n)] at target batch rows row0 .. row0 + n,
+// in the order session_step runs them:
+// - mtp_accepted: the acceptance rule. How many drafts the rows accept, and the token after
+//   them (`next`). q_probs: the draft distributions when the drafts were sampled from them
+//   (rejection sampling); NULL accepts drafts equal to the target's own samples.
+size_t mtp_accepted(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                    const float * q_probs, llama_token & next);
+// - mtp_result: the step's tokens, draft flags and logprobs into out.
+void mtp_result(pmtp_session * s, const seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                size_t n_acc, llama_token next, pmtp_step_result * out);
+// - mtp_commit: the pending token and the accepted drafts join the history, `next` becomes
+//   pending; the KV cache drops the rejected rows; chained heads keep the rows still clean.
+void mtp_commit(pmtp_session * s, seq_state & sq, const llama_token * drafts, size_t n_acc, llama_token next);
+// - mtp_queue_verified: the heads' rows for the committed tokens (after mtp_commit).
+void mtp_queue_verified(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n_acc);
+// - mtp_count: the session's acceptance statistics.
+void mtp_count(pmtp_session * s, size_t n, size_t n_acc, bool rejection);
 bool rejection_mode(const seq_state & sq);
 // Logits of the last row head `head` decoded, [n_vocab] (after a draft of one sequence,
 // chained head j holds draft j's); throws when the head has produced none.

@@ -506,7 +506,7 @@ void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const st
     for (size_t r = 0; r < seqs.size(); ++r) {
         mtp_seq & m = H.seqs[(size_t) seqs[r]->id];
         queue_trim(H, m);
-        std::copy(m.d.begin(), m.d.begin() + k[r], out + r * 8);
+        std::copy(m.d.begin(), m.d.begin() + k[r], out + r * PMTP_MAX_DRAFT);
     }
     s->stats.t_draft_s += now_s() - t0;
 }
@@ -572,17 +572,14 @@ size_t accept_rejection(pmtp_session * s, seq_state & sq, int32_t row0, const ll
 
 }  // namespace
 
-void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
-                const float * q_probs, pmtp_step_result * out) {
-    mtp_heads & H = *s->heads;
-    const llama_pos P = sq.n_past();
-    const llama_token pending = sq.pending;
-    sq.history.push_back(pending);
-    sq.pending = -1;
+size_t mtp_accepted(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                    const float * q_probs, llama_token & next) {
+    return q_probs ? accept_rejection(s, sq, row0, drafts, n, q_probs, next)
+                   : accept_matching(s, sq, row0, drafts, n, next);
+}
 
-    llama_token next = -1;
-    const size_t n_acc = q_probs ? accept_rejection(s, sq, row0, drafts, n, q_probs, next)
-                                 : accept_matching(s, sq, row0, drafts, n, next);
+void mtp_result(pmtp_session * s, const seq_state & sq, int32_t row0, const llama_token * drafts, size_t n,
+                size_t n_acc, llama_token next, pmtp_step_result * out) {
     for (size_t j = 0; j < n_acc; ++j) {
         out->tokens[j]     = drafts[j];
         out->from_draft[j] = true;
@@ -595,7 +592,11 @@ void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_toke
     for (size_t j = 0; j <= n_acc; ++j) {  // token j was sampled from verify row j
         fill_logprobs(sq.sampling, llama_get_logits_ith(s->ctx.get(), row0 + (int32_t) j), s->n_vocab, (int32_t) j, out);
     }
+}
 
+void mtp_commit(pmtp_session * s, seq_state & sq, const llama_token * drafts, size_t n_acc, llama_token next) {
+    mtp_heads & H = *s->heads;
+    const llama_pos P = sq.n_past();
     // Keep [0, P + n_acc]: the pending token and the accepted drafts.
     llama_memory_seq_rm(s->mem(), sq.id, P + 1 + (llama_pos) n_acc, -1);
 
@@ -612,17 +613,24 @@ void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_toke
         }
         m.n_clean[j] = P + 1 + (llama_pos) same;
     }
+    sq.history.push_back(sq.pending);
     sq.history.insert(sq.history.end(), drafts, drafts + n_acc);
     sq.pending = next;
+}
 
-    // Heads: queue rows P+1 .. P+n_acc+1 (accepted drafts, then the new pending token).
-    const size_t n_embd = (size_t) H.n_embd;
+void mtp_queue_verified(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t n_acc) {
+    // Rows P+1 .. P+n_acc+1 (the accepted drafts, then the new pending token), each with the
+    // hidden state of the verify row before it.
+    const size_t n_embd = (size_t) s->heads->n_embd;
+    const llama_pos P = sq.n_past() - 1 - (llama_pos) n_acc;
     const float * h = llama_get_embeddings_nextn(s->ctx.get()) + (size_t) row0 * n_embd;  // [n + 1, n_embd]
     std::memcpy(sq.last_h.data(), h + n_acc * n_embd, sizeof(float) * n_embd);
     std::vector<llama_token> new_rows(drafts, drafts + n_acc);
-    new_rows.push_back(next);
+    new_rows.push_back(sq.pending);
     mtp_push_rows(s, sq, new_rows.data(), h, h + n_embd, new_rows.size(), P + 1);
+}
 
+void mtp_count(pmtp_session * s, size_t n, size_t n_acc, bool rejection) {
     s->stats.n_steps++;
     s->stats.n_drafted  += n;
     s->stats.n_accepted += n_acc;
@@ -630,7 +638,7 @@ void mtp_accept(pmtp_session * s, seq_state & sq, int32_t row0, const llama_toke
     for (size_t i = 0; i < n && i < PMTP_MAX_DRAFT; ++i) {
         s->stats.drafted_at[i]++;
         s->stats.accepted_at[i] += i < n_acc;
-        if (q_probs) {
+        if (rejection) {
             s->stats.drafted_at_rejection[i]++;
             s->stats.accepted_at_rejection[i] += i < n_acc;
         }

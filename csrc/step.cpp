@@ -82,6 +82,17 @@ void accept_plain(pmtp_session * s, seq_state & sq, int32_t row, pmtp_step_resul
     s->stats.n_emitted += 1;
 }
 
+// A verify's outcome: accept -> result -> commit -> heads' rows -> statistics.
+void accept_verified(pmtp_session * s, seq_state & sq, int32_t row0, const llama_token * drafts, size_t k,
+                     const float * q_probs, pmtp_step_result * out) {
+    llama_token next = -1;
+    const size_t n_acc = mtp_accepted(s, sq, row0, drafts, k, q_probs, next);
+    mtp_result(s, sq, row0, drafts, k, n_acc, next, out);
+    mtp_commit(s, sq, drafts, n_acc, next);
+    mtp_queue_verified(s, sq, row0, drafts, n_acc);
+    mtp_count(s, k, n_acc, q_probs != nullptr);
+}
+
 void run_group(pmtp_session * s, const std::vector<planned> & items, size_t begin, size_t end,
                const std::vector<llama_token> & drafts, pmtp_step_result * out) {
     const int32_t k = items[begin].k;
@@ -92,7 +103,7 @@ void run_group(pmtp_session * s, const std::vector<planned> & items, size_t begi
         rows.row0.push_back((int32_t) rows.tokens.size());
         rows.n.push_back(k + 1);
         rows.tokens.push_back(sq.pending);
-        rows.tokens.insert(rows.tokens.end(), drafts.begin() + (ptrdiff_t) (i * 8), drafts.begin() + (ptrdiff_t) (i * 8 + k));
+        rows.tokens.insert(rows.tokens.end(), drafts.begin() + (ptrdiff_t) (i * PMTP_MAX_DRAFT), drafts.begin() + (ptrdiff_t) (i * PMTP_MAX_DRAFT + k));
     }
     const double t0 = now_s();
     target_decode_rows(s, rows, k > 0);
@@ -103,7 +114,7 @@ void run_group(pmtp_session * s, const std::vector<planned> & items, size_t begi
             accept_plain(s, sq, row0, out + items[i].slot);
         } else {
             const float * q = rejection_mode(sq) ? mtp_draft_probs(s, sq) : nullptr;
-            mtp_accept(s, sq, row0, &drafts[i * 8], (size_t) k, q, out + items[i].slot);
+            accept_verified(s, sq, row0, &drafts[i * PMTP_MAX_DRAFT], (size_t) k, q, out + items[i].slot);
         }
     }
     // only after every sequence has read its rows: a recovery decodes again
@@ -120,7 +131,7 @@ void session_step(pmtp_session * s, const int32_t * seqs, const int32_t * drafts
     for (size_t i = 0; i < n; ++i) {
         std::memset(out + i, 0, sizeof(*out));
     }
-    std::vector<llama_token> proposed(items.size() * 8, 0);  // [item][draft]
+    std::vector<llama_token> proposed(items.size() * PMTP_MAX_DRAFT, 0);  // [item][draft]
     std::vector<seq_state *> drafting;
     std::vector<int32_t> k;
     std::vector<size_t> index;
@@ -132,11 +143,11 @@ void session_step(pmtp_session * s, const int32_t * seqs, const int32_t * drafts
         }
     }
     if (!drafting.empty()) {
-        std::vector<llama_token> buf(drafting.size() * 8, 0);
+        std::vector<llama_token> buf(drafting.size() * PMTP_MAX_DRAFT, 0);
         mtp_draft(s, drafting, k, buf.data());
         for (size_t r = 0; r < drafting.size(); ++r) {
-            std::copy(buf.begin() + (ptrdiff_t) (r * 8), buf.begin() + (ptrdiff_t) (r * 8 + 8),
-                      proposed.begin() + (ptrdiff_t) (index[r] * 8));
+            std::copy(buf.begin() + (ptrdiff_t) (r * PMTP_MAX_DRAFT), buf.begin() + (ptrdiff_t) ((r + 1) * PMTP_MAX_DRAFT),
+                      proposed.begin() + (ptrdiff_t) (index[r] * PMTP_MAX_DRAFT));
         }
     }
     for (const auto & g : groups_of(s, items)) {
@@ -158,7 +169,7 @@ void session_verify(pmtp_session * s, seq_state & sq, const llama_token * drafts
     std::copy(drafts, drafts + n, rows.begin() + 1);
     const double t0 = now_s();
     target_decode(s, sq, rows.data(), n + 1, P, true);
-    mtp_accept(s, sq, 0, rows.data() + 1, n, nullptr, out);
+    accept_verified(s, sq, 0, rows.data() + 1, n, nullptr, out);
     guard_window(s, sq);
     s->stats.t_verify_s += now_s() - t0;
 }

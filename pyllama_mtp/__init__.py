@@ -20,6 +20,7 @@ _LAZY = {
     "Llama": ("llama", "Llama"),
     "Completion": ("llama", "Completion"),
     "Chunk": ("llama", "Chunk"),
+    "PreparedCall": ("llama", "PreparedCall"),
     "Model": ("engine", "Model"),
     "Session": ("engine", "Session"),
     "build_info": ("engine", "build_info"),

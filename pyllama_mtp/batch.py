@@ -84,8 +84,8 @@ def _progress_bar(total: int, progress: bool | None):
     return tqdm(total=total, file=sys.stderr, unit="prompt", desc="generate_batch")
 
 
-def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> list:
-    """Run every call (the validated arguments of ``Llama._stream``) to its end through
+def generate_batch(llm, calls: list, progress: bool | None = None) -> list:
+    """Run every call (``Llama.prepare``'s PreparedCall) to its end through
     ``llm``'s session; Completions in the order of ``calls``. Runs inside a turn of the
     Llama's gate."""
     from .llama import Completion, SequenceOutput   # llama imports this module
@@ -96,7 +96,7 @@ def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> lis
     running: dict[int, _Running] = {}
     results: list = [None] * len(calls)
     # the Llama's batch policy: what it learns about step costs and acceptance carries over calls
-    policy = llm._batch_policy if any(call[3] == "auto" for call in calls) else None
+    policy = llm._batch_policy if any(call.draft == "auto" for call in calls) else None
     bar = _progress_bar(len(calls), progress)
 
     def finish(r: _Running) -> None:
@@ -112,17 +112,17 @@ def generate_batch(llm, calls: list[tuple], progress: bool | None = None) -> lis
         if bar is not None:
             bar.update(1)
 
-    def start(index: int, call: tuple) -> None:
-        tokens, max_tokens, sampling, draft, stops = call
+    def start(index: int, call) -> None:
         seq = free.pop(0)
-        r = _Running(index, seq, len(tokens), draft,
-                     SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, max_tokens, llm.n_ctx, stops),
-                     sampling.n_logprobs >= 0, time.perf_counter())
+        r = _Running(index, seq, len(call.tokens), call.draft,
+                     SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, call.max_tokens, llm.n_ctx,
+                                    call.stops),
+                     call.sampling.n_logprobs >= 0, time.perf_counter())
         running[seq] = r
         with gate.native():
             session.seq_reset(seq)
-            session.seq_set_sampling(seq, sampling)
-            session.seq_prefill(seq, tokens)
+            session.seq_set_sampling(seq, call.sampling)
+            session.seq_prefill(seq, call.tokens)
             first = session.seq_sample(seq)           # right after the prefill: no decode in between
             n_past = session.seq_n_past(seq)
         r.t_first = time.perf_counter()

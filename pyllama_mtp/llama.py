@@ -51,6 +51,18 @@ class Completion:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
 
 
+@dataclass(frozen=True)
+class PreparedCall:
+    """One call's prompt and options, checked before anything runs (``Llama.prepare``):
+    what a sequence needs to run, whichever loop runs it (``generate``/``stream``,
+    ``generate_batch`` or the server's scheduler)."""
+    tokens: list[int]               # the prompt's token ids
+    max_tokens: int | None
+    sampling: SamplingParams
+    draft: int | str                # a checked draft length, or "auto"
+    stops: list[str]
+
+
 def _first(step: StepResult, n: int) -> StepResult:
     """The step's first n tokens (the rest fall after EOG or the token limit)."""
     if n == len(step.tokens):
@@ -364,11 +376,12 @@ class Llama:
             # Everything generated except the newest token is in the KV cache.
             self._kv_tokens = tokens + generated[:-1]
 
-    def _call_args(self, prompt, max_tokens, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
+    def prepare(self, prompt, max_tokens: int | None = 256, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
                    min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
                    frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None,
                    accept: str | None = None, logprobs: int | None = None, mtp: bool | None = None):
-        """Validate one call's options before anything runs; returns the arguments of _stream."""
+        """Check one call's prompt and options (as :meth:`stream` takes them) without running
+        anything; raises InvalidArgumentError (and loses no state) when one is wrong."""
         if mtp is not None and not isinstance(mtp, bool):
             raise InvalidArgumentError(f"mtp must be True or False per call, got {mtp!r}")
         if mtp is False:
@@ -385,12 +398,12 @@ class Llama:
             # rejection sampling does not model penalties yet; matching stays exact with them
             sampling = dataclasses.replace(sampling, accept="match")
         k = validate_draft(self.draft if draft is None else draft, self.draft_max)
-        return self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop)
+        return PreparedCall(self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop))
 
     def check_request(self, prompt, max_tokens: int | None = 256, **kwargs) -> list[int]:
         """Validate a call's options and return the prompt's token ids, without
         touching the context (safe from another thread while one generates)."""
-        return self._call_args(prompt, max_tokens, **kwargs)[0]
+        return self.prepare(prompt, max_tokens, **kwargs).tokens
 
     def chat_tokens(self, messages) -> list[int]:
         """The prompt token ids of ``messages`` under the chat template."""
@@ -404,17 +417,19 @@ class Llama:
         call), draft (MTP draft length for this call, 0 = plain decoding, or "auto"), accept ("rejection" or "match": how drafts are accepted at
         temperature > 0), logprobs (None; 0 for each token's logprob; k <= 20 for the top k
         too, from the target's raw logits, accepted drafts included)."""
-        return self._stream(*self._call_args(prompt, max_tokens, **kwargs))
+        return self._stream(self.prepare(prompt, max_tokens, **kwargs))
 
-    def _stream(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
+    def _stream(self, call: PreparedCall) -> Iterator[Chunk]:
         with self._gate.turn():       # from the first chunk until the stream ends or is closed
-            yield from self._chunks(tokens, max_tokens, sampling, draft, stops)
+            yield from self._chunks(call)
 
-    def _chunks(self, tokens, max_tokens, sampling, draft, stops) -> Iterator[Chunk]:
-        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, max_tokens, self._n_ctx, stops)
+    def _chunks(self, call: PreparedCall) -> Iterator[Chunk]:
+        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, call.max_tokens, self._n_ctx,
+                                call.stops)
         t0, t_first, n = time.perf_counter(), None, 0
+        tokens = call.tokens
         try:
-            for step, n_past in self._steps(tokens, sampling, draft):
+            for step, n_past in self._steps(tokens, call.sampling, call.draft):
                 chunk = output.push(step, n_past)
                 if t_first is None:
                     t_first = time.perf_counter()
@@ -427,9 +442,9 @@ class Llama:
 
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
         """Generate a whole completion; keyword arguments as for :meth:`stream`."""
-        args = self._call_args(prompt, max_tokens, **kwargs)
+        call = self.prepare(prompt, max_tokens, **kwargs)
         with self._gate.turn():
-            return self._generate(args)
+            return self._generate(call)
 
     def generate_batch(self, prompts: Sequence, max_tokens: int | None = 256, *, progress: bool | None = None,
                        **kwargs) -> list[Completion]:
@@ -444,7 +459,7 @@ class Llama:
             raise InvalidArgumentError("prompts must be a list of prompts (each text or a list of token ids)")
         if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             raise InvalidArgumentError("prompts is a list of ints: pass [token_ids] for one tokenized prompt")
-        calls = [self._call_args(p, max_tokens, **kwargs) for p in prompts]
+        calls = [self.prepare(p, max_tokens, **kwargs) for p in prompts]
         with self._gate.turn():
             t0 = time.perf_counter()
             results = generate_batch(self, calls, progress)
@@ -452,13 +467,13 @@ class Llama:
                                  time.perf_counter() - t0)
             return results
 
-    def _generate(self, args) -> Completion:
+    def _generate(self, call: PreparedCall) -> Completion:
         with self._gate.native():
             before = GenerationStats.from_native(self.session.stats())
         t0 = time.perf_counter()
         t_first = None
         texts, tokens, finish, lps, tops = [], [], "length", [], []
-        for chunk in self._chunks(*args):
+        for chunk in self._chunks(call):
             if t_first is None:
                 t_first = time.perf_counter()
             texts.append(chunk.text)
@@ -470,10 +485,10 @@ class Llama:
         t_first = t_first or t_end
         with self._gate.native():
             span = GenerationStats.from_native(self.session.stats()).minus(before)
-        stats = dataclasses.replace(span, n_prompt_tokens=len(args[0]), n_generated=len(tokens),
+        stats = dataclasses.replace(span, n_prompt_tokens=len(call.tokens), n_generated=len(tokens),
                                     t_prompt_s=t_first - t0, t_generate_s=t_end - t_first)
-        with_lp = args[2].n_logprobs >= 0
-        return Completion("".join(texts), tuple(tokens), finish, len(args[0]), stats,
+        with_lp = call.sampling.n_logprobs >= 0
+        return Completion("".join(texts), tuple(tokens), finish, len(call.tokens), stats,
                           tuple(lps) if with_lp else None, tuple(tops) if with_lp else None)
 
     # --------------------------------------------------------------- chat

@@ -172,16 +172,17 @@ class BatchWorker:
         llm, session = self.llm, self.session
         try:
             opts = dict(job.options)
-            tokens, max_tokens, sampling, draft, stops = llm._call_args(job.tokens, opts.pop("max_tokens"), **opts)
+            call = llm.prepare(job.tokens, opts.pop("max_tokens"), **opts)
         except Exception as e:   # reported to its request; the other slots go on
             job.emit(e)
             job.emit(_DONE)
             return
+        tokens = call.tokens
         seq, keep = self._pick_slot(tokens)
         self.free.remove(seq)
         cached = self.cached.pop(seq, [])
         try:
-            session.seq_set_sampling(seq, sampling)
+            session.seq_set_sampling(seq, call.sampling)
             if keep > 0 and keep < len(cached):
                 session.seq_rollback(seq, keep)
             elif keep == 0 and cached:
@@ -190,7 +191,7 @@ class BatchWorker:
             session.seq_reset(seq)
             keep = 0
         self.metrics.prompt_reused(keep)
-        self.prefilling.append(_Prefill(seq, job, tokens, keep, max_tokens, draft, stops, reused=keep))
+        self.prefilling.append(_Prefill(seq, job, tokens, keep, call.max_tokens, call.draft, call.stops, reused=keep))
 
     def _prefill_chunk(self) -> None:
         """Prefill the oldest waiting prompt: all of it when no slot is generating, else one
