@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from cpu_features import cpu_flags
 from pyllama_mtp import _native
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,14 +24,6 @@ ISAS = {
     "avx2": (["-mavx2", "-mf16c", "-mfma", "-mno-avx512f"], {"avx2", "f16c", "fma"}),
     "avx512": (["-mavx2", "-mf16c", "-mfma", "-mavx512f"], {"avx2", "f16c", "fma", "avx512f"}),
 }
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 @pytest.mark.parametrize("isa", list(ISAS))

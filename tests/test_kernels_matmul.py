@@ -10,6 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from cpu_features import cpu_flags
 from pyllama_mtp import _native
 
 # ggml type ids (ggml.h)
@@ -83,14 +84,6 @@ def test_repacked_layouts_are_exercised_where_the_cpu_has_them():
     if not any(repacked.values()):
         pytest.skip("this CPU has no repacked layout for Q4_0/Q4_K")
     assert all(not mul_mat(t, w, x, repack=False)[1] for t in repacked)
-
-
-def cpu_flags() -> set[str]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return next((set(line.split(":", 1)[1].split()) for line in f if line.startswith("flags")), set())
-    except OSError:
-        return set()
 
 
 FLOAT_TYPES = ("F32", "F16", "BF16")
