@@ -103,7 +103,8 @@ void run_group(pmtp_session * s, const std::vector<planned> & items, size_t begi
         rows.row0.push_back((int32_t) rows.tokens.size());
         rows.n.push_back(k + 1);
         rows.tokens.push_back(sq.pending);
-        rows.tokens.insert(rows.tokens.end(), drafts.begin() + (ptrdiff_t) (i * PMTP_MAX_DRAFT), drafts.begin() + (ptrdiff_t) (i * PMTP_MAX_DRAFT + k));
+        const auto first = drafts.begin() + (ptrdiff_t) (i * PMTP_MAX_DRAFT);
+        rows.tokens.insert(rows.tokens.end(), first, first + k);
     }
     const double t0 = now_s();
     target_decode_rows(s, rows, k > 0);
@@ -146,8 +147,8 @@ void session_step(pmtp_session * s, const int32_t * seqs, const int32_t * drafts
         std::vector<llama_token> buf(drafting.size() * PMTP_MAX_DRAFT, 0);
         mtp_draft(s, drafting, k, buf.data());
         for (size_t r = 0; r < drafting.size(); ++r) {
-            std::copy(buf.begin() + (ptrdiff_t) (r * PMTP_MAX_DRAFT), buf.begin() + (ptrdiff_t) ((r + 1) * PMTP_MAX_DRAFT),
-                      proposed.begin() + (ptrdiff_t) (index[r] * PMTP_MAX_DRAFT));
+            const auto first = buf.begin() + (ptrdiff_t) (r * PMTP_MAX_DRAFT);
+            std::copy(first, first + PMTP_MAX_DRAFT, proposed.begin() + (ptrdiff_t) (index[r] * PMTP_MAX_DRAFT));
         }
     }
     for (const auto & g : groups_of(s, items)) {

@@ -376,10 +376,11 @@ class Llama:
             # Everything generated except the newest token is in the KV cache.
             self._kv_tokens = tokens + generated[:-1]
 
-    def prepare(self, prompt, max_tokens: int | None = 256, *, temperature: float = 0.0, top_k: int = 40, top_p: float = 0.95,
-                   min_p: float = 0.05, repeat_penalty: float = 1.0, presence_penalty: float = 0.0,
-                   frequency_penalty: float = 0.0, stop=None, seed: int | None = None, draft: int | None = None,
-                   accept: str | None = None, logprobs: int | None = None, mtp: bool | None = None):
+    def prepare(self, prompt, max_tokens: int | None = 256, *, temperature: float = 0.0, top_k: int = 40,
+                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
+                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop=None, seed: int | None = None,
+                draft: int | None = None, accept: str | None = None, logprobs: int | None = None,
+                mtp: bool | None = None) -> PreparedCall:
         """Check one call's prompt and options (as :meth:`stream` takes them) without running
         anything; raises InvalidArgumentError (and loses no state) when one is wrong."""
         if mtp is not None and not isinstance(mtp, bool):
