@@ -1,6 +1,6 @@
 """Greedy MTP output equals plain output on quantized models, where the verify batches run
 through the batch-invariant kernels (vendor/patches/0014): Q4_K_M (repacked Q4_K, Q6_K, MTP
-heads at Q8_0) and Q8_0, over 500 tokens, after a prompt longer than 2,048 tokens whose
+heads at Q8_0), Q8_0 and Q4_0 (repacked), over 500 tokens, after a prompt longer than 2,048 tokens whose
 sliding windows wrap, and with several sequences decoded together (verify batches of 8 to
 32 rows, where the tiled K-quant kernel used to take over and sum in another order).
 
@@ -21,7 +21,7 @@ N_EMBD = 512          # two 256-blocks per row: the sum over blocks is where bat
 GREEDY = SamplingParams(n_logprobs=0)
 
 
-@pytest.fixture(scope="module", params=[("Q4_K_M", "random"), ("Q8_0", "random"), ("Q4_K_M", "oracle")],
+@pytest.fixture(scope="module", params=[("Q4_K_M", "random"), ("Q8_0", "random"), ("Q4_0", "random"), ("Q4_K_M", "oracle")],
                 ids=lambda p: "-".join(p))
 def quantized(request, tmp_path_factory):
     """A step35 quantized to the param's file type: random (varied greedy output, drafts

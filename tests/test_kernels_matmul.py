@@ -74,6 +74,28 @@ def test_matmul_rows_do_not_depend_on_thread_count(threads):
         assert rows_that_differ(batch, one_thread) == [], type_name
 
 
+# ||product - float64 product|| / ||float64 product|| for standard normal weights and
+# activations: about half of each bound is the type's own rounding (measured: Q4_0 0.08-0.10,
+# Q4_K 0.07-0.09, Q5_K 0.03-0.04, Q6_K 0.02, Q8_0 0.007), so a kernel that reads the layout
+# wrongly (nibble order, offsets, scales) fails while rounding never does.
+QUANTIZED_ERROR_BOUND = {"Q4_0": 0.2, "Q4_K": 0.18, "Q5_K": 0.08, "Q6_K": 0.05, "Q8_0": 0.015}
+
+
+@pytest.mark.parametrize("type_name", list(QUANTIZED_ERROR_BOUND))
+def test_quantized_products_are_close_to_a_float64_product(type_name):
+    # Bit identity across batch sizes cannot see a kernel that is wrong the same way for one
+    # row and many (the repacked Q4_0 kernel also runs one-token decodes): this can.
+    rng = np.random.default_rng(TYPES[type_name])
+    k, m = 512, 48
+    w = rng.standard_normal((m, k)).astype(np.float32)
+    x = rng.standard_normal((64, k)).astype(np.float32)
+    ref = x.astype(np.float64) @ w.astype(np.float64).T
+    for n in (1, 4, 64):
+        out, _ = mul_mat(type_name, w, x[:n])
+        err = np.linalg.norm(out - ref[:n]) / np.linalg.norm(ref[:n])
+        assert err < QUANTIZED_ERROR_BOUND[type_name], f"{type_name} n={n}: relative error {err:.3f}"
+
+
 def test_repacked_layouts_are_exercised_where_the_cpu_has_them():
     # On x86 with AVX2 the CPU backend repacks Q4_0 and Q4_K; the test above then covers the
     # repacked kernels. Elsewhere there may be none, which is fine: say so instead of failing.
