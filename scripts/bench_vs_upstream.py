@@ -149,11 +149,11 @@ def llama_bench_curve(model: Path, threads: int, n_gen: int, depth: int) -> dict
     return curve
 
 
-def quantized_variants(f16: Path, threads: int) -> dict[str, Path]:
-    """The F16 oracle and its Q8_0 / Q4_K_M quantizations (MTP heads at Q8_0)."""
+def quantized_variants(f16: Path, types: list[str], threads: int) -> dict[str, Path]:
+    """The F16 oracle and its quantizations to the other file types asked for (MTP heads at Q8_0)."""
     from pyllama_mtp.tools.quantize import quantize
     paths = {"F16": f16}
-    for ftype in ("Q8_0", "Q4_K_M"):
+    for ftype in (t for t in types if t != "F16"):
         out = f16.with_name(f16.stem.replace("-f16", "") + f"-{ftype.lower()}.gguf")
         if not out.exists():
             quantize(f16, out, ftype, threads=threads)
@@ -222,7 +222,7 @@ def run_matrix(args) -> int:
     f16 = args.model or ROOT / "build" / "bench" / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}-f16.gguf"
     f16.parent.mkdir(parents=True, exist_ok=True)
     ensure_model(f16, args.size_gb, args.acceptance)
-    models = quantized_variants(f16, args.threads)
+    models = quantized_variants(f16, args.types.split(","), args.threads)
     header = ["| model | depth | draft | ours tok/s | upstream tok/s | ours / ours plain | verify(k+1)/decode: ours / upstream pp |",
               "|---|---:|---|---:|---:|---:|---|"]
     rows, cells = [], {}
@@ -252,7 +252,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--json", type=Path, help="also write the results here")
     ap.add_argument("--matrix", action="store_true", help="F16/Q8_0/Q4_K_M x depth 0/2048 x draft 0-3/auto")
-    ap.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="--matrix: model types (default all three)")
+    ap.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="--matrix: model types, any llama.cpp file type (default F16,Q8_0,Q4_K_M)")
     ap.add_argument("--depths", default="0,2048", help="--matrix: context depths (default 0,2048)")
     args = ap.parse_args()
     if args.matrix:
