@@ -20,11 +20,17 @@ ours plain, draft 1..3 and auto, and the time of our verify of k+1 rows over one
 against upstream's pp(k+1)/pp1 cost ratio:
 
     python scripts/bench_vs_upstream.py --matrix --size-gb 2.2 --acceptance 1.0 -t 2 -n 64
+
+To compare what a CPU without AVX-512 runs on one that has it, build ggml-cpu twice for AVX2
+only (-DGGML_NATIVE=OFF -DGGML_AVX2=ON -DGGML_AVX512=OFF; ours from vendor/llama.cpp, upstream's
+from build/upstream-src), point this process at ours with LD_LIBRARY_PATH (a folder with
+libggml-cpu.so linked to it) and upstream's binaries at theirs with --upstream-lib DIR.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -36,6 +42,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM_BIN = ROOT / "build" / "upstream" / "bin"
+UPSTREAM_ENV: dict[str, str] | None = None     # environment of upstream's processes (--upstream-lib)
 
 
 def ensure_upstream() -> None:
@@ -74,7 +81,8 @@ def free_port() -> int:
 
 def llama_bench_tg(model: Path, threads: int, n_gen: int) -> float:
     out = subprocess.run([str(UPSTREAM_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "0",
-                          "-n", str(n_gen), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True)
+                          "-n", str(n_gen), "-r", "3", "-o", "json"], capture_output=True, text=True, check=True,
+                         env=UPSTREAM_ENV)
     return json.loads(out.stdout)[0]["avg_ts"]
 
 
@@ -89,7 +97,7 @@ class UpstreamServer:
                     "--spec-draft-p-min", "0"]
         # its log goes to a file: a pipe nobody reads fills up and blocks the server
         self.log = tempfile.TemporaryFile(mode="w+")
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=UPSTREAM_ENV)
         deadline = time.time() + 300
         while time.time() < deadline:
             try:
@@ -142,7 +150,7 @@ def llama_bench_curve(model: Path, threads: int, n_gen: int, depth: int) -> dict
     """Upstream llama-bench at a context depth: tg tok/s and pp1/pp2/pp4 (its batched kernels)."""
     out = subprocess.run([str(UPSTREAM_BIN / "llama-bench"), "-m", str(model), "-t", str(threads), "-p", "1,2,4",
                           "-n", str(n_gen), "-d", str(depth), "-r", "3", "-o", "json"],
-                         capture_output=True, text=True, check=True)
+                         capture_output=True, text=True, check=True, env=UPSTREAM_ENV)
     rows = json.loads(out.stdout)
     curve = {f"pp{r['n_prompt']}": r["avg_ts"] for r in rows if r["n_prompt"] > 0}
     curve["tg"] = next(r["avg_ts"] for r in rows if r["n_gen"] > 0)
@@ -254,7 +262,12 @@ def main() -> int:
     ap.add_argument("--matrix", action="store_true", help="F16/Q8_0/Q4_K_M x depth 0/2048 x draft 0-3/auto")
     ap.add_argument("--types", default="F16,Q8_0,Q4_K_M", help="--matrix: model types, any llama.cpp file type (default F16,Q8_0,Q4_K_M)")
     ap.add_argument("--depths", default="0,2048", help="--matrix: context depths (default 0,2048)")
+    ap.add_argument("--upstream-lib", type=Path,
+                    help="run upstream's binaries with the ggml/llama libraries in this folder (e.g. an AVX2-only build)")
     args = ap.parse_args()
+    if args.upstream_lib:
+        global UPSTREAM_ENV
+        UPSTREAM_ENV = {**os.environ, "LD_LIBRARY_PATH": str(args.upstream_lib.resolve())}
     if args.matrix:
         ensure_upstream()
         return run_matrix(args)
