@@ -11,6 +11,10 @@ probes:
   shortest step that drafts. The first step after a change of length runs slow (graphs
   are rebuilt), so only steps that repeat the previous length are timed as they are;
   a probe runs two steps where that is worth it (see ``choose``);
+- while drafts are accepted, a length never timed at this depth that may beat the
+  decision (predicted from the lengths that were, see ``to_learn``) is timed at once, so a
+  cold start climbs to the best length within a few steps instead of one length per
+  probe interval;
 - probes back off exponentially (x4) while they do not change the decision, so a model
   whose drafts do not pay costs ever less; when drafting could not pay even if every
   draft were accepted, probing drops to its slowest pace at once; a probe whose outcome
@@ -43,6 +47,9 @@ SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 2         # a new depth bucket starts from its neighbour's costs, as this many samples
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
+LEARN_BEYOND = 1.1      # while drafts are accepted, a length never timed here is timed at once if
+LEARN_BETWEEN = 1.03    # its predicted rate times this beats the decision's (predicted beyond the
+                        # longest timed length, or between two timed ones: more or less sure)
 
 
 class RunningMean:
@@ -135,8 +142,9 @@ class StepCosts:
         m = self.buckets.get(bucket, {}).get(k)
         return m is not None and m.weight > 0
 
-    def points(self, bucket: int) -> dict[int, float]:
-        return {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items()) if m.value is not None}
+    def points(self, bucket: int, steady_only: bool = False) -> dict[int, float]:
+        return {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items())
+                if m.value is not None and (m.weight > 0 or not steady_only)}
 
     def last_update(self, bucket: int, k: int) -> int:
         m = self.buckets.get(bucket, {}).get(k)
@@ -160,18 +168,22 @@ class StepCosts:
                 if m.value is not None:
                     self.buckets.setdefault(b, {})[k] = RunningMean(TIME_WINDOW, m.value * scale, 0)
 
-    def predict(self, bucket: int, k: int) -> float | None:
-        pts = self.points(bucket)
+    def predict(self, bucket: int, k: int, steady_only: bool = False) -> float | None:
+        """Seconds of a step with k drafts here: measured, or interpolated from what was
+        (``steady_only``: from steady samples alone, leaving out the high ones of steps
+        that followed a change of length)."""
+        pts = self.points(bucket, steady_only)
         if k in pts:
             return pts[k]
         if len(pts) >= 2:
             return _line(pts, k)
-        others = sorted((b for b in self.buckets if b != bucket and self.points(b)), key=lambda b: abs(b - bucket))
+        others = sorted((b for b in self.buckets if b != bucket and self.points(b, steady_only)),
+                        key=lambda b: abs(b - bucket))
         if not pts:                                      # nothing here yet: the nearest bucket's figure
-            return self.predict(others[0], k) if others else None
+            return self.predict(others[0], k, steady_only) if others else None
         (j, t_j), = pts.items()                          # one point: the nearest bucket's shape
         for b in others:
-            shape = self.points(b)
+            shape = self.points(b, steady_only)
             if len(shape) >= 2 or (j in shape and k in shape):
                 t_k_b, t_j_b = _line(shape, k), _line(shape, j)
                 if t_j_b > 0:
@@ -218,6 +230,7 @@ class DraftPolicy:
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps step_auto takes without asking (see there)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
+        self.probe_cost = RunningMean(TIME_WINDOW)    # extra seconds of a probe from plain decoding
         self._recheck_at = 0
 
     # ------------------------------------------------------------------ estimates
@@ -296,15 +309,16 @@ class DraftPolicy:
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
             # are being accepted; from plain decoding with drafts rejected, one step.
-            if best > 0 or (k > 0 and self.promising() and not self.costs.steady(self.bucket, k)):
+            if best > 0 or (k > 0 and self.still_learning(best)):
                 self.trial_k, self.trial_left = k, 1
             return k
         return best
 
     def _probe_length(self, best: int) -> int:
+        learn = self.to_learn(best)
+        if learn is not None:               # drafts are accepted: a length that may win, not timed yet
+            return learn
         if best == 0:
-            if self.promising():            # drafts are accepted: the shortest length not timed steadily
-                return next((k for k in range(1, self.draft_max + 1) if not self.costs.steady(self.bucket, k)), 1)
             return 1                        # the shortest step that drafts
         # the length whose cost here is the stalest
         return min(self._neighbours(best), key=lambda k: self.costs.last_update(self.bucket, k))
@@ -313,10 +327,32 @@ class DraftPolicy:
         """Drafts have been accepted more often than not."""
         return self.acceptance.rate(0) > ACCEPT_PRIOR
 
+    def to_learn(self, best: int) -> int | None:
+        """While drafts are accepted: of the lengths with no steady cost at this depth, the
+        one with the best predicted rate, if that may beat ``best``'s (see LEARN_BEYOND);
+        else None. Predictions use steady samples only: a probe's own step ran high
+        (graphs rebuilt)."""
+        if not self.promising():
+            return None
+        rates = self.rates()
+        if best not in rates:
+            return None
+        timed = [k for k in range(self.draft_max + 1) if self.costs.steady(self.bucket, k)]
+        candidates = {}
+        for k in range(1, self.draft_max + 1):
+            t = None if k in timed else self.costs.predict(self.bucket, k, steady_only=True)
+            if t:
+                margin = LEARN_BEYOND if not timed or k > max(timed) else LEARN_BETWEEN
+                candidates[k] = margin * self.expected_tokens(k) / t
+        if not candidates:
+            return None
+        k = max(candidates, key=lambda j: (candidates[j], -j))
+        return k if candidates[k] > rates[best] else None
+
     def still_learning(self, best: int) -> bool:
-        """Drafts are accepted but a length a probe would try has no steady cost at this
-        depth yet."""
-        return self.promising() and not all(self.costs.steady(self.bucket, k) for k in self._neighbours(best))
+        """Drafts are accepted but a length that may win has no steady cost at this depth
+        yet (see ``to_learn``)."""
+        return self.to_learn(best) is not None
 
     def _neighbours(self, best: int) -> list[int]:
         """What a probe from ``best`` may try."""
@@ -357,14 +393,13 @@ class DraftPolicy:
         bucket = self.bucket if depth is None else depth_bucket(depth)
         steady = k == self.last_k
         if not steady:
-            # what the switch cost beyond a steady step of this length (of a plain step, for
-            # a length never timed steadily here: a probe from plain decoding)
+            # what the switch cost beyond a steady step of this length; and what a probe from
+            # plain decoding cost beyond a plain step (the price of looking, whatever the
+            # length's steady cost turns out to be)
             if self.costs.steady(bucket, k):
-                reference = self.costs.points(bucket)[k]
-            else:
-                reference = self.costs.predict(bucket, 0) if k > 0 and self.costs.steady(bucket, 0) else None
-            if reference is not None:
-                self.switch_cost.add(max(seconds - reference, 0.0))
+                self.switch_cost.add(max(seconds - self.costs.points(bucket)[k], 0.0))
+            if k > 0 and self.last_k <= 0 and self.costs.steady(bucket, 0):
+                self.probe_cost.add(max(seconds - self.costs.predict(bucket, 0), 0.0))
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
@@ -392,6 +427,13 @@ class DraftPolicy:
             self.interval = max(MAX_INTERVAL, min(self.interval * BACKOFF, HOPELESS_INTERVAL))
         elif (after := self.best()) != before or self._surprised or self.still_learning(after):
             self.interval = BASE_INTERVAL
+            if self.still_learning(after):
+                # a length that may win was never timed here: time it at the next step, not
+                # an interval later (a cold start would otherwise climb one length per
+                # interval, and a short generation end before it reaches the best one)
+                self._surprised = False
+                self.next_probe = self.steps + 1
+                return
         else:
             self.interval = min(self.interval * BACKOFF, MAX_INTERVAL)
             if after == 0:
@@ -404,9 +446,11 @@ class DraftPolicy:
         PROBE_BUDGET of the time (on a tiny model at a long context a probe, with the heads
         catching up and graphs rebuilt both ways, costs dozens of plain steps)."""
         t0 = self.costs.predict(self.bucket, 0)
-        if not t0 or self.switch_cost.value is None:
+        if not t0 or self.probe_cost.value is None:
             return 0
-        probe = 2 * self.switch_cost.value      # there (the probe's step beyond a plain one) and back
+        # there (the probe's step beyond a plain one) and back (the next plain step rebuilds
+        # its graphs: a switch)
+        probe = self.probe_cost.value + (self.switch_cost.value or self.probe_cost.value)
         return int(min(probe / (PROBE_BUDGET * t0), HOPELESS_INTERVAL))
 
 
