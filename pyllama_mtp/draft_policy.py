@@ -330,17 +330,25 @@ class DraftPolicy:
     def to_learn(self, best: int) -> int | None:
         """While drafts are accepted: of the lengths with no steady cost at this depth, the
         one with the best predicted rate, if that may beat ``best``'s (see LEARN_BEYOND);
-        else None. Predictions use steady samples only: a probe's own step ran high
-        (graphs rebuilt)."""
+        else None. Predictions use steady samples of drafting lengths where there are any;
+        before, the more hopeful of a probe's step (which ran high: graphs rebuilt) and the
+        prior shape (DEFAULT_DRAFT_COST) -- optimism that costs two steps to correct."""
         if not self.promising():
             return None
         rates = self.rates()
         if best not in rates:
             return None
         timed = [k for k in range(self.draft_max + 1) if self.costs.steady(self.bucket, k)]
+        t0 = self.costs.predict(self.bucket, 0)
         candidates = {}
         for k in range(1, self.draft_max + 1):
-            t = None if k in timed else self.costs.predict(self.bucket, k, steady_only=True)
+            if k in timed:
+                continue
+            if any(j > 0 for j in timed):      # the shape of the cost curve is known here
+                t = self.costs.predict(self.bucket, k, steady_only=True)
+            else:                              # only a probe's step, slowed by its switch, and
+                guess = t0 * (1 + DEFAULT_DRAFT_COST * k) if t0 else None    # the prior shape
+                t = min(filter(None, (self.costs.predict(self.bucket, k), guess)), default=None)
             if t:
                 margin = LEARN_BEYOND if not timed or k > max(timed) else LEARN_BETWEEN
                 candidates[k] = margin * self.expected_tokens(k) / t

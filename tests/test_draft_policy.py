@@ -100,12 +100,14 @@ def test_a_cold_start_climbs_to_the_best_length_within_a_short_generation():
     # take about 16 steps at draft 3, so the climb 1 -> 2 -> 3 must not wait an interval
     # per length
     steps = {0: 1.0, 1: 1.77, 2: 2.39, 3: 3.05}
-    trace = Trace(DraftPolicy(3), const(1.0), lambda k, d: steps[k], switch_cost=0.1)
+    policy = DraftPolicy(3)
+    policy.start_sequence()        # as a generation starts: its first step is not timed as steady
+    trace = Trace(policy, const(1.0), lambda k, d: steps[k], switch_cost=0.5)
     while trace.tokens < 64:
         trace.run(1)
     best = expected_rate([1.0] * 3, steps[3], 3)
-    assert trace.chosen.index(3) <= 10, trace.chosen
-    assert trace.rate > 0.94 * best, (trace.rate / best, trace.chosen)
+    assert trace.chosen.index(3) <= 6, trace.chosen
+    assert trace.rate > 0.93 * best, (trace.rate / best, trace.chosen)
 
 
 def test_a_middle_length_wins_when_later_drafts_are_rarely_accepted():
