@@ -6,16 +6,19 @@ T(k, depth) seconds, measured in this session at about this context depth. The p
 takes the k with the most expected tokens per second, and keeps its figures fresh with
 probes:
 
-- a probe is a step with a neighbouring draft length (k*-1, k*+1, or plain decoding to
-  refresh its cost); from plain decoding it is one step with a single draft, the
-  shortest step that drafts. The first step after a change of length runs slow (graphs
-  are rebuilt), so only steps that repeat the previous length are timed as they are;
-  a probe runs two steps where that is worth it (see ``choose``);
-- while drafts are accepted, a length never timed at this depth that may beat the
-  decision (predicted from the lengths that were, see ``to_learn``) is timed at once, so a
-  cold start climbs to the best length within a few steps instead of one length per
-  probe interval;
-- probes back off exponentially (x4) while they do not change the decision, so a model
+- a probe is a step with another draft length; from plain decoding it is one step with a
+  single draft, the shortest step that drafts; from a draft length it is the length that
+  may most beat the decision, its rate raised the more the fewer samples stand behind it
+  (machines are noisy: one unlucky step must not rule a length out for good). The first
+  step after a change of length runs slow (graphs are rebuilt), so only steps that repeat
+  the previous length are timed as they are; a probe runs two steps where that is worth
+  it (see ``choose``);
+- while drafts are accepted, a length with fewer than LEARN_SAMPLES steady samples at
+  this depth that may beat the decision (predicted from the lengths that were, see
+  ``to_learn``) is timed at once, so a cold start climbs to the best length within a few
+  steps instead of one length per probe interval;
+- probes back off exponentially (x4) while they do not change the decision, except where
+  the probed length came close (CLOSE_CALL) and deserves another look; so a model
   whose drafts do not pay costs ever less; when drafting could not pay even if every
   draft were accepted, probing drops to its slowest pace at once; a probe whose outcome
   contradicts the estimate (a draft accepted where acceptance looked hopeless) resets
@@ -47,6 +50,9 @@ SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 2         # a new depth bucket starts from its neighbour's costs, as this many samples
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
+UNCERTAINTY = 0.15      # a probe's pick: predicted rate x (1 + this / sqrt(steady samples))
+CLOSE_CALL = 0.9        # a probed length this close to the decision's rate is probed again soon
+LEARN_SAMPLES = 2       # steady samples of a length before learning it is done (one can be off)
 LEARN_BEYOND = 1.1      # while drafts are accepted, a length never timed here is timed at once if
 LEARN_BETWEEN = 1.03    # its predicted rate times this beats the decision's (predicted beyond the
                         # longest timed length, or between two timed ones: more or less sure)
@@ -139,8 +145,12 @@ class StepCosts:
             m.add_provisional(seconds, step)
 
     def steady(self, bucket: int, k: int) -> bool:
+        return self.samples(bucket, k) > 0
+
+    def samples(self, bucket: int, k: int) -> int:
+        """Steady samples behind the estimate (at most its window)."""
         m = self.buckets.get(bucket, {}).get(k)
-        return m is not None and m.weight > 0
+        return m.weight if m is not None else 0
 
     def points(self, bucket: int, steady_only: bool = False) -> dict[int, float]:
         return {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items())
@@ -311,6 +321,8 @@ class DraftPolicy:
             # are being accepted; from plain decoding with drafts rejected, one step.
             if best > 0 or (k > 0 and self.still_learning(best)):
                 self.trial_k, self.trial_left = k, 1
+                if self.still_learning(best):   # as many steady steps as learning wants
+                    self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))
             return k
         return best
 
@@ -320,37 +332,53 @@ class DraftPolicy:
             return learn
         if best == 0:
             return 1                        # the shortest step that drafts
-        # the length whose cost here is the stalest
-        return min(self._neighbours(best), key=lambda k: self.costs.last_update(self.bucket, k))
+        # a length with no steady sample here first (its figure is a guess: seeded from
+        # another batch size or depth), else the one that may most beat the decision: its
+        # rate raised the more the fewer steady samples stand behind it (an unlucky one must
+        # not rule a length out for good); the stalest among equals
+        rates = self.rates()
+        def hope(k: int) -> tuple[bool, float, int]:
+            n = self.costs.samples(self.bucket, k)
+            return (n == 0, rates.get(k, 0.0) * (1 + UNCERTAINTY / max(n, 1) ** 0.5),
+                    -self.costs.last_update(self.bucket, k))
+        return max(self._neighbours(best), key=hope)
 
     def promising(self) -> bool:
         """Drafts have been accepted more often than not."""
         return self.acceptance.rate(0) > ACCEPT_PRIOR
 
     def to_learn(self, best: int) -> int | None:
-        """While drafts are accepted: of the lengths with no steady cost at this depth, the
-        one with the best predicted rate, if that may beat ``best``'s (see LEARN_BEYOND);
-        else None. Predictions use steady samples of drafting lengths where there are any;
-        before, the more hopeful of a probe's step (which ran high: graphs rebuilt) and the
-        prior shape (DEFAULT_DRAFT_COST) -- optimism that costs two steps to correct."""
+        """While drafts are accepted: of the lengths with fewer than LEARN_SAMPLES steady
+        samples at this depth, the one with the best hopeful rate, if that beats ``best``'s;
+        else None. Hopeful: the length's own samples, or a prediction from the steady samples
+        of the others, times LEARN_BEYOND (LEARN_BETWEEN between two measured lengths);
+        before any drafting length has a steady sample, the more hopeful of a probe's step
+        (which ran high: graphs rebuilt) and the prior shape (DEFAULT_DRAFT_COST) --
+        optimism that costs a few steps to correct."""
         if not self.promising():
             return None
         rates = self.rates()
         if best not in rates:
             return None
-        timed = [k for k in range(self.draft_max + 1) if self.costs.steady(self.bucket, k)]
-        t0 = self.costs.predict(self.bucket, 0)
+        b = self.bucket
+        measured = [k for k in range(self.draft_max + 1) if self.costs.steady(b, k)]
+        t0 = self.costs.predict(b, 0)
         candidates = {}
         for k in range(1, self.draft_max + 1):
-            if k in timed:
+            n = self.costs.samples(b, k)
+            if n >= LEARN_SAMPLES:
                 continue
-            if any(j > 0 for j in timed):      # the shape of the cost curve is known here
-                t = self.costs.predict(self.bucket, k, steady_only=True)
-            else:                              # only a probe's step, slowed by its switch, and
-                guess = t0 * (1 + DEFAULT_DRAFT_COST * k) if t0 else None    # the prior shape
-                t = min(filter(None, (self.costs.predict(self.bucket, k), guess)), default=None)
+            margin = LEARN_BEYOND
+            if n:                              # one sample so far: it may have been unlucky
+                t = self.costs.points(b, steady_only=True)[k]
+            elif any(j > 0 for j in measured):  # the shape of the cost curve is known here
+                t = self.costs.predict(b, k, steady_only=True)
+                if k < max(measured):
+                    margin = LEARN_BETWEEN
+            else:
+                guess = t0 * (1 + DEFAULT_DRAFT_COST * k) if t0 else None
+                t = min(filter(None, (self.costs.predict(b, k), guess)), default=None)
             if t:
-                margin = LEARN_BEYOND if not timed or k > max(timed) else LEARN_BETWEEN
                 candidates[k] = margin * self.expected_tokens(k) / t
         if not candidates:
             return None
@@ -363,10 +391,11 @@ class DraftPolicy:
         return self.to_learn(best) is not None
 
     def _neighbours(self, best: int) -> list[int]:
-        """What a probe from ``best`` may try."""
+        """What a probe from ``best`` may try: from plain decoding the shortest drafting step;
+        from a draft length every other length."""
         if best == 0:
             return [1]
-        return sorted({best - 1, 0} | ({best + 1} if best < self.draft_max else set()))
+        return [k for k in range(self.draft_max + 1) if k != best]
 
     def coast_budget(self, depth: int) -> int:
         """Plain steps to come (from ``depth``, one token each) before the policy has anything
@@ -442,6 +471,10 @@ class DraftPolicy:
                 self._surprised = False
                 self.next_probe = self.steps + 1
                 return
+        elif after > 0 and self._close_call(k, after):
+            # the probed length came within CLOSE_CALL of the decision: a few noisy samples
+            # may have decided it, so look again at the base pace (cheap: the two are close)
+            self.interval = max(BASE_INTERVAL, self._affordable_interval(after))
         else:
             self.interval = min(self.interval * BACKOFF, MAX_INTERVAL)
             if after == 0:
@@ -449,17 +482,27 @@ class DraftPolicy:
         self._surprised = False
         self.next_probe = self.steps + self.interval
 
-    def _affordable_interval(self) -> int:
-        """While decoding plainly: enough steps between probes that probing costs at most
-        PROBE_BUDGET of the time (on a tiny model at a long context a probe, with the heads
-        catching up and graphs rebuilt both ways, costs dozens of plain steps)."""
-        t0 = self.costs.predict(self.bucket, 0)
-        if not t0 or self.probe_cost.value is None:
+    def _close_call(self, probed: int, best: int) -> bool:
+        rates = self.rates()
+        return probed != best and probed in rates and best in rates and rates[probed] >= CLOSE_CALL * rates[best]
+
+    def _affordable_interval(self, best: int = 0) -> int:
+        """Enough steps between probes that probing costs at most PROBE_BUDGET of the time
+        (on a tiny model at a long context a probe from plain decoding, with the heads
+        catching up and graphs rebuilt both ways, costs dozens of plain steps; from a draft
+        length a probe costs its two switches)."""
+        t = self.costs.predict(self.bucket, best)
+        if best > 0:
+            probe = 2 * self.switch_cost.value if self.switch_cost.value is not None else None
+        elif self.probe_cost.value is not None:
+            # there (the probe's step beyond a plain one) and back (the next plain step
+            # rebuilds its graphs: a switch)
+            probe = self.probe_cost.value + (self.switch_cost.value or self.probe_cost.value)
+        else:
+            probe = None
+        if not t or probe is None:
             return 0
-        # there (the probe's step beyond a plain one) and back (the next plain step rebuilds
-        # its graphs: a switch)
-        probe = self.probe_cost.value + (self.switch_cost.value or self.probe_cost.value)
-        return int(min(probe / (PROBE_BUDGET * t0), HOPELESS_INTERVAL))
+        return int(min(probe / (PROBE_BUDGET * t), HOPELESS_INTERVAL))
 
 
 def step_auto(session, policy: DraftPolicy):

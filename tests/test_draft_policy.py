@@ -76,12 +76,12 @@ def test_hopeless_drafting_is_probed_at_the_slowest_pace_at_once():
     cost = lambda k, d: 1.0 + 2.5 * k                  # even all accepted, a draft step loses
     trace = Trace(DraftPolicy(3), const(1.0), cost).run(1000)
     probes = probe_starts(trace.chosen)
-    # the first probe, one step, then at once (its draft was accepted) two steps to time
-    # a draft steadily: hopeless, so every 512 steps after that, and entering a deeper
-    # context does not probe again
-    assert trace.chosen[:5] == [0, 1, 1, 1, 0], trace.chosen[:5]
-    assert probes[:2] == [1, 515] and len(probes) <= 3, probes
-    assert sum(k > 0 for k in trace.chosen) <= 2 * len(probes)
+    # the first probe, one step, then at once (its draft was accepted) three steps to time
+    # a draft steadily (LEARN_SAMPLES steady ones after the switch): hopeless, so every 512
+    # steps after that, and entering a deeper context does not probe again
+    assert trace.chosen[:6] == [0, 1, 1, 1, 1, 0], trace.chosen[:6]
+    assert probes[:2] == [1, 516] and len(probes) <= 3, probes
+    assert sum(k > 0 for k in trace.chosen) <= 4 + 2 * (len(probes) - 1)
     assert trace.rate > 0.97
 
 
@@ -108,6 +108,23 @@ def test_a_cold_start_climbs_to_the_best_length_within_a_short_generation():
     best = expected_rate([1.0] * 3, steps[3], 3)
     assert trace.chosen.index(3) <= 6, trace.chosen
     assert trace.rate > 0.93 * best, (trace.rate / best, trace.chosen)
+
+
+def test_noisy_step_times_do_not_rule_out_the_best_length_for_good():
+    # a shared machine: every step's time off by ~10% (log-normal); the measured Q4_K_M
+    # costs again, draft 3 best (1.31x plain), draft 2 close (1.26x), draft 1 far (1.13x).
+    # One unlucky sample of draft 3 once kept the policy on draft 1, probing only 0 and 2
+    steps = {0: 1.0, 1: 1.77, 2: 2.39, 3: 3.05}
+    best = expected_rate([1.0] * 3, steps[3], 3)
+    for seed in range(16):
+        noise = np.random.default_rng(100 + seed)
+        cost = lambda k, d: steps[k] * float(np.exp(noise.normal(0, 0.1)))
+        policy = DraftPolicy(3)
+        policy.start_sequence()
+        trace = Trace(policy, const(1.0), cost, seed=seed, switch_cost=0.1).run(400)
+        late = trace.chosen[100:]
+        assert late.count(2) + late.count(3) > 0.9 * len(late), (seed, trace.chosen)
+        assert trace.rate > 0.93 * best, (seed, trace.rate / best)
 
 
 def test_a_middle_length_wins_when_later_drafts_are_rarely_accepted():
