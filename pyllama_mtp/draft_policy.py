@@ -50,6 +50,8 @@ SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 2         # a new depth bucket starts from its neighbour's costs, as this many samples
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
+RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new depth changes
+                        # that; on a tiny model a step takes ~0.15 ms and each recheck shows)
 UNCERTAINTY = 0.15      # a probe's pick: predicted rate x (1 + this / sqrt(steady samples))
 CLOSE_CALL = 0.9        # a probed length this close to the decision's rate is probed again soon
 LEARN_SAMPLES = 2       # steady samples of a length before learning it is done (one can be off)
@@ -236,7 +238,7 @@ class DraftPolicy:
         self.trial_left = 0                # steps a probe still runs at trial_k
         self.trial_k = 0
         self._surprised = False            # a probe's draft was accepted against the odds
-        self._best = 0                     # the decision, recomputed every RECHECK steps
+        self._best = 0                     # the decision, recomputed every RECHECK(_PLAIN) steps
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps step_auto takes without asking (see there)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
@@ -280,11 +282,16 @@ class DraftPolicy:
         return top
 
     def hopeless(self) -> bool:
-        """Drafting would not beat plain decoding here even if every draft were accepted."""
+        """Drafting would not beat plain decoding here even if every draft were accepted
+        (a length not timed steadily given LEARN_BEYOND's benefit of the doubt: a line
+        through two noisy points is no proof, and verify costs grow less than linearly)."""
         t0 = self.costs.predict(self.bucket, 0)
         if t0 is None or not any(self.costs.steady(self.bucket, k) for k in range(1, self.draft_max + 1)):
             return False
-        return all((k + 1) / self.costs.predict(self.bucket, k) < 1 / t0 for k in range(1, self.draft_max + 1))
+        def best_case(k: int) -> float:
+            margin = 1.0 if self.costs.steady(self.bucket, k) else LEARN_BEYOND
+            return margin * (k + 1) / self.costs.predict(self.bucket, k)
+        return all(best_case(k) < 1 / t0 for k in range(1, self.draft_max + 1))
 
     # ------------------------------------------------------------------ decisions
 
@@ -309,10 +316,10 @@ class DraftPolicy:
             return self.trial_k
         if self.steps < self._recheck_at and self.steps < self.next_probe:
             # costs drift slowly: no need to recompute every step, nor to time every plain one
-            self.timed = self._best > 0 or self.last_k != 0 or self.steps % RECHECK == 0
+            self.timed = self._best > 0 or self.last_k != 0 or not self.costs.steady(self.bucket, 0)
             return self._best
         best = self._best = self.best()
-        self._recheck_at = self.steps + RECHECK
+        self._recheck_at = self.steps + (RECHECK if best else RECHECK_PLAIN)
         if self.steps >= self.next_probe:
             self.probing = best
             k = self._probe_length(best)
@@ -404,7 +411,7 @@ class DraftPolicy:
             return 0
         next_bucket_at = 1 << (self.bucket + 7)
         until = min(self._recheck_at, self.next_probe) - self.steps - 1
-        return max(0, min(until, next_bucket_at - depth - 1, RECHECK - 1 - self.steps % RECHECK))
+        return max(0, min(until, next_bucket_at - depth - 1))
 
     def start_sequence(self) -> None:
         """A new generation begins (after a prompt was prefilled): its first step is not
