@@ -326,9 +326,10 @@ class DraftPolicy:
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
             # are being accepted; from plain decoding with drafts rejected, one step.
-            if best > 0 or (k > 0 and self.still_learning(best)):
+            learning = k > 0 and self.still_learning(best)
+            if best > 0 or learning:
                 self.trial_k, self.trial_left = k, 1
-                if self.still_learning(best):   # as many steady steps as learning wants
+                if learning:                    # as many steady steps as learning wants
                     self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))
             return k
         return best
@@ -467,12 +468,14 @@ class DraftPolicy:
             return
         before, self.probing = self.probing, None
         self._recheck_at = 0
+        after = self.best()
+        learning = self.still_learning(after)
         if self.hopeless():                 # only the costs could change that: the slowest pace
             self.interval = max(MAX_INTERVAL, min(self.interval * BACKOFF, HOPELESS_INTERVAL))
-        elif (after := self.best()) != before or self._surprised or self.still_learning(after):
+        elif after != before or self._surprised or learning:
             self.interval = BASE_INTERVAL
-            if self.still_learning(after):
-                # a length that may win was never timed here: time it at the next step, not
+            if learning:
+                # a length that may win has too few steady samples here: time it at the next step, not
                 # an interval later (a cold start would otherwise climb one length per
                 # interval, and a short generation end before it reaches the best one)
                 self._surprised = False
