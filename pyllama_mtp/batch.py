@@ -63,16 +63,18 @@ def step_together(session, seqs: list[tuple[int, int | str, int]], policy) -> li
     depth = max(session.seq_n_past(seq) for seq in auto) if auto else 0
     k_auto = policy.choose(len(ids), depth) if auto and policy else 0
     drafts = [k_auto if draft == "auto" else draft for _, draft, _ in seqs]
+    t0 = time.perf_counter()
     for (seq, _, last_k), k in zip(seqs, drafts):
         # rows queued by plain decoding go to the heads outside the timed step
         if k > 0 and last_k == 0:
             session.seq_mtp_catch_up(seq)
+    catch_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     results = session.step_batch(ids, drafts)
     seconds = time.perf_counter() - t0
     if auto and policy:
         accepted = [res.n_accepted for (_, draft, _), res in zip(seqs, results) if draft == "auto"]
-        policy.update(len(ids), k_auto, accepted, seconds, depth)
+        policy.update(len(ids), k_auto, accepted, seconds, depth, catch_up)
     return [(k, res, session.seq_n_past(seq)) for seq, k, res in zip(ids, drafts, results)]
 
 

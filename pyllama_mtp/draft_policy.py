@@ -15,8 +15,10 @@ probes:
   it (see ``choose``);
 - while drafts are accepted, a length with fewer than LEARN_SAMPLES steady samples at
   this depth that may beat the decision (predicted from the lengths that were, see
-  ``to_learn``) is timed at once, so a cold start climbs to the best length within a few
-  steps instead of one length per probe interval;
+  ``to_learn``; at most one beyond the longest measured) is timed at once, so a cold start
+  climbs to the best length within a few steps instead of one length per probe interval;
+- a probe from plain decoding counts the heads' catch-up before it in its price
+  (``probe_cost``), which sets how often plain decoding may afford to look;
 - probes back off exponentially (x4) while they do not change the decision, except where
   the probed length came close (CLOSE_CALL) and deserves another look; so a model
   whose drafts do not pay costs ever less; when drafting could not pay even if every
@@ -372,7 +374,9 @@ class DraftPolicy:
         measured = [k for k in range(self.draft_max + 1) if self.costs.steady(b, k)]
         t0 = self.costs.predict(b, 0)
         candidates = {}
-        for k in range(1, self.draft_max + 1):
+        # one length beyond the longest measured at a time: a long draft is the dearest
+        # probe, worth it only once the shorter ones show that drafting pays
+        for k in range(1, min(max(measured, default=0) + 1, self.draft_max) + 1):
             n = self.costs.samples(b, k)
             if n >= LEARN_SAMPLES:
                 continue
@@ -427,14 +431,17 @@ class DraftPolicy:
         drafting step's."""
         return k > 0 and self.last_k <= 0
 
-    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None) -> None:
-        self.update_time(k, seconds, depth)
+    def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None,
+               catch_up: float = 0.0) -> None:
+        self.update_time(k, seconds, depth, catch_up)
         self.update_acceptance(k, n_accepted)
         self.finish_step(k)
 
-    def update_time(self, k: int, seconds: float, depth: int | None = None) -> None:
-        """A step's seconds (without the heads' catch-up before it: plain decoding pays that
-        too, in the flush that feeds the heads every n_batch rows)."""
+    def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0) -> None:
+        """A step's seconds, without the heads' catch-up before it (``catch_up`` seconds):
+        a drafting step's cost does not include it, plain decoding pays it too in the flush
+        that feeds the heads every n_batch rows; but a probe from plain decoding pays it
+        early, a part of the price of looking (``probe_cost``)."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
         steady = k == self.last_k
         if not steady:
@@ -444,7 +451,7 @@ class DraftPolicy:
             if self.costs.steady(bucket, k):
                 self.switch_cost.add(max(seconds - self.costs.points(bucket)[k], 0.0))
             if k > 0 and self.last_k <= 0 and self.costs.steady(bucket, 0):
-                self.probe_cost.add(max(seconds - self.costs.predict(bucket, 0), 0.0))
+                self.probe_cost.add(max(seconds - self.costs.predict(bucket, 0), 0.0) + catch_up)
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
@@ -528,11 +535,14 @@ def step_auto(session, policy: DraftPolicy):
         result = session.step(0)
         policy.coast = policy.coast_budget(depth + 1)
         return result, 0
+    catch_up = 0.0
     if policy.catch_up_first(k):
+        t0 = time.perf_counter()
         session.mtp_catch_up()
+        catch_up = time.perf_counter() - t0
     t0 = time.perf_counter()
     result = session.step(k)
-    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth)
+    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth, catch_up)
     return result, k
 
 
@@ -564,9 +574,10 @@ class BatchDraftPolicy:
     def choose(self, n: int, depth: int = 0) -> int:
         return self.policy(n).choose(depth)
 
-    def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None) -> None:
+    def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
+               catch_up: float = 0.0) -> None:
         p = self.policy(n)
-        p.update_time(k, seconds, depth)
+        p.update_time(k, seconds, depth, catch_up)
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)
