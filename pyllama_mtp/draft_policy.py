@@ -324,11 +324,12 @@ class DraftPolicy:
         self._recheck_at = self.steps + (RECHECK if best else RECHECK_PLAIN)
         if self.steps >= self.next_probe:
             self.probing = best
-            k = self._probe_length(best)
+            learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
+            learning = learn is not None
+            k = learn if learning else self._probe_length(best)
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
             # are being accepted; from plain decoding with drafts rejected, one step.
-            learning = k > 0 and self.still_learning(best)
             if best > 0 or learning:
                 self.trial_k, self.trial_left = k, 1
                 if learning:                    # as many steady steps as learning wants
@@ -337,9 +338,7 @@ class DraftPolicy:
         return best
 
     def _probe_length(self, best: int) -> int:
-        learn = self.to_learn(best)
-        if learn is not None:               # drafts are accepted: a length that may win, not timed yet
-            return learn
+        """The length of a probe that is not learning (see ``to_learn``)."""
         if best == 0:
             return 1                        # the shortest step that drafts
         # a length with no steady sample here first (its figure is a guess: seeded from
@@ -380,13 +379,10 @@ class DraftPolicy:
             n = self.costs.samples(b, k)
             if n >= LEARN_SAMPLES:
                 continue
-            margin = LEARN_BEYOND
-            if n:                              # one sample so far: it may have been unlucky
-                t = self.costs.points(b, steady_only=True)[k]
-            elif any(j > 0 for j in measured):  # the shape of the cost curve is known here
+            margin = LEARN_BETWEEN if not n and measured and k < max(measured) else LEARN_BEYOND
+            # its own sample so far (it may have been unlucky), or the shape of the cost curve
+            if n or any(j > 0 for j in measured):
                 t = self.costs.predict(b, k, steady_only=True)
-                if k < max(measured):
-                    margin = LEARN_BETWEEN
             else:
                 guess = t0 * (1 + DEFAULT_DRAFT_COST * k) if t0 else None
                 t = min(filter(None, (self.costs.predict(b, k), guess)), default=None)
