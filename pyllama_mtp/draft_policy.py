@@ -30,13 +30,12 @@ probes:
   measured neighbour's costs (as two samples' worth) and entering it is probed at once.
 
 Before the first drafting step after plain decoding, the caller lets the MTP heads catch
-up with the rows they have queued (``Session.mtp_catch_up``): that one-off cost does not
-belong to the cost of a drafting step, and timing it in would make MTP look worse than it
-is. ``step_auto`` does this for one sequence.
+up with the rows they have queued (``Session.seq_mtp_catch_up``): that one-off cost does
+not belong to the cost of a drafting step, and timing it in would make MTP look worse than
+it is. ``sequence.step_sequences`` does this, and asks the policy of its batch size.
 """
 from __future__ import annotations
 
-import time
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
@@ -242,7 +241,7 @@ class DraftPolicy:
         self._surprised = False            # a probe's draft was accepted against the odds
         self._best = 0                     # the decision, recomputed every RECHECK(_PLAIN) steps
         self.timed = True                  # whether the chosen step must be timed and reported
-        self.coast = 0                     # plain steps step_auto takes without asking (see there)
+        self.coast = 0                     # plain steps the driver takes without asking (step_sequences)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
         self.probe_cost = RunningMean(TIME_WINDOW)    # extra seconds of a probe from plain decoding
         self._recheck_at = 0
@@ -516,30 +515,6 @@ class DraftPolicy:
         if not t or probe is None:
             return 0
         return int(min(probe / (PROBE_BUDGET * t), HOPELESS_INTERVAL))
-
-
-def step_auto(session, policy: DraftPolicy):
-    """One step of sequence 0 with the policy's draft length (catch-up untimed, see above).
-    Call ``policy.start_sequence()`` before the first step of each generation."""
-    if policy.coast:                       # plain steps the policy need not see (a tiny model's
-        policy.coast -= 1                  # step takes ~0.1 ms: bookkeeping would show)
-        policy.steps += 1
-        return session.step(0), 0
-    depth = session.n_past
-    k = policy.choose(depth)
-    if not policy.timed:                   # a plain step among plain steps: nothing to learn
-        result = session.step(0)
-        policy.coast = policy.coast_budget(depth + 1)
-        return result, 0
-    catch_up = 0.0
-    if policy.catch_up_first(k):
-        t0 = time.perf_counter()
-        session.mtp_catch_up()
-        catch_up = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    result = session.step(k)
-    policy.update(k, result.n_accepted, time.perf_counter() - t0, depth, catch_up)
-    return result, k
 
 
 class BatchDraftPolicy:

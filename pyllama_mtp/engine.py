@@ -400,11 +400,14 @@ class Session(_Handle):
         if len(seqs) != len(drafts):
             raise InvalidArgumentError(f"{len(seqs)} sequences but {len(drafts)} draft lengths")
         n = len(seqs)
-        if n > self._batch_cap:
+        if n > self._batch_cap:     # buffers kept across steps: a step allocates nothing
             self._batch_out = ffi.new("pmtp_step_result[]", max(n, 1))
+            self._batch_seqs = ffi.new("int32_t[]", max(n, 1))
+            self._batch_drafts = ffi.new("int32_t[]", max(n, 1))
             self._batch_cap = n
-        check(lib.pmtp_step_batch(self._check_open(), ffi.new("int32_t[]", seqs), ffi.new("int32_t[]", drafts), n,
-                                  self._batch_out))
+        self._batch_seqs[0:n] = seqs
+        self._batch_drafts[0:n] = drafts
+        check(lib.pmtp_step_batch(self._check_open(), self._batch_seqs, self._batch_drafts, n, self._batch_out))
         return [self._result(self._batch_out[i], seqs[i]) for i in range(n)]
 
     def stats(self) -> dict:

@@ -1,10 +1,10 @@
-"""Llama: prompts, chat templates, streaming, stop strings, OpenAI-shaped results.
+"""Llama: prompts, chat templates, streaming, OpenAI-shaped results.
 
-The generation loop asks the native session for one *step* at a time (a plain
-one-token decode, or a whole MTP draft/verify cycle) and turns the step's tokens
-into text. Every token except the newest one is in the KV cache; the loop keeps
-that mirror exact even when a consumer stops a stream early, so the next call can
-reuse the common prompt prefix.
+A call runs one sequence through the library's driver (``sequence``): its prompt goes to
+the slot whose KV cache holds the longest prefix of it, then one *step* at a time (a plain
+one-token decode, or a whole MTP draft/verify cycle) turns into text. Every token except
+the newest one is in the KV cache; the slot's record of it stays exact even when a
+consumer stops a stream early, so the next call can reuse the common prompt prefix.
 """
 from __future__ import annotations
 
@@ -12,113 +12,24 @@ import dataclasses
 import logging
 import os
 import time
-from dataclasses import dataclass, field
-from typing import Iterator, Sequence
+from dataclasses import dataclass
+from typing import Iterator, Sequence as SequenceType
 
 from . import openai_shapes
 from .call_gate import CallGate
 from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
-from .engine import Model, Session, StepResult, build_info
+from .engine import Model, Session, build_info
 from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
-from .draft_policy import BatchDraftPolicy, DraftPolicy, step_auto
+from .draft_policy import BatchDraftPolicy
 from .batch import generate_batch
+from .options import GenerationOptions, PreparedCall
+from .sequence import Chunk, Completion, Sequence, SequenceOutput, Slots, step_sequences
 from .speculative import GenerationStats, validate_draft
-from .text import StopMatcher, Utf8StreamDecoder
+
+__all__ = ["Llama", "Chunk", "Completion", "PreparedCall", "GenerationOptions"]
 
 _llama_log = logging.getLogger("pyllama_mtp.llama_cpp")
-
-
-@dataclass(frozen=True)
-class Chunk:
-    """What one decode step added to a stream."""
-    text: str
-    tokens: tuple[int, ...]
-    from_draft: tuple[bool, ...]    # per token: an MTP draft the target accepted
-    finish_reason: str | None = None
-    logprobs: tuple[float, ...] | None = None          # per token (when asked)
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
-
-
-@dataclass(frozen=True)
-class Completion:
-    text: str
-    tokens: tuple[int, ...]
-    finish_reason: str              # "stop" (EOS or stop string) or "length"
-    n_prompt_tokens: int
-    stats: GenerationStats = field(default_factory=GenerationStats)
-    logprobs: tuple[float, ...] | None = None
-    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
-
-
-@dataclass(frozen=True)
-class PreparedCall:
-    """One call's prompt and options, checked before anything runs (``Llama.prepare``):
-    what a sequence needs to run, whichever loop runs it (``generate``/``stream``,
-    ``generate_batch`` or the server's scheduler)."""
-    tokens: list[int]               # the prompt's token ids
-    max_tokens: int | None
-    sampling: SamplingParams
-    draft: int | str                # a checked draft length, or "auto"
-    stops: list[str]
-
-
-def _first(step: StepResult, n: int) -> StepResult:
-    """The step's first n tokens (the rest fall after EOG or the token limit)."""
-    if n == len(step.tokens):
-        return step
-    return dataclasses.replace(
-        step, tokens=step.tokens[:n], from_draft=step.from_draft[:n],
-        logprobs=None if step.logprobs is None else step.logprobs[:n],
-        top_logprobs=None if step.top_logprobs is None else step.top_logprobs[:n])
-
-
-def _stops(stop) -> list[str]:
-    if stop is None:
-        return []
-    if isinstance(stop, str):
-        stop = [stop]
-    if not all(isinstance(s, str) and s for s in stop):
-        raise InvalidArgumentError("stop must be a non-empty string or a list of non-empty strings")
-    return list(stop)
-
-
-class SequenceOutput:
-    """One sequence's step results -> Chunks: cuts at end-of-generation, max_tokens and
-    the context end (the chunk that ends it carries the finish reason), decodes UTF-8
-    across token boundaries and holds back text that a stop string may be starting."""
-
-    def __init__(self, pieces: list[bytes], eog: frozenset[int], max_tokens: int | None, n_ctx: int, stops):
-        self.pieces, self.eog, self.n_ctx = pieces, eog, n_ctx
-        self.left = max_tokens if max_tokens is not None else n_ctx
-        self.decoder = Utf8StreamDecoder()
-        self.matcher = StopMatcher(stops)
-        self.finish_reason: str | None = None
-
-    def _cut(self, step: StepResult, n_past: int) -> tuple[int, str | None]:
-        n = 0
-        for tok in step.tokens:
-            if tok in self.eog:
-                return n, "stop"
-            n += 1
-            self.left -= 1
-            if self.left == 0:
-                return n, "length"
-        return n, ("length" if n_past >= self.n_ctx else None)
-
-    def push(self, step: StepResult, n_past: int) -> Chunk:
-        """The chunk for one step; ``n_past``: tokens in the sequence's KV cache after it."""
-        n, finish = self._cut(step, n_past)
-        step = _first(step, n)
-        text = self.decoder.feed(b"".join(self.pieces[t] for t in step.tokens))
-        safe, stopped = self.matcher.feed(text)
-        if not stopped and finish is not None:
-            tail, stopped = self.matcher.feed(self.decoder.flush())
-            safe += tail if stopped else tail + self.matcher.flush()
-        if stopped:
-            finish = "stop"
-        self.finish_reason = finish
-        return Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
 
 
 def _is_prompt_list(prompt) -> bool:
@@ -172,7 +83,9 @@ class Llama:
     raises ``RpcError`` and the Llama must be closed and created again.
 
     ``parallel=N`` lets the session decode N sequences together (each with ``n_ctx``
-    tokens of context): the server's ``--parallel``. ``generate``/``stream`` use the first.
+    tokens of context): the server's ``--parallel`` and ``generate_batch``'s width. A call
+    goes to the slot whose KV cache holds the longest prefix of its prompt and prefills
+    only the rest (a chat's next turn); ``reset()`` forgets every slot's cache.
 
     Threads may share a Llama: calls take turns (a ``generate`` for the call, a stream from
     its first chunk until it ends or is closed), so other threads wait; a thread that starts
@@ -185,9 +98,9 @@ class Llama:
                  threads: int | None = None, threads_batch: int | None = None, seed: int | None = None,
                  use_mmap: bool = True, flash_attn: bool | None = None, type_k: str | None = None,
                  type_v: str | None = None, split_mode: str = "layer", main_gpu: int = 0,
-                 tensor_split: Sequence[float] | None = None, chat_template: str | None = None,
+                 tensor_split: SequenceType[float] | None = None, chat_template: str | None = None,
                  swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
-                 rpc: str | Sequence[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
+                 rpc: str | SequenceType[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
                  parallel: int = 1, verbose: bool = False, progress=None):
         self._gate = CallGate("Llama")
         if verbose:
@@ -228,11 +141,11 @@ class Llama:
         self.draft_max = self.session.draft_max
         self.seed = seed if seed is not None else 0xFFFFFFFF
         self._chat_template = chat_template
-        self._kv_tokens: list[int] = []   # mirror of the tokens in the target KV cache
+        self._slots = Slots(self.session.n_seq_max)
         self.prompt_tokens_reused = 0     # prompt tokens the last call found in the KV cache
-        # one policy per Llama: what it learns about acceptance and costs carries over calls
-        self._policy = DraftPolicy(self.draft_max) if self.draft_max else None
-        self._batch_policy = BatchDraftPolicy(self.draft_max) if self.draft_max else None   # generate_batch's
+        # one policy per Llama (every batch size, one sequence included): what it learns about
+        # acceptance and costs carries over calls
+        self._policy = BatchDraftPolicy(self.draft_max) if self.draft_max else None
         self._stats_base = GenerationStats()
         self._wall = _WallTotals()
 
@@ -296,7 +209,7 @@ class Llama:
         with self._gate.native():
             return self.model.tokenize(text, add_special=add_special, parse_special=parse_special)
 
-    def detokenize(self, tokens: Sequence[int], *, special: bool = False) -> str:
+    def detokenize(self, tokens: SequenceType[int], *, special: bool = False) -> str:
         with self._gate.native():
             return self.model.detokenize(tokens, unparse_special=special)
 
@@ -306,13 +219,13 @@ class Llama:
 
     # --------------------------------------------------------- generation
 
-    def _sampling(self, temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                  frequency_penalty, seed, accept) -> SamplingParams:
-        return SamplingParams(temperature=temperature, top_k=top_k, top_p=top_p, min_p=min_p,
-                              repeat_penalty=repeat_penalty, presence_penalty=presence_penalty,
-                              frequency_penalty=frequency_penalty,
-                              seed=self.seed if seed is None else seed,
-                              accept=self.accept if accept is None else accept)
+    def reset(self) -> None:
+        """Forget what every sequence slot's KV cache holds: the next call prefills its whole
+        prompt (as a fresh Llama would)."""
+        with self._gate.turn(), self._gate.native():
+            for seq in range(self.session.n_seq_max):
+                self.session.seq_reset(seq)
+            self._slots.forget()
 
     def _prompt_tokens(self, prompt) -> list[int]:
         if isinstance(prompt, (str, bytes)):
@@ -331,75 +244,17 @@ class Llama:
                 f"generated token); shorten the prompt or create the Llama with a larger n_ctx")
         return tokens
 
-    def _load_prompt(self, tokens: list[int]) -> None:
-        """Make the KV cache hold ``tokens``, reusing the longest common prefix."""
-        common = 0
-        for a, b in zip(self._kv_tokens, tokens):
-            if a != b:
-                break
-            common += 1
-        keep = min(common, len(tokens) - 1)   # the last prompt token is decoded for its logits
-        try:
-            if keep == 0:
-                self.session.reset()
-            else:
-                self.session.rollback(keep)
-        except PmtpError:
-            keep = 0
-            self.session.reset()
-        self._kv_tokens = tokens[:keep]
-        self.prompt_tokens_reused = keep
-        self.session.prefill(tokens[keep:])
-        self._kv_tokens = list(tokens)
-
-    def _steps(self, tokens: list[int], sampling: SamplingParams, draft) -> Iterator[tuple[StepResult, int]]:
-        """Yield the first sampled token, then each step's tokens, until the consumer stops;
-        each with the number of tokens in the KV cache after it. Runs inside a turn."""
-        session, gate = self.session, self._gate
-        with gate.native():
-            session.set_sampling(sampling)
-            self._load_prompt(tokens)
-            session.sample()
-            result, n_past = session.last_result, session.n_past
-        generated = list(result.tokens)
-        policy = self._policy if draft == "auto" else None
-        if policy:
-            policy.start_sequence()
-        try:
-            while True:
-                yield result, n_past
-                with gate.native():
-                    result = step_auto(session, policy)[0] if policy else session.step(draft)
-                    n_past = session.n_past
-                generated.extend(result.tokens)
-        finally:
-            # Everything generated except the newest token is in the KV cache.
-            self._kv_tokens = tokens + generated[:-1]
-
-    def prepare(self, prompt, max_tokens: int | None = 256, *, temperature: float = 0.0, top_k: int = 40,
-                top_p: float = 0.95, min_p: float = 0.05, repeat_penalty: float = 1.0,
-                presence_penalty: float = 0.0, frequency_penalty: float = 0.0, stop=None, seed: int | None = None,
-                draft: int | None = None, accept: str | None = None, logprobs: int | None = None,
-                mtp: bool | None = None) -> PreparedCall:
+    def prepare(self, prompt, max_tokens: int | None = 256, **options) -> PreparedCall:
         """Check one call's prompt and options (as :meth:`stream` takes them) without running
         anything; raises InvalidArgumentError (and loses no state) when one is wrong."""
-        if mtp is not None and not isinstance(mtp, bool):
-            raise InvalidArgumentError(f"mtp must be True or False per call, got {mtp!r}")
-        if mtp is False:
-            draft = 0
-        if max_tokens is not None and (not isinstance(max_tokens, int) or isinstance(max_tokens, bool)
-                                       or max_tokens < 1):
-            raise InvalidArgumentError(f"max_tokens must be an int >= 1 or None, got {max_tokens!r}")
-        sampling = self._sampling(temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-                                  frequency_penalty, seed, accept)
-        if logprobs is not None:
-            sampling = dataclasses.replace(sampling, n_logprobs=logprobs)
-        penalties = repeat_penalty != 1.0 or presence_penalty != 0.0 or frequency_penalty != 0.0
-        if sampling.accept is None and penalties:
-            # rejection sampling does not model penalties yet; matching stays exact with them
-            sampling = dataclasses.replace(sampling, accept="match")
-        k = validate_draft(self.draft if draft is None else draft, self.draft_max)
-        return PreparedCall(self._prompt_tokens(prompt), max_tokens, sampling, k, _stops(stop))
+        return self.prepare_options(prompt, GenerationOptions(max_tokens=max_tokens, **options))
+
+    def prepare_options(self, prompt, options: GenerationOptions) -> PreparedCall:
+        """:meth:`prepare` with the options as one GenerationOptions (the server builds one
+        from each request)."""
+        sampling = options.sampling(self.seed, self.accept)
+        draft = validate_draft(options.draft_or(self.draft), self.draft_max)
+        return PreparedCall(self._prompt_tokens(prompt), options.max_tokens, sampling, draft, options.stop)
 
     def check_request(self, prompt, max_tokens: int | None = 256, **kwargs) -> list[int]:
         """Validate a call's options and return the prompt's token ids, without
@@ -413,33 +268,57 @@ class Llama:
     def stream(self, prompt, max_tokens: int | None = 256, **kwargs) -> Iterator[Chunk]:
         """Generate from ``prompt`` (text or token ids), one chunk per decode step.
 
-        Options: temperature, top_k, top_p, min_p, repeat_penalty, presence_penalty,
-        frequency_penalty, stop (str or list), seed, mtp (False: plain decoding for this
-        call), draft (MTP draft length for this call, 0 = plain decoding, or "auto"), accept ("rejection" or "match": how drafts are accepted at
-        temperature > 0), logprobs (None; 0 for each token's logprob; k <= 20 for the top k
-        too, from the target's raw logits, accepted drafts included)."""
+        Options (see GenerationOptions): temperature, top_k, top_p, min_p, repeat_penalty,
+        presence_penalty, frequency_penalty, stop (str or list), seed, mtp (False: plain
+        decoding for this call), draft (MTP draft length for this call, 0 = plain decoding,
+        or "auto"), accept ("rejection" or "match": how drafts are accepted at temperature >
+        0), logprobs (None; 0 for each token's logprob; k <= 20 for the top k too, from the
+        target's raw logits, accepted drafts included)."""
         return self._stream(self.prepare(prompt, max_tokens, **kwargs))
 
     def _stream(self, call: PreparedCall) -> Iterator[Chunk]:
         with self._gate.turn():       # from the first chunk until the stream ends or is closed
-            yield from self._chunks(call)
+            yield from self._chunks(self._sequence(call))
 
-    def _chunks(self, call: PreparedCall) -> Iterator[Chunk]:
-        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, call.max_tokens, self._n_ctx,
-                                call.stops)
-        t0, t_first, n = time.perf_counter(), None, 0
-        tokens = call.tokens
+    def sequence_output(self, call: PreparedCall) -> SequenceOutput:
+        """How a sequence of ``call`` turns its steps into text."""
+        return SequenceOutput(self.model.token_pieces, self.model.eog_tokens, call.max_tokens, self._n_ctx,
+                              call.stops)
+
+    def _sequence(self, call: PreparedCall) -> Sequence:
+        seq, held = self._slots.take(call.tokens)
+        return Sequence(seq, call, self.sequence_output(call), held)
+
+    def release(self, s: Sequence) -> None:
+        """Give ``s``'s slot back, noting what its KV cache holds (nothing if unknown)."""
         try:
-            for step, n_past in self._steps(tokens, call.sampling, call.draft):
-                chunk = output.push(step, n_past)
-                if t_first is None:
-                    t_first = time.perf_counter()
-                n += len(chunk.tokens)
+            with self._gate.native():
+                holds = s.cached(self.session.seq_n_past(s.seq))
+        except PmtpError:
+            holds = []
+        self._slots.give_back(s.seq, holds)
+
+    def _chunks(self, s: Sequence) -> Iterator[Chunk]:
+        """Run one sequence through the driver, a chunk per step, until it ends or the
+        consumer stops; its slot keeps what its KV cache holds, for the next call's prompt."""
+        session, gate = self.session, self._gate
+        policy = self._policy if s.draft == "auto" else None
+        try:
+            with gate.native():
+                s.load(session)
+                self.prompt_tokens_reused = s.reused
+                s.prefill(session)
+                chunk = s.begin(session)
+            while True:
                 yield chunk
                 if chunk.finish_reason is not None:
                     return
+                with gate.native():
+                    chunk = step_sequences(session, [s], policy)[0]
         finally:
-            self._wall.add(len(tokens), n, t0, t_first, time.perf_counter())
+            s.end("length")
+            self.release(s)
+            self._wall.add(s.n_prompt, s.n_generated, s.t_start, s.t_first, s.t_end)
 
     def generate(self, prompt, max_tokens: int | None = 256, **kwargs) -> Completion:
         """Generate a whole completion; keyword arguments as for :meth:`stream`."""
@@ -447,7 +326,7 @@ class Llama:
         with self._gate.turn():
             return self._generate(call)
 
-    def generate_batch(self, prompts: Sequence, max_tokens: int | None = 256, *, progress: bool | None = None,
+    def generate_batch(self, prompts: SequenceType, max_tokens: int | None = 256, *, progress: bool | None = None,
                        **kwargs) -> list[Completion]:
         """Generate a completion for every prompt (text or token ids), decoding up to
         ``parallel`` of them at once with MTP across all (continuous batching: a finished
@@ -456,7 +335,7 @@ class Llama:
         of ``prompts``, each with its own stats; greedy output of each equals ``generate``
         of it alone, bit for bit. A progress bar goes to stderr for 8 or more prompts when it
         is a terminal (``progress=True``/``False`` forces it on or off)."""
-        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, Sequence):
+        if isinstance(prompts, (str, bytes)) or not isinstance(prompts, SequenceType):
             raise InvalidArgumentError("prompts must be a list of prompts (each text or a list of token ids)")
         if prompts and all(isinstance(p, int) and not isinstance(p, bool) for p in prompts):
             raise InvalidArgumentError("prompts is a list of ints: pass [token_ids] for one tokenized prompt")
@@ -471,26 +350,16 @@ class Llama:
     def _generate(self, call: PreparedCall) -> Completion:
         with self._gate.native():
             before = GenerationStats.from_native(self.session.stats())
-        t0 = time.perf_counter()
-        t_first = None
-        texts, tokens, finish, lps, tops = [], [], "length", [], []
-        for chunk in self._chunks(call):
-            if t_first is None:
-                t_first = time.perf_counter()
-            texts.append(chunk.text)
-            tokens.extend(chunk.tokens)
-            lps.extend(chunk.logprobs or ())
-            tops.extend(chunk.top_logprobs or ())
-            finish = chunk.finish_reason or finish
-        t_end = time.perf_counter()
-        t_first = t_first or t_end
+        s = self._sequence(call)
+        for _ in self._chunks(s):
+            pass
         with self._gate.native():
             span = GenerationStats.from_native(self.session.stats()).minus(before)
-        stats = dataclasses.replace(span, n_prompt_tokens=len(call.tokens), n_generated=len(tokens),
-                                    t_prompt_s=t_first - t0, t_generate_s=t_end - t_first)
-        with_lp = call.sampling.n_logprobs >= 0
-        return Completion("".join(texts), tuple(tokens), finish, len(call.tokens), stats,
-                          tuple(lps) if with_lp else None, tuple(tops) if with_lp else None)
+        # it ran alone: the session's timers and SWA recoveries over the call are its own
+        stats = dataclasses.replace(s.stats(), t_draft_s=span.t_draft_s, t_verify_s=span.t_verify_s,
+                                    t_catchup_s=span.t_catchup_s, t_prefill_s=span.t_prefill_s,
+                                    t_decode_s=span.t_decode_s, swa_recoveries=span.swa_recoveries)
+        return s.completion(stats)
 
     # --------------------------------------------------------------- chat
 
@@ -526,19 +395,12 @@ class Llama:
     def _model_name(self) -> str:
         return os.path.basename(self.model.path)
 
-    def _usage_extra(self, stats: GenerationStats) -> dict:
-        return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
-
     def _logprobs_object(self, result: Completion, chat: bool):
         """OpenAI logprobs for a finished completion (None when not asked)."""
         if result.logprobs is None:
             return None
-        pieces = self.model.token_pieces
-        tokens = [pieces[t] for t in result.tokens]
-        tops = [[(pieces[t], lp) for t, lp in alts] for alts in result.top_logprobs]
-        if chat:
-            return openai_shapes.chat_logprobs(tokens, result.logprobs, tops)
-        return openai_shapes.completion_logprobs(tokens, result.logprobs, tops)
+        return openai_shapes.logprobs_object(self.model.token_pieces, result.tokens, result.logprobs,
+                                             result.top_logprobs, chat)
 
     def create_completion(self, prompt, max_tokens: int | None = 16, *, stream: bool = False, **kwargs):
         """OpenAI ``/v1/completions`` shaped result (a dict, or an iterator of chunk dicts).
@@ -554,7 +416,7 @@ class Llama:
             return openai_shapes.completions_response(
                 cid, name, created, [(r.text, r.finish_reason, self._logprobs_object(r, chat=False)) for r in results],
                 sum(r.n_prompt_tokens for r in results), sum(len(r.tokens) for r in results),
-                extra_usage=self._usage_extra(total))
+                extra_usage=openai_shapes.draft_usage(total))
         if stream:
             chunks = self.stream(prompt, max_tokens, **kwargs)
             return (openai_shapes.completion_chunk(cid, name, created, c.text, c.finish_reason) for c in chunks)
@@ -562,7 +424,7 @@ class Llama:
         return openai_shapes.completion_response(cid, name, created, result.text, result.finish_reason,
                                                  result.n_prompt_tokens, len(result.tokens),
                                                  logprobs=self._logprobs_object(result, chat=False),
-                                                 extra_usage=self._usage_extra(result.stats))
+                                                 extra_usage=openai_shapes.draft_usage(result.stats))
 
     def create_chat_completion(self, messages, max_tokens: int | None = None, *, stream: bool = False,
                                top_logprobs: int | None = None, **kwargs):
@@ -578,7 +440,7 @@ class Llama:
         return openai_shapes.chat_response(cid, name, created, result.text, result.finish_reason,
                                            result.n_prompt_tokens, len(result.tokens),
                                            logprobs=self._logprobs_object(result, chat=True),
-                                           extra_usage=self._usage_extra(result.stats))
+                                           extra_usage=openai_shapes.draft_usage(result.stats))
 
     def _chat_chunks(self, cid, created, name, tokens, max_tokens, kwargs):
         yield openai_shapes.chat_chunk(cid, name, created, {"role": "assistant", "content": ""}, None)

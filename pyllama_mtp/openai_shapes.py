@@ -119,3 +119,19 @@ def chat_logprobs(pieces: list[bytes], logprobs, top_logprobs) -> dict:
         alternatives = top_logprobs[i] if top_logprobs is not None else ()
         content.append({**entry(piece, lp), "top_logprobs": [entry(p, alp) for p, alp in alternatives]})
     return {"content": content, "refusal": None}
+
+
+def logprobs_object(token_pieces: list[bytes], tokens, logprobs, top_logprobs, chat: bool, offset: int = 0) -> dict:
+    """The logprobs object of generated ``tokens`` (ids), their logprobs and their top
+    alternatives ((id, logprob) per token); ``token_pieces`` maps ids to bytes."""
+    pieces = [token_pieces[t] for t in tokens]
+    alternatives = [[(token_pieces[t], lp) for t, lp in alts] for alts in top_logprobs]
+    if chat:
+        return chat_logprobs(pieces, logprobs, alternatives)
+    return completion_logprobs(pieces, logprobs, alternatives, offset)
+
+
+def draft_usage(stats) -> dict:
+    """The usage fields a result adds about speculative decoding (``stats``: a
+    GenerationStats, or None when none was reported)."""
+    return {"drafted_tokens": stats.drafted if stats else 0, "accepted_tokens": stats.accepted if stats else 0}

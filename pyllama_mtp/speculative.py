@@ -143,8 +143,11 @@ class GenerationStats:
 
 @dataclass
 class SequenceCounters:
-    """Draft counters of one sequence decoded next to others (the native counters are the
-    session's): what ``Completion.stats`` reports for it."""
+    """Draft counters of one sequence (the native counters are the whole session's):
+    what ``Completion.stats`` and the server's per-request figures report for it.
+    ``rejection``: the sequence's drafts are accepted by rejection sampling, so its
+    positions count under that rule too (``acceptance_per_position_by_rule``)."""
+    rejection: bool = False
     n_steps: int = 0
     drafted: int = 0
     accepted: int = 0
@@ -163,7 +166,11 @@ class SequenceCounters:
 
     def stats(self, **wall) -> GenerationStats:
         """These counters plus the wall-clock fields given (n_generated, t_generate_s, ...)."""
+        zero = (0,) * MAX_DRAFT
         return GenerationStats(n_steps=self.n_steps, drafted=self.drafted, accepted=self.accepted,
                                emitted=self.accepted + self.n_steps,
                                drafted_per_position=tuple(self.drafted_at),
-                               accepted_per_position=tuple(self.accepted_at), **wall)
+                               accepted_per_position=tuple(self.accepted_at),
+                               drafted_per_position_rejection=tuple(self.drafted_at) if self.rejection else zero,
+                               accepted_per_position_rejection=tuple(self.accepted_at) if self.rejection else zero,
+                               **wall)

@@ -38,20 +38,20 @@ def cpu_name() -> str:
 
 def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int) -> dict:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
-    from pyllama_mtp.draft_policy import DraftPolicy, step_auto
+    from pyllama_mtp.draft_policy import BatchDraftPolicy
     from pyllama_mtp.engine import Model, Session
+    from pyllama_mtp.options import PreparedCall
+    from pyllama_mtp.sequence import Sequence, step_sequences
 
     with Model(ModelConfig(path, load_mtp=True)) as model:
         heads = model.info.n_layer_mtp
         draft_max = heads if heads > 1 else 4
         with Session(model, ContextConfig(n_ctx=depth + n_gen + 64, threads=threads, draft_max=draft_max)) as s:
-            s.set_sampling(SamplingParams())
             rng = np.random.default_rng(seed)
             n_vocab = model.info.n_vocab
             prefix = [int(t) for t in rng.integers(3, n_vocab - 8, size=depth)]
-            if prefix:
-                s.prefill(prefix)
-            policy = DraftPolicy(s.draft_max)
+            held: list[int] = []                            # what sequence 0's KV cache holds
+            policy = BatchDraftPolicy(s.draft_max)
             modes: list = list(range(s.draft_max + 1)) + ["auto"]
             rates: dict = {m: [] for m in modes}
             chosen: dict[int, int] = {}
@@ -59,22 +59,19 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 order = modes[r % len(modes):] + modes[:r % len(modes)]
                 prompt = [int(t) for t in rng.integers(3, n_vocab - 8, size=8)]
                 for mode in order:
-                    s.rollback(depth)
-                    s.prefill(prompt)
-                    s.sample()
-                    produced, t0 = 1, time.perf_counter()
-                    if mode == "auto":
-                        policy.start_sequence()
-                    while produced < n_gen:
-                        if mode == "auto":
-                            result, k = step_auto(s, policy)
-                            if r:
-                                chosen[k] = chosen.get(k, 0) + 1
-                        else:
-                            result = s.step(mode)
-                        produced += len(result.tokens)
+                    # the library's driver, one sequence, no text; the prefix stays in the cache
+                    seq = Sequence(0, PreparedCall(prefix + prompt, None, SamplingParams(), mode, ()), None, held)
+                    seq.load(s)
+                    seq.prefill(s)
+                    seq.begin(s)
+                    t0 = time.perf_counter()
+                    while seq.n_generated < n_gen:
+                        step_sequences(s, [seq], policy if mode == "auto" else None)
+                        if mode == "auto" and r:
+                            chosen[seq.last_k] = chosen.get(seq.last_k, 0) + 1
                     if r:
-                        rates[mode].append((produced - 1) / (time.perf_counter() - t0))
+                        rates[mode].append((seq.n_generated - 1) / (time.perf_counter() - t0))
+                    held = seq.cached(s.seq_n_past(0))
     med = {str(m): statistics.median(v) for m, v in rates.items()}
     fixed = {m: v for m, v in med.items() if m not in ("0", "auto")}
     best_fixed = max(fixed, key=fixed.get)

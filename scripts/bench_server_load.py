@@ -159,8 +159,7 @@ def library_speedup(model: Path, args) -> dict:
         for _ in range(args.rounds):
             prompt = [int(t) for t in rng.integers(3, llm.info.n_vocab - 8, size=16)]
             for mode, k in (("off", 0), ("on", draft)):
-                llm.session.reset()            # no prefix reuse: every call prefills, as the server does
-                llm._kv_tokens = []
+                llm.reset()            # no prefix reuse: every call prefills, as the server does
                 t0 = time.perf_counter()
                 n = len(llm.generate(prompt, max_tokens=args.n_gen, draft=k).tokens)
                 rates[mode].append(n / (time.perf_counter() - t0))

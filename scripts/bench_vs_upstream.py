@@ -129,8 +129,7 @@ class UpstreamServer:
 
 
 def ours(llm, prompt: list[int], n_gen: int, draft: int) -> dict:
-    llm.session.reset()
-    llm._kv_tokens = []
+    llm.reset()
     result = llm.generate(prompt, max_tokens=n_gen, draft=draft)
     return {"tps": result.stats.tokens_per_second, "stats": result.stats, "tokens": result.tokens}
 

@@ -57,8 +57,7 @@ def test_concurrent_clients_get_their_sequential_greedy_text(client, reference):
         together = list(pool.map(lambda p: complete(client, p), prompts))
     assert together == sequential
     for p, text in zip(prompts, together):
-        reference.session.reset()   # a fresh context: the text alone, decoded plainly
-        reference._kv_tokens = []
+        reference.reset()   # a fresh context: the text alone, decoded plainly
         assert text == reference.generate(p, max_tokens=120).text
 
 
@@ -164,8 +163,7 @@ def test_parallel_with_a_recurrent_model(tmp_path):
         assert together == [fresh_text(llm, p, 80) for p in prompts]
         assert later == [fresh_text(llm, p, 40) for p in follow_ups]
         assert first == llm.detokenize(answer)
-        llm.session.reset()
-        llm._kv_tokens = []
+        llm.reset()
         assert second == llm.generate(extended, max_tokens=30).text
     assert reused == len(ids) + len(answer) - 1
 
@@ -185,8 +183,7 @@ def chunked_server(step35_path):
 
 
 def fresh_text(reference, prompt, n):
-    reference.session.reset()
-    reference._kv_tokens = []
+    reference.reset()
     return reference.generate(prompt, max_tokens=n).text
 
 
@@ -230,8 +227,7 @@ def test_running_streams_keep_going_while_a_long_prompt_goes_in(step35_path):
 
     from pyllama_mtp import Llama
     from pyllama_mtp.server.metrics import Metrics
-    from pyllama_mtp.server.scheduler import BatchWorker
-    from pyllama_mtp.server.worker import Job
+    from pyllama_mtp.server.scheduler import Job, Scheduler
 
     events, lock, first_b = [], threading.Lock(), threading.Event()
 
@@ -244,17 +240,17 @@ def test_running_streams_keep_going_while_a_long_prompt_goes_in(step35_path):
         return emit
 
     with Llama(step35_path, n_ctx=512, threads=1, mtp=True, draft=3, parallel=2) as llm:
-        worker = BatchWorker(llm, Metrics("tiny"), prefill_chunk=8)
+        worker = Scheduler(llm, Metrics("tiny"), prefill_chunk=8)
         try:
             a_started = threading.Event()
             emit_a = emitter("a")
-            worker.submit(Job(llm.tokenize("a running stream"), {"max_tokens": 400},
+            worker.submit(Job(llm.prepare(llm.tokenize("a running stream"), 400),
                               lambda item: (emit_a(item), a_started.set())))
             assert a_started.wait(30)
             with lock:
                 mark = len(events)
             prompt_b = llm.tokenize(" ".join(f"token{i}" for i in range(60)))
-            worker.submit(Job(prompt_b, {"max_tokens": 5}, emitter("b")))
+            worker.submit(Job(llm.prepare(prompt_b, 5), emitter("b")))
             assert first_b.wait(60)
             with lock:
                 between = events[mark:events.index(next(e for e in events if e[0] == "b"))]

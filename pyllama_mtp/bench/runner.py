@@ -12,7 +12,9 @@ import numpy as np
 
 from ..config import MAX_DRAFT, ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
-from ..draft_policy import DraftPolicy, step_auto
+from ..draft_policy import BatchDraftPolicy
+from ..options import PreparedCall
+from ..sequence import Sequence, step_sequences
 from .params import Instance, BenchTest
 
 
@@ -68,7 +70,7 @@ class InstanceRunner:
             type_k=instance.type_k, type_v=instance.type_v,
             flash_attn=None if instance.flash_attn < 0 else bool(instance.flash_attn), draft_max=draft_max))
         self.rng = np.random.default_rng(seed)
-        self.policy: DraftPolicy | None = None
+        self.policy: BatchDraftPolicy | None = None
         self.n_vocab = self.model.info.n_vocab
 
     def close(self) -> None:
@@ -79,46 +81,39 @@ class InstanceRunner:
         return self.rng.integers(0, self.n_vocab, size=n).tolist()
 
     def _run_once(self, test: BenchTest, m: Measurement | None, sampling: SamplingParams) -> int:
+        """One repetition; its nanoseconds (a tg test's decode only, a pp test's prefill)."""
         s = self.session
-        s.reset()
-        s.set_sampling(sampling)
-        if test.n_depth:
-            s.prefill(self._random_tokens(test.n_depth))
-        prompt = self._random_tokens(test.n_prompt) if test.n_prompt else self._random_tokens(1)
-        before = s.stats()
+        depth = self._random_tokens(test.n_depth) if test.n_depth else []
+        prompt = self._random_tokens(max(test.n_prompt, 1))
+        # one sequence through the library's driver, without text: EOS does not end it
+        seq = Sequence(0, PreparedCall(depth + prompt, None, sampling, test.n_draft, ()), output=None)
+        seq.load(s)                                  # held nothing: the slot starts afresh
+        if depth:
+            seq.prefill(s, limit=len(depth))
         t0 = time.perf_counter_ns()
-        if test.n_prompt:
-            s.prefill(prompt)
-        elif test.n_gen:
-            s.prefill(prompt)
-            t0 = time.perf_counter_ns()  # a tg test times decoding only
+        seq.prefill(s)
         if test.n_gen:
-            s.sample()
-            produced = 1
-            policy = self.policy if test.n_draft == "auto" else None
-            if policy:
-                policy.start_sequence()
-            while produced < test.n_gen:
-                if policy is None:
-                    produced += len(s.step(int(test.n_draft)).tokens)
-                    continue
-                produced += len(step_auto(s, policy)[0].tokens)
+            if not test.n_prompt:
+                t0 = time.perf_counter_ns()          # a tg test times decoding only
+            seq.begin(s)
+            while seq.n_generated < test.n_gen:
+                step_sequences(s, [seq], self.policy)
         elapsed = time.perf_counter_ns() - t0
         if m is not None:
-            after = s.stats()
-            m.drafted += after["n_drafted"] - before["n_drafted"]
-            m.accepted += after["n_accepted"] - before["n_accepted"]
-            m.n_steps += after["n_steps"] - before["n_steps"]
+            c = seq.counters
+            m.drafted += c.drafted
+            m.accepted += c.accepted
+            m.n_steps += c.n_steps
             for i in range(MAX_DRAFT):
-                m.drafted_at[i] += after["drafted_at"][i] - before["drafted_at"][i]
-                m.accepted_at[i] += after["accepted_at"][i] - before["accepted_at"][i]
+                m.drafted_at[i] += c.drafted_at[i]
+                m.accepted_at[i] += c.accepted_at[i]
         return elapsed
 
     def run(self, test: BenchTest, repetitions: int, sampling: SamplingParams) -> Measurement:
         m = Measurement(self.instance, test)
         # draft="auto" learns across the warm-up and the repetitions, as it does across the
         # calls of one Llama
-        self.policy = DraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
+        self.policy = BatchDraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
         self._run_once(test, None, sampling)  # warm-up
         for _ in range(repetitions):
             m.samples_ns.append(self._run_once(test, m, sampling))

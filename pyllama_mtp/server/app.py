@@ -1,4 +1,4 @@
-"""The FastAPI application: OpenAI-compatible endpoints over one Worker.
+"""The FastAPI application: OpenAI-compatible endpoints over one Scheduler.
 
 Every error a client can cause comes back as a 4xx with an OpenAI-style error
 object; the server never answers 500 for bad input and never dies of it.
@@ -25,11 +25,12 @@ from ..chat import ChatTemplateError
 from ..errors import ContextFullError, InvalidArgumentError, PmtpError, RpcError
 from ..config import MAX_TOP_LOGPROBS
 from ..llama import Llama
+from ..options import GenerationOptions, PreparedCall
+from ..sequence import ChunkCollector
 from ..speculative import GenerationStats
 from .metrics import Metrics
-from .scheduler import BatchWorker
+from .scheduler import DONE, Job, Scheduler, ShuttingDown
 from .stream_extras import DraftSpans, message_stats
-from .worker import Job, ShuttingDown, Worker
 
 
 @dataclass(frozen=True)
@@ -102,18 +103,19 @@ class _StreamOptions(BaseModel):
 
 
 class _Options(BaseModel):
-    """Generation options shared by both endpoints; unknown OpenAI fields are ignored."""
+    """Generation options shared by both endpoints; unknown OpenAI fields are ignored. A
+    sampling field left out takes the library's default (``GenerationOptions``)."""
     model_config = _STRICT
     model: str | None = None
     max_tokens: int | None = Field(default=None, ge=1)
     max_completion_tokens: int | None = Field(default=None, ge=1)
-    temperature: float = Field(default=0.0, ge=0.0, le=2.0)
-    top_p: float = Field(default=1.0, ge=0.0, le=1.0)
-    top_k: int = Field(default=0, ge=0)
-    min_p: float = Field(default=0.0, ge=0.0, le=1.0)
-    repeat_penalty: float = Field(default=1.0, gt=0.0, le=10.0)
-    presence_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
-    frequency_penalty: float = Field(default=0.0, ge=-2.0, le=2.0)
+    temperature: float | None = Field(default=None, ge=0.0, le=2.0)
+    top_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    top_k: int | None = Field(default=None, ge=0)
+    min_p: float | None = Field(default=None, ge=0.0, le=1.0)
+    repeat_penalty: float | None = Field(default=None, gt=0.0, le=10.0)
+    presence_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
+    frequency_penalty: float | None = Field(default=None, ge=-2.0, le=2.0)
     stop: str | list[str] | None = Field(default=None, max_length=16)
     seed: int | None = Field(default=None, ge=0, le=0xFFFFFFFF)
     stream: bool = False
@@ -168,19 +170,23 @@ def _json_depth(value) -> int:
     return deepest
 
 
-def _generation_kwargs(req: _Options, llm: Llama, settings: ServerSettings) -> dict:
+_SAMPLING_FIELDS = ("temperature", "top_p", "top_k", "min_p", "repeat_penalty", "presence_penalty",
+                    "frequency_penalty")
+
+
+def _generation_options(req: _Options, settings: ServerSettings) -> GenerationOptions:
+    """The request's options; what it leaves out takes GenerationOptions' defaults."""
     if req.n != 1:
         raise ApiError(400, "only n=1 is supported", param="n")
     max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
     if max_tokens is not None and not 1 <= max_tokens <= settings.max_tokens_limit:
         raise ApiError(400, f"max_tokens must be in [1, {settings.max_tokens_limit}]", param="max_tokens")
-    draft = req.draft
-    if req.mtp is False:
-        draft = 0
-    return dict(max_tokens=max_tokens, temperature=req.temperature, top_p=req.top_p, top_k=req.top_k,
-                min_p=req.min_p, repeat_penalty=req.repeat_penalty, presence_penalty=req.presence_penalty,
-                frequency_penalty=req.frequency_penalty, stop=req.stop, seed=req.seed, draft=draft,
-                accept=req.accept, logprobs=req.n_logprobs)
+    given = {name: getattr(req, name) for name in _SAMPLING_FIELDS if getattr(req, name) is not None}
+    try:
+        return GenerationOptions(max_tokens=max_tokens, stop=req.stop, seed=req.seed, draft=req.draft, mtp=req.mtp,
+                                 accept=req.accept, logprobs=req.n_logprobs, **given)
+    except InvalidArgumentError as e:
+        raise ApiError(400, str(e)) from None
 
 
 # The chat page (static files shipped in the package; no build step, nothing from a CDN).
@@ -254,8 +260,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
     app = FastAPI(title="pyllama-mtp-server", docs_url=None, redoc_url=None)
     metrics = Metrics(settings.model_name)
     # --parallel > 1: continuous batching over the session's sequence slots
-    worker = (BatchWorker(llm, metrics, prefill_chunk=settings.prefill_chunk) if llm.session.n_seq_max > 1
-              else Worker(llm, metrics))
+    worker = Scheduler(llm, metrics, prefill_chunk=settings.prefill_chunk)
     app.state.worker = worker
 
     @app.on_event("shutdown")
@@ -306,19 +311,19 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                            code="model_not_found", param="model")
         return req
 
-    def check(tokens_fn, kwargs) -> list[int]:
+    def check(tokens_fn, options: GenerationOptions) -> PreparedCall:
         try:
-            tokens = llm.check_request(tokens_fn(), **kwargs)
+            call = llm.prepare_options(tokens_fn(), options)
         except ContextFullError as e:
             raise ApiError(400, str(e), code="context_length_exceeded", param="messages") from None
         except (InvalidArgumentError, ChatTemplateError, ValueError) as e:
             raise ApiError(400, str(e)) from None
-        max_tokens = kwargs.get("max_tokens")
-        if max_tokens is not None and len(tokens) + max_tokens > llm.n_ctx:
-            raise ApiError(400, f"the prompt has {len(tokens)} tokens and the context holds {llm.n_ctx}, so "
-                                f"max_tokens can be at most {llm.n_ctx - len(tokens)} (got {max_tokens})",
+        n, max_tokens = len(call.tokens), call.max_tokens
+        if max_tokens is not None and n + max_tokens > llm.n_ctx:
+            raise ApiError(400, f"the prompt has {n} tokens and the context holds {llm.n_ctx}, so "
+                                f"max_tokens can be at most {llm.n_ctx - n} (got {max_tokens})",
                            code="context_length_exceeded", param="max_tokens")
-        return tokens
+        return call
 
     lost_worker: list[str] = []   # why the model became unusable (an RPC worker was lost)
 
@@ -329,16 +334,14 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             raise ApiError(503, f"the server is busy: {waiting} requests are waiting; retry later",
                            "server_error", code="server_busy", headers={"Retry-After": "1"})
 
-    async def run(tokens, kwargs, request: Request, watch_client: bool):
+    async def run(call: PreparedCall, request: Request, watch_client: bool):
         """Async iterator over the worker's chunks for one job. ``watch_client``: a
         non-streaming request checks that its client is still connected while it waits
         (a stream's disconnect cancels it by itself); either way a client that left ends
         the job at the worker's next step."""
         loop = asyncio.get_running_loop()
         inbox: asyncio.Queue = asyncio.Queue()
-        options = {k: v for k, v in kwargs.items() if k != "max_tokens"}
-        options["max_tokens"] = kwargs["max_tokens"]
-        job = Job(tokens, options, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
+        job = Job(call, lambda item: loop.call_soon_threadsafe(inbox.put_nowait, item))
         deadline = None if settings.request_timeout is None else loop.time() + settings.request_timeout
         worker.submit(job)
         next_check = loop.time() + _POLL_S
@@ -358,7 +361,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                     item = await asyncio.wait_for(inbox.get(), _POLL_S)
                 except asyncio.TimeoutError:
                     continue
-                if item is Worker.DONE:
+                if item is DONE:
                     return
                 if isinstance(item, RpcError):
                     lost_worker.append(str(item))   # the model is unusable from now on
@@ -368,38 +371,28 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         finally:
             job.cancelled.set()  # a client that went away frees the worker at the next step
 
-    def usage_extra(stats) -> dict:
-        return {"drafted_tokens": stats.drafted, "accepted_tokens": stats.accepted}
-
-    async def collect(tokens, kwargs, request, chat: bool):
-        text, generated, finish, stats, lps, tops = [], [], "length", None, [], []
+    async def collect(call: PreparedCall, request, chat: bool):
+        """A request that does not stream: (text, tokens generated, finish reason, stats,
+        logprobs object)."""
+        got, stats = ChunkCollector(), None
         try:
-            async for item in run(tokens, kwargs, request, watch_client=True):
+            async for item in run(call, request, watch_client=True):
                 if hasattr(item, "text"):
-                    text.append(item.text)
-                    generated.extend(item.tokens)
-                    lps.extend(item.logprobs or ())
-                    tops.extend(item.top_logprobs or ())
-                    finish = item.finish_reason or finish
+                    got.add(item)
                 else:
                     stats = item
         except Exception as e:
             raise _error_for(e) from None
-        logprobs = logprobs_object(kwargs, generated, lps, tops, chat)
-        return "".join(text), len(generated), finish, stats, logprobs
+        logprobs = (openai_shapes.logprobs_object(llm.model.token_pieces, got.tokens, got.logprobs,
+                                                  got.top_logprobs, chat) if call.with_logprobs else None)
+        return got.text, len(got.tokens), got.finish_reason or "length", stats, logprobs
 
-    def logprobs_object(kwargs, tokens, lps, tops, chat: bool, offset: int = 0):
-        """The OpenAI logprobs object of these tokens, or None when the request did not ask."""
-        if kwargs.get("logprobs") is None:
+    def chunk_logprobs(call: PreparedCall, item, chat: bool, offset: int = 0):
+        """A streamed chunk's logprobs object, or None when the request did not ask."""
+        if not call.with_logprobs:
             return None
-        pieces = llm.model.token_pieces
-        alternatives = [[(pieces[t], lp) for t, lp in alts] for alts in tops]
-        if chat:
-            return openai_shapes.chat_logprobs([pieces[t] for t in tokens], lps, alternatives)
-        return openai_shapes.completion_logprobs([pieces[t] for t in tokens], lps, alternatives, offset)
-
-    def chunk_logprobs(kwargs, item, chat: bool, offset: int = 0):
-        return logprobs_object(kwargs, item.tokens, item.logprobs or (), item.top_logprobs or (), chat, offset)
+        return openai_shapes.logprobs_object(llm.model.token_pieces, item.tokens, item.logprobs or (),
+                                             item.top_logprobs or (), chat, offset)
 
     @app.get("/health")
     async def health():
@@ -437,7 +430,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             event["x_pmtp"] = self.spans.take_text(self.chunk.text)
             return event
 
-    async def tracked(items, tokens, req: _Options, make_chunk):
+    async def tracked(items, call: PreparedCall, req: _Options, make_chunk):
         """A stream's worker items as _Piece objects, then (as dicts) the last chunk, carrying
         the finish reason and the message's ``x_pmtp.stats``, and the usage chunk when
         ``stream_options.include_usage`` asks for it."""
@@ -462,7 +455,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         if req.stream_options is not None and req.stream_options.include_usage:
             tail = make_chunk("", None, None)
             tail["choices"] = []
-            tail["usage"] = openai_shapes.usage(len(tokens), n_generated, usage_extra(stats) if stats else None)
+            tail["usage"] = openai_shapes.usage(len(call.tokens), n_generated, openai_shapes.draft_usage(stats))
             yield tail
 
     def sse(events, endpoint: str):
@@ -477,7 +470,7 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             yield "data: [DONE]\n\n"
         return StreamingResponse(body(), media_type="text/event-stream")
 
-    async def completions_of_prompts(req: CompletionRequest, kwargs, request: Request) -> dict:
+    async def completions_of_prompts(req: CompletionRequest, options: GenerationOptions, request: Request) -> dict:
         """A list of prompts: each runs as its own job (side by side with --parallel), one
         choice each, in order; usage sums them."""
         if req.stream:
@@ -485,10 +478,10 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
                            param="prompt")
         if len(req.prompt) > _MAX_PROMPTS:
             raise ApiError(400, f"at most {_MAX_PROMPTS} prompts per request, got {len(req.prompt)}", param="prompt")
-        every = [check(lambda p=p: p, kwargs) for p in req.prompt]
+        every = [check(lambda p=p: p, options) for p in req.prompt]
         admit()
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
-        done = await asyncio.gather(*(collect(t, kwargs, request, chat=False) for t in every), return_exceptions=True)
+        done = await asyncio.gather(*(collect(c, request, chat=False) for c in every), return_exceptions=True)
         failed = [d for d in done if isinstance(d, BaseException)]
         if failed:
             raise failed[0]
@@ -496,15 +489,16 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
         total = GenerationStats(drafted=sum(s.drafted for s in counted), accepted=sum(s.accepted for s in counted))
         return openai_shapes.completions_response(
             cid, settings.model_name, created, [(text, finish, lps) for text, _, finish, _, lps in done],
-            sum(len(t) for t in every), sum(n for _, n, _, _, _ in done), extra_usage=usage_extra(total))
+            sum(len(c.tokens) for c in every), sum(n for _, n, _, _, _ in done),
+            extra_usage=openai_shapes.draft_usage(total))
 
     @app.post("/v1/completions")
     async def completions(request: Request):
         req = await parse(request, CompletionRequest)
-        kwargs = _generation_kwargs(req, llm, settings)
+        options = _generation_options(req, settings)
         if not isinstance(req.prompt, str) and req.prompt and all(isinstance(p, (str, list)) for p in req.prompt):
-            return await completions_of_prompts(req, kwargs, request)
-        tokens = check(lambda: req.prompt, kwargs)
+            return await completions_of_prompts(req, options, request)
+        call = check(lambda: req.prompt, options)
         admit()
         cid, created = openai_shapes.new_id("cmpl"), int(time.time())
         if req.stream:
@@ -513,24 +507,24 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
 
             async def events():
                 offset = 0   # text offsets of streamed logprobs continue over the chunks
-                async for item in tracked(run(tokens, kwargs, request, watch_client=False), tokens, req, chunk):
+                async for item in tracked(run(call, request, watch_client=False), call, req, chunk):
                     if isinstance(item, dict):
                         yield item
                         continue
-                    logprobs = chunk_logprobs(kwargs, item.chunk, False, offset)
+                    logprobs = chunk_logprobs(call, item.chunk, False, offset)
                     if logprobs is not None:
                         offset += sum(len(t) for t in logprobs["tokens"])
                     yield item.extend(chunk(item.chunk.text, None, logprobs))
             return sse(events(), request.url.path)
-        text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=False)
-        return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(tokens), n,
-                                                 logprobs=logprobs, extra_usage=usage_extra(stats))
+        text, n, finish, stats, logprobs = await collect(call, request, chat=False)
+        return openai_shapes.completion_response(cid, settings.model_name, created, text, finish, len(call.tokens), n,
+                                                 logprobs=logprobs, extra_usage=openai_shapes.draft_usage(stats))
 
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
         req = await parse(request, ChatRequest)
-        kwargs = _generation_kwargs(req, llm, settings)
-        tokens = check(lambda: llm.chat_tokens(req.messages), kwargs)
+        options = _generation_options(req, settings)
+        call = check(lambda: llm.chat_tokens(req.messages), options)
         admit()
         cid, created = openai_shapes.new_id("chatcmpl"), int(time.time())
         if req.stream:
@@ -541,16 +535,16 @@ def create_app(llm: Llama, settings: ServerSettings) -> FastAPI:
             async def events():
                 yield openai_shapes.chat_chunk(cid, settings.model_name, created,
                                                {"role": "assistant", "content": ""}, None)
-                async for item in tracked(run(tokens, kwargs, request, watch_client=False), tokens, req, chunk):
+                async for item in tracked(run(call, request, watch_client=False), call, req, chunk):
                     if isinstance(item, dict):
                         yield item
                         continue
-                    logprobs = chunk_logprobs(kwargs, item.chunk, True) if item.chunk.tokens else None
+                    logprobs = chunk_logprobs(call, item.chunk, True) if item.chunk.tokens else None
                     if item.chunk.text or logprobs is not None:
                         yield item.extend(chunk(item.chunk.text, None, logprobs))
             return sse(events(), request.url.path)
-        text, n, finish, stats, logprobs = await collect(tokens, kwargs, request, chat=True)
-        return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(tokens), n,
-                                           logprobs=logprobs, extra_usage=usage_extra(stats))
+        text, n, finish, stats, logprobs = await collect(call, request, chat=True)
+        return openai_shapes.chat_response(cid, settings.model_name, created, text, finish, len(call.tokens), n,
+                                           logprobs=logprobs, extra_usage=openai_shapes.draft_usage(stats))
 
     return app

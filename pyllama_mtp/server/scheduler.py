@@ -1,23 +1,22 @@
-"""Continuous batching for ``--parallel N``: one thread owns the session and its N
-sequence slots; HTTP handlers only enqueue jobs and read results.
+"""One thread owns the Llama and its sequence slots (``--parallel N``, 1 by default); HTTP
+handlers only enqueue jobs and read results.
 
 Every loop the scheduler frees the slots of cancelled jobs (clients that went away),
 admits queued jobs into free slots, prefills one chunk of a waiting prompt, then steps
-every active slot together in one ``step_batch`` call: the MTP heads draft for all
-slots in one decode per head and the target verifies all of them in one batch. Each
-slot's chunks go to its own job as soon as the step returns; a finished slot is free
-for the next queued job in the same loop. Jobs beyond N wait in the queue.
+every active sequence together through the library's driver (``sequence.step_sequences``:
+the MTP heads draft for all in one decode per head and the target verifies all in one
+batch). Each sequence's chunks go to its own job as soon as the step returns; a finished
+slot is free for the next queued job in the same loop. Jobs beyond N wait in the queue.
 
 Prompts: while other slots generate, a new prompt is prefilled ``prefill_chunk`` tokens
 per loop, so the running streams pause for one chunk at a time, not for the whole
 prompt; with nothing else running it goes in at once. A finished slot keeps its tokens
 in the KV cache: a new prompt goes to the free slot holding the longest common prefix
-(at least ``min_reuse`` tokens; else the lowest free id, which keeps active ids
-consecutive and batches large) and prefills only the rest, as a chat's next turn does.
+(``sequence.Slots``) and prefills only the rest, as a chat's next turn does.
 
-A slot with ``draft="auto"`` takes the draft length a BatchDraftPolicy picks for the
-number of slots in the step (0 when MTP does not pay at that batch size); a fixed draft
-(or ``mtp: false``) is used as given.
+``"auto"`` sequences take the draft length the Llama's policy picks for the number of
+sequences in the step (0 when MTP does not pay at that batch size); a fixed draft (or
+``mtp: false``) is used as given.
 """
 from __future__ import annotations
 
@@ -25,73 +24,59 @@ import queue
 import threading
 import time
 from dataclasses import dataclass, field
+from typing import Callable
 
-from ..llama import Llama, SequenceOutput
-from ..batch import step_together
-from ..draft_policy import BatchDraftPolicy
-from ..speculative import GenerationStats, SequenceCounters
-from .worker import Job, Worker, refuse_queued
+from ..llama import Llama
+from ..options import PreparedCall
+from ..sequence import Sequence, step_sequences
 
-_DONE = Worker.DONE   # the app ends a request's stream on this, whichever worker serves it
+DONE = object()     # the last item a job's emit receives
 
 
-@dataclass
-class _Slot:
-    """One sequence slot and the job it serves."""
-    seq: int
-    job: Job
-    output: SequenceOutput
-    draft: int | str
-    n_prompt: int
-    t_first: float
-    reused: int = 0           # prompt tokens found in the slot's KV cache
-    n_generated: int = 0
-    counters: SequenceCounters = field(default_factory=SequenceCounters)
-    tokens: list[int] = field(default_factory=list)   # prompt, then every token generated
-    last_k: int = 0           # drafts of its last step (0: the heads may have rows queued)
-
-    def stats(self) -> GenerationStats:
-        return self.counters.stats(n_prompt_tokens=self.n_prompt, n_generated=self.n_generated,
-                                   extra={"prompt_tokens_reused": self.reused})
+class ShuttingDown(Exception):
+    """The server is stopping: this request was still queued and will not run."""
 
 
 @dataclass
-class _Prefill:
-    """A job holding a slot while its prompt goes in, chunk by chunk."""
-    seq: int
+class Job:
+    """One request: a checked call and where its chunks go (then its stats, then DONE)."""
+    call: PreparedCall
+    emit: Callable[[object], None]          # called from the scheduler thread
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+
+def refuse_queued(jobs: "queue.Queue[Job | None]") -> None:
+    """Answer every job still waiting in ``jobs`` with ShuttingDown (used on SIGTERM)."""
+    while True:
+        try:
+            job = jobs.get_nowait()
+        except queue.Empty:
+            return
+        if job is not None:
+            job.emit(ShuttingDown("the server is shutting down; this request was not started"))
+            job.emit(DONE)
+
+
+@dataclass
+class _Running:
     job: Job
-    tokens: list[int]          # the whole prompt
-    done: int                  # tokens of it already in the slot's KV cache
-    max_tokens: int
-    draft: int | str
-    stops: object
-    reused: int = 0            # of them, tokens the slot's KV cache already held
+    seq: Sequence
 
 
-def _common_prefix(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
+class Scheduler:
+    DONE = DONE
 
-
-class BatchWorker:
-    DONE = _DONE
-
-    def __init__(self, llm: Llama, metrics, prefill_chunk: int = 128, min_reuse: int = 16):
+    def __init__(self, llm: Llama, metrics, prefill_chunk: int = 128):
         self.llm = llm
         self.session = llm.session
+        self.slots = llm._slots
         self.metrics = metrics
         self.jobs: queue.Queue[Job | None] = queue.Queue()
-        self.free = list(range(self.session.n_seq_max))     # lowest id first: active ids stay consecutive
-        self.slots: dict[int, _Slot] = {}
-        self.prefilling: list[_Prefill] = []                # admitted, prompt not fully in yet (FIFO)
-        self.cached: dict[int, list[int]] = {}              # free slot -> tokens its KV cache holds
+        self.active: dict[int, _Running] = {}            # slot -> a sequence generating
+        self.prefilling: list[_Running] = []              # admitted, prompt not fully in yet (FIFO)
         self.prefill_chunk = max(1, prefill_chunk)
-        self.min_reuse = min_reuse
-        self.policy = BatchDraftPolicy(llm.draft_max) if llm.draft_max else None
+        self.policy = llm._policy
         self.stopping = False
         self.draining = False     # set on SIGTERM: nothing new is admitted
         self.shutdown_at: float | None = None   # time.monotonic() by which running requests end
@@ -126,23 +111,25 @@ class BatchWorker:
     # ------------------------------------------------------------ the loop
 
     def _run(self) -> None:
-        while not self.stopping:
-            self._drop_cancelled()
-            if self.draining and not self.slots and not self.prefilling:
-                time.sleep(0.05)   # nothing left to run: wait for stop()
-                continue
-            self._admit(block=not self.slots and not self.prefilling)
-            if self.prefilling:
-                self._prefill_chunk()
-            if self.slots:
-                self._step()
-        for p in list(self.prefilling):
-            self._abandon(p, error=None)
-        for seq in list(self.slots):
-            self._finish(seq, error=None)
+        # the Llama is the server's alone: one turn of its gate for the scheduler's life
+        with self.llm._gate.turn():
+            while not self.stopping:
+                self._drop_cancelled()
+                if self.draining and not self.active and not self.prefilling:
+                    time.sleep(0.05)   # nothing left to run: wait for stop()
+                    continue
+                self._admit(block=not self.active and not self.prefilling)
+                if self.prefilling:
+                    self._prefill_chunk()
+                if self.active:
+                    self._step()
+            for r in list(self.prefilling):
+                self._end(r, error=None)
+            for r in list(self.active.values()):
+                self._end(r, error=None)
 
     def _admit(self, block: bool) -> None:
-        while self.free and not self.stopping and not self.draining:
+        while self.slots.free and not self.stopping and not self.draining:
             try:
                 job = self.jobs.get(timeout=0.5) if block else self.jobs.get_nowait()
             except queue.Empty:
@@ -152,128 +139,86 @@ class BatchWorker:
                 self.stopping = True
                 return
             if job.cancelled.is_set():
-                job.emit(_DONE)
+                job.emit(DONE)
                 continue
             self._start(job)
         self._report()
 
-    def _pick_slot(self, tokens: list[int]) -> tuple[int, int]:
-        """(free slot, prompt tokens its cache already holds) for a new prompt."""
-        best, common = min(self.free), 0
-        for seq in self.free:
-            n = _common_prefix(self.cached.get(seq, []), tokens)
-            if n > common or (n == common and seq < best):
-                best, common = seq, n
-        if common < self.min_reuse:
-            best, common = min(self.free), 0
-        return best, min(common, len(tokens) - 1)   # the last prompt token is decoded for its logits
-
     def _start(self, job: Job) -> None:
-        llm, session = self.llm, self.session
+        seq, held = self.slots.take(job.call.tokens)
+        r = _Running(job, Sequence(seq, job.call, self.llm.sequence_output(job.call), held))
+        self.prefilling.append(r)
         try:
-            opts = dict(job.options)
-            call = llm.prepare(job.tokens, opts.pop("max_tokens"), **opts)
+            r.seq.load(self.session)
         except Exception as e:   # reported to its request; the other slots go on
-            job.emit(e)
-            job.emit(_DONE)
+            self._end(r, error=e)
             return
-        tokens = call.tokens
-        seq, keep = self._pick_slot(tokens)
-        self.free.remove(seq)
-        cached = self.cached.pop(seq, [])
-        try:
-            session.seq_set_sampling(seq, call.sampling)
-            if keep > 0 and keep < len(cached):
-                session.seq_rollback(seq, keep)
-            elif keep == 0 and cached:
-                session.seq_reset(seq)
-        except Exception:        # a rollback the state cannot serve: start the slot afresh
-            session.seq_reset(seq)
-            keep = 0
-        self.metrics.prompt_reused(keep)
-        self.prefilling.append(_Prefill(seq, job, tokens, keep, call.max_tokens, call.draft, call.stops, reused=keep))
+        self.metrics.prompt_reused(r.seq.reused)
 
     def _prefill_chunk(self) -> None:
         """Prefill the oldest waiting prompt: all of it when no slot is generating, else one
         chunk; once it is in, sample its first token and make the slot active."""
-        p = self.prefilling[0]
-        rest = len(p.tokens) - p.done
-        n = rest if not self.slots else min(rest, self.prefill_chunk)
+        r = self.prefilling[0]
         try:
-            self.session.seq_prefill(p.seq, p.tokens[p.done:p.done + n])
-            p.done += n
-            if p.done < len(p.tokens):
+            if not r.seq.prefill(self.session, None if not self.active else self.prefill_chunk):
                 return
-            first = self.session.seq_sample(p.seq)   # right after the prefill: no decode in between
+            chunk = r.seq.begin(self.session)   # right after the prefill: no decode in between
         except Exception as e:   # reported to its request; the other slots go on
-            self._abandon(p, error=e)
+            self._end(r, error=e)
             return
         self.prefilling.pop(0)
-        llm = self.llm
-        output = SequenceOutput(llm.model.token_pieces, llm.model.eog_tokens, p.max_tokens, llm.n_ctx, p.stops)
-        slot = _Slot(p.seq, p.job, output, p.draft, len(p.tokens), time.perf_counter(), reused=p.reused,
-                     tokens=list(p.tokens))
-        self.slots[p.seq] = slot
-        self._deliver(slot, first)
-
-    def _abandon(self, p: _Prefill, error: Exception | None) -> None:
-        """A prompt that will not be served (error, cancelled, shutting down): free its slot."""
-        self.prefilling.remove(p)
-        self.session.seq_reset(p.seq)
-        self.free.append(p.seq)
-        if error is not None:
-            p.job.emit(error)
-        p.job.emit(_DONE)
-        self._report()
+        self.active[r.seq.seq] = r
+        self._deliver(r, chunk)
 
     def _step(self) -> None:
-        seqs = sorted(self.slots)
+        order = sorted(self.active)
+        running = [self.active[seq] for seq in order]
         try:
-            steps = step_together(self.session, [(s, self.slots[s].draft, self.slots[s].last_k) for s in seqs],
-                                  self.policy)
+            chunks = step_sequences(self.session, [r.seq for r in running], self.policy)
         except Exception as e:   # nothing of this step reached any slot: all of them end with the error
-            for seq in seqs:
-                self._finish(seq, error=e)
+            for r in running:
+                self._end(r, error=e)
             return
-        for seq, (k, result, _) in zip(seqs, steps):
-            slot = self.slots[seq]
-            slot.last_k = k
-            slot.counters.count(result)
-            self._deliver(slot, result)
+        for r, chunk in zip(running, chunks):
+            self._deliver(r, chunk)
 
-    def _deliver(self, slot: _Slot, result) -> None:
-        slot.tokens.extend(result.tokens)
-        chunk = slot.output.push(result, self.session.seq_n_past(slot.seq))
-        slot.n_generated += len(chunk.tokens)
-        slot.job.emit(chunk)
-        if chunk.finish_reason is not None:
-            self._finish(slot.seq, error=None)
+    def _deliver(self, r: _Running, chunk) -> None:
+        r.job.emit(chunk)
+        if r.seq.done:
+            self._end(r, error=None)
 
     def _drop_cancelled(self) -> None:
-        for p in [p for p in self.prefilling if p.job.cancelled.is_set()]:
-            self._abandon(p, error=None)
-        for seq in [s for s, slot in self.slots.items() if slot.job.cancelled.is_set()]:
-            self._finish(seq, error=None)
+        for r in [r for r in self.prefilling if r.job.cancelled.is_set()]:
+            self._end(r, error=None)
+        for r in [r for r in self.active.values() if r.job.cancelled.is_set()]:
+            self._end(r, error=None)
 
-    def _finish(self, seq: int, error: Exception | None) -> None:
-        slot = self.slots.pop(seq)
+    def _end(self, r: _Running, error: Exception | None) -> None:
+        """A sequence is over (finished, cancelled, failed or shut down): its slot is free
+        again, keeping what its KV cache holds unless an error left that unknown."""
+        s = r.seq
+        if r in self.prefilling:
+            self.prefilling.remove(r)
+        self.active.pop(s.seq, None)
+        s.end("stop" if error is None else "error")
         try:
-            if error is None:   # the slot keeps what its KV cache holds, for a prompt that shares it
-                self.cached[seq] = slot.tokens[:self.session.seq_n_past(seq)]
+            if error is None and s.prefilled:
+                self.llm.release(s)
             else:
-                self.session.seq_reset(seq)
+                try:
+                    self.session.seq_reset(s.seq)
+                finally:
+                    self.slots.give_back(s.seq, [])
         finally:
-            self.free.append(seq)
             if error is not None:
-                slot.job.emit(error)
-            else:
-                stats = slot.stats()
-                slot.job.emit(stats)
-                end = time.perf_counter()
-                self.metrics.generation_done(stats, end - slot.job.enqueued_at, slot.t_first - slot.job.enqueued_at)
-            slot.job.emit(_DONE)
+                r.job.emit(error)
+            elif s.t_first is not None:
+                stats = s.stats()
+                r.job.emit(stats)
+                self.metrics.generation_done(stats, time.perf_counter() - r.job.enqueued_at,
+                                             s.t_first - r.job.enqueued_at)
+            r.job.emit(DONE)
             self._report()
 
     def _report(self) -> None:
-        self.metrics.set_load(running=len(self.slots), waiting=self.jobs.qsize() + len(self.prefilling))
-
+        self.metrics.set_load(running=len(self.active), waiting=self.jobs.qsize() + len(self.prefilling))

@@ -1,0 +1,326 @@
+"""One driver for every loop that generates: ``Llama.generate``/``stream``/``chat`` (one
+sequence), ``Llama.generate_batch`` and the server's scheduler (many), the bench (one).
+
+- ``Sequence``: one prompt decoding in one sequence slot of a Session: its tokens (the
+  slot's KV cache holds a prefix of them), the reuse of what the slot already held, its
+  output (text decoded across token boundaries, stop strings, finish reason), its draft
+  counters and its timings.
+- ``Slots``: a Session's slots, which are free and what each free one still holds, so a
+  new prompt goes where the longest prefix of it already is.
+- ``step_sequences``: one decode cycle of a set of sequences through one ``step_batch``
+  (the MTP heads draft for all in one decode per head, the target verifies all in one
+  batch), with the draft policy picking ``"auto"`` sequences' length.
+
+Each sequence's greedy output equals its output alone, bit for bit: the batch-invariant
+kernels give every row the bits it gets alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass, field
+
+from .engine import StepResult
+from .errors import PmtpError
+from .options import PreparedCall
+from .speculative import GenerationStats, SequenceCounters
+from .text import StopMatcher, Utf8StreamDecoder
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """What one decode step added to a stream."""
+    text: str
+    tokens: tuple[int, ...]
+    from_draft: tuple[bool, ...]    # per token: an MTP draft the target accepted
+    finish_reason: str | None = None
+    logprobs: tuple[float, ...] | None = None          # per token (when asked)
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    tokens: tuple[int, ...]
+    finish_reason: str              # "stop" (EOS or stop string) or "length"
+    n_prompt_tokens: int
+    stats: GenerationStats = field(default_factory=GenerationStats)
+    logprobs: tuple[float, ...] | None = None
+    top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None
+
+
+class ChunkCollector:
+    """Chunks -> one completion's text, tokens, logprobs and finish reason (a Sequence's
+    own output, and the server's answer to a request that does not stream)."""
+
+    def __init__(self):
+        self.texts: list[str] = []
+        self.tokens: list[int] = []
+        self.logprobs: list[float] = []
+        self.top_logprobs: list = []
+        self.finish_reason: str | None = None
+
+    def add(self, chunk: Chunk) -> None:
+        self.texts.append(chunk.text)
+        self.tokens.extend(chunk.tokens)
+        self.logprobs.extend(chunk.logprobs or ())
+        self.top_logprobs.extend(chunk.top_logprobs or ())
+        self.finish_reason = chunk.finish_reason or self.finish_reason
+
+    @property
+    def text(self) -> str:
+        return "".join(self.texts)
+
+    def completion(self, n_prompt: int, stats: GenerationStats, with_logprobs: bool) -> Completion:
+        return Completion(self.text, tuple(self.tokens), self.finish_reason or "length", n_prompt, stats,
+                          tuple(self.logprobs) if with_logprobs else None,
+                          tuple(self.top_logprobs) if with_logprobs else None)
+
+
+def _first(step: StepResult, n: int) -> StepResult:
+    """The step's first n tokens (the rest fall after EOG or the token limit)."""
+    if n == len(step.tokens):
+        return step
+    return dataclasses.replace(
+        step, tokens=step.tokens[:n], from_draft=step.from_draft[:n],
+        logprobs=None if step.logprobs is None else step.logprobs[:n],
+        top_logprobs=None if step.top_logprobs is None else step.top_logprobs[:n])
+
+
+class SequenceOutput:
+    """One sequence's step results -> Chunks: cuts at end-of-generation, max_tokens and
+    the context end (the chunk that ends it carries the finish reason), decodes UTF-8
+    across token boundaries and holds back text that a stop string may be starting."""
+
+    def __init__(self, pieces: list[bytes], eog: frozenset[int], max_tokens: int | None, n_ctx: int, stops):
+        self.pieces, self.eog, self.n_ctx = pieces, eog, n_ctx
+        self.left = max_tokens if max_tokens is not None else n_ctx
+        self.decoder = Utf8StreamDecoder()
+        self.matcher = StopMatcher(list(stops))
+        self.finish_reason: str | None = None
+
+    def _cut(self, step: StepResult, n_past: int) -> tuple[int, str | None]:
+        n = 0
+        for tok in step.tokens:
+            if tok in self.eog:
+                return n, "stop"
+            n += 1
+            self.left -= 1
+            if self.left == 0:
+                return n, "length"
+        return n, ("length" if n_past >= self.n_ctx else None)
+
+    def push(self, step: StepResult, n_past: int) -> Chunk:
+        """The chunk for one step; ``n_past``: tokens in the sequence's KV cache after it."""
+        n, finish = self._cut(step, n_past)
+        step = _first(step, n)
+        text = self.decoder.feed(b"".join(self.pieces[t] for t in step.tokens))
+        safe, stopped = self.matcher.feed(text)
+        if not stopped and finish is not None:
+            tail, stopped = self.matcher.feed(self.decoder.flush())
+            safe += tail if stopped else tail + self.matcher.flush()
+        if stopped:
+            finish = "stop"
+        self.finish_reason = finish
+        return Chunk(safe, step.tokens, step.from_draft, finish, step.logprobs, step.top_logprobs)
+
+
+def common_prefix(a, b) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+class Sequence:
+    """One prompt decoding in slot ``seq`` of a Session, whichever loop runs it.
+
+    The life of one: ``load`` (sampler set, the prefix the slot held kept), ``prefill``
+    (all of the prompt, or chunk by chunk), ``begin`` (the first token), then
+    ``step_sequences`` with others until ``done``; ``cached()`` is what the slot's KV
+    cache holds after it. ``output`` None: tokens only, no text and no end at EOG (the
+    bench, as llama-bench does)."""
+
+    def __init__(self, seq: int, call: PreparedCall, output: SequenceOutput | None, held: list[int] = ()):
+        self.seq = seq
+        self.held = held                  # what the slot's KV cache holds before this sequence
+        self.call = call
+        self.draft = call.draft
+        self.output = output
+        self.n_prompt = len(call.tokens)
+        self.tokens = list(call.tokens)   # the prompt, then every token the steps produced
+        self.in_cache = 0                 # prompt tokens prefilled so far (reused ones included)
+        self.reused = 0                   # prompt tokens the slot's KV cache already held
+        self.last_k = 0                   # drafts of its last step (0: the heads may have rows queued)
+        self.fresh = True                 # no step ran since the prompt went in
+        self.counters = SequenceCounters(rejection=call.rejection)
+        self.collected = ChunkCollector()
+        self.finish_reason: str | None = None
+        self.t_start = time.perf_counter()
+        self.t_first: float | None = None
+        self.t_end: float | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prefilled(self) -> bool:
+        return self.in_cache >= self.n_prompt
+
+    def load(self, session) -> None:
+        """Set the slot's sampler and keep the longest prefix of the prompt that the slot's
+        KV cache holds; the last prompt token is always decoded again, for its logits. A
+        cache that cannot roll back (a recurrent model past its snapshots) starts afresh."""
+        session.seq_set_sampling(self.seq, self.call.sampling)
+        keep = min(common_prefix(self.held, self.call.tokens), self.n_prompt - 1)
+        try:
+            if keep == 0:
+                session.seq_reset(self.seq)
+            elif keep < len(self.held):
+                session.seq_rollback(self.seq, keep)
+        except PmtpError:
+            session.seq_reset(self.seq)
+            keep = 0
+        self.in_cache = self.reused = keep
+
+    def prefill(self, session, limit: int | None = None) -> bool:
+        """Prefill the rest of the prompt (at most ``limit`` tokens of it); True once all of
+        it is in."""
+        n = self.n_prompt - self.in_cache
+        if limit is not None:
+            n = min(n, limit)
+        session.seq_prefill(self.seq, self.call.tokens[self.in_cache:self.in_cache + n])
+        self.in_cache += n
+        return self.prefilled
+
+    def begin(self, session) -> Chunk | None:
+        """Sample the first token; call it right after the prompt's last prefill (a decode of
+        any other sequence overwrites the logits it samples from)."""
+        chunk = self.take(session.seq_sample(self.seq), session.seq_n_past(self.seq))
+        self.t_first = time.perf_counter()
+        return chunk
+
+    def take(self, result: StepResult, n_past: int) -> Chunk | None:
+        """One step's tokens; the chunk a stream gets (None without an output)."""
+        self.tokens.extend(result.tokens)
+        if self.output is None:
+            return None
+        chunk = self.output.push(result, n_past)
+        self.collected.add(chunk)
+        if chunk.finish_reason is not None:
+            self.finish_reason = chunk.finish_reason
+            self.t_end = time.perf_counter()
+        return chunk
+
+    def end(self, reason: str) -> None:
+        """Stop here (the consumer stopped reading, or the bench has its tokens)."""
+        if self.finish_reason is None:
+            self.finish_reason = reason
+            self.t_end = time.perf_counter()
+
+    def cached(self, n_past: int) -> list[int]:
+        """The tokens in the slot's KV cache, given how many it holds: every token but the
+        newest one of each step is decoded."""
+        return self.tokens[:n_past]
+
+    @property
+    def n_generated(self) -> int:
+        return len(self.collected.tokens) if self.output is not None else len(self.tokens) - self.n_prompt
+
+    def stats(self) -> GenerationStats:
+        """Its draft counters, prompt/generation wall times and prompt tokens reused."""
+        now = time.perf_counter()
+        t_first = self.t_first if self.t_first is not None else now
+        t_end = self.t_end if self.t_end is not None else now
+        return self.counters.stats(n_prompt_tokens=self.n_prompt, n_generated=self.n_generated,
+                                   t_prompt_s=t_first - self.t_start, t_generate_s=t_end - t_first,
+                                   extra={"prompt_tokens_reused": self.reused})
+
+    def completion(self, stats: GenerationStats | None = None) -> Completion:
+        return self.collected.completion(self.n_prompt, stats or self.stats(), self.call.with_logprobs)
+
+
+class Slots:
+    """The sequence slots of one Session: which are free, and what each free slot's KV cache
+    still holds. A new prompt goes to the free slot holding the longest common prefix of it
+    and prefills only the rest, when that prefix is at least ``min_reuse`` tokens; else it
+    goes to the lowest free id (which keeps active ids consecutive and batches large) and
+    starts afresh."""
+
+    def __init__(self, n: int, min_reuse: int = 16):
+        self.n = n
+        self.min_reuse = min_reuse
+        self.free = list(range(n))
+        self.held: dict[int, list[int]] = {}      # slot -> the tokens its KV cache holds
+
+    def take(self, tokens: list[int]) -> tuple[int, list[int]]:
+        """A free slot for a prompt, and what of its KV cache to reuse ([]: start it afresh;
+        a prefix shorter than ``min_reuse`` is not worth a rollback)."""
+        best = max(self.free, key=lambda s: (common_prefix(self.held.get(s, ()), tokens), -s))
+        held = self.held.pop(best, [])
+        if common_prefix(held, tokens) < self.min_reuse:
+            self.held[best] = held
+            best = min(self.free)
+            held = []
+            self.held.pop(best, None)
+        self.free.remove(best)
+        return best, held
+
+    def give_back(self, seq: int, holds: list[int]) -> None:
+        """A slot is free again; its KV cache holds ``holds`` ([] after a reset)."""
+        self.held[seq] = holds
+        self.free.append(seq)
+
+    def forget(self) -> None:
+        """The KV caches were cleared outside: no slot holds anything."""
+        self.held.clear()
+
+
+def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | None]:
+    """One decode cycle for ``running`` (each prefilled and begun): each takes its own
+    draft setting; ``"auto"`` ones take the length ``policy`` (a BatchDraftPolicy) picks
+    for this many sequences at the deepest context among them, and the policy learns from
+    the step's time and acceptance. Returns each sequence's chunk."""
+    auto = [s for s in running if s.draft == "auto"] if policy is not None else []
+    p = policy.policy(len(running)) if auto else None
+    k_auto, timed, depth = 0, False, 0
+    if p is not None:
+        if any(s.fresh for s in running):
+            p.start_sequence()       # a prefill ran graphs of its own: this step is not steady
+        if p.coast:                  # plain steps the policy need not see (a tiny model's step
+            p.coast -= 1             # takes ~0.1 ms: bookkeeping would show)
+            p.steps += 1
+        else:
+            depth = max(session.seq_n_past(s.seq) for s in auto)
+            k_auto = p.choose(depth)
+            timed = p.timed
+            if not timed:            # a plain step among plain steps: nothing to learn
+                p.coast = p.coast_budget(depth + 1)
+    drafts = [k_auto if s.draft == "auto" else s.draft for s in running]
+    catch_up = 0.0
+    if timed:
+        # rows queued by plain decoding go to the heads outside the timed step (a draft
+        # would take them itself, but then its time would not be a drafting step's)
+        t0 = time.perf_counter()
+        for s, k in zip(running, drafts):
+            if k > 0 and s.last_k == 0:
+                session.seq_mtp_catch_up(s.seq)
+        catch_up = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    results = session.step_batch([s.seq for s in running], drafts)
+    seconds = time.perf_counter() - t0
+    if timed:
+        p.update_time(k_auto, seconds, depth, catch_up)
+        for s, res in zip(running, results):
+            if s.draft == "auto":
+                p.update_acceptance(k_auto, res.n_accepted)
+        p.finish_step(k_auto)
+    chunks = []
+    for s, k, res in zip(running, drafts, results):
+        s.last_k, s.fresh = k, False
+        s.counters.count(res)
+        chunks.append(s.take(res, session.seq_n_past(s.seq)))
+    return chunks

@@ -1,0 +1,168 @@
+"""One driver for the library, the server and the bench: the options object and its
+defaults, the slots' prefix reuse, per-sequence stats with timings, and a server whose
+answers and /metrics are the same with one slot or several."""
+from __future__ import annotations
+
+import concurrent.futures
+import dataclasses
+
+import httpx
+import openai
+import pytest
+
+from conftest import start_server
+from pyllama_mtp import InvalidArgumentError, Llama
+from pyllama_mtp.options import GenerationOptions
+from pyllama_mtp.sequence import Slots
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_options_have_one_set_of_defaults_and_check_their_values():
+    o = GenerationOptions()
+    assert (o.max_tokens, o.temperature, o.top_k, o.top_p, o.min_p) == (256, 0.0, 40, 0.95, 0.05)
+    assert GenerationOptions(stop="END").stop == ("END",)
+    assert GenerationOptions(stop=["a", "b"]).stop == ("a", "b")
+    for bad in (dict(max_tokens=0), dict(max_tokens=True), dict(temperature=-1.0), dict(top_p=0.0),
+                dict(mtp="yes"), dict(draft="3"), dict(stop=[""]), dict(logprobs=99), dict(seed=-1),
+                dict(accept="maybe")):
+        with pytest.raises(InvalidArgumentError):
+            GenerationOptions(**bad)
+    with pytest.raises(TypeError):
+        GenerationOptions(temprature=0.5)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        o.temperature = 1.0
+
+
+def test_options_map_to_the_sampler_and_draft():
+    o = GenerationOptions(temperature=0.7, repeat_penalty=1.1, logprobs=2, seed=9)
+    s = o.sampling(default_seed=1, default_accept=None)
+    assert (s.temperature, s.seed, s.n_logprobs) == (0.7, 9, 2)
+    assert s.accept == "match"                      # penalties: rejection sampling does not model them
+    assert GenerationOptions(temperature=0.7).sampling(5, None).seed == 5
+    assert GenerationOptions(temperature=0.7).sampling(5, "match").accept == "match"
+    assert GenerationOptions().draft_or(3) == 3
+    assert GenerationOptions(draft=1).draft_or(3) == 1
+    assert GenerationOptions(draft=2, mtp=False).draft_or(3) == 0
+
+
+# -------------------------------------------------------------------- slots
+
+
+def test_a_prompt_goes_to_the_free_slot_holding_its_longest_prefix():
+    slots = Slots(3, min_reuse=4)
+    a, held = slots.take(list(range(10)))
+    assert (a, held) == (0, [])
+    b, _ = slots.take([50] * 10)
+    assert b == 1
+    slots.give_back(a, list(range(10)))
+    slots.give_back(b, [50] * 10)
+    # the slot with the longest common prefix wins over the lowest id
+    seq, held = slots.take([50] * 6 + [1, 2])
+    assert seq == 1 and held == [50] * 10
+    slots.give_back(seq, [50] * 6 + [1])
+    # below min_reuse: the lowest free id, started afresh
+    seq, held = slots.take([0, 1, 2, 99])
+    assert (seq, held) == (0, [])
+    # the slot passed over keeps what it holds for a later prompt
+    slots.give_back(seq, [])
+    seq, held = slots.take([50] * 6 + [1, 7])
+    assert seq == 1 and held == [50] * 6 + [1]
+
+
+# ---------------------------------------------------------- library stats
+
+
+def test_stats_carry_timings_for_one_sequence_and_for_a_batch(oracle_path):
+    with Llama(oracle_path, n_ctx=256, threads=1, mtp=True, draft=3, parallel=2) as llm:
+        one = llm.generate("some text", max_tokens=20)
+        assert one.stats.tokens_per_second > 0 and one.stats.drafted > 0
+        assert one.stats.t_verify_s > 0             # it ran alone: the session's timers are its own
+        batch = llm.generate_batch(["one", "two words", "three more words"], max_tokens=20)
+        for r in batch:
+            assert r.stats.tokens_per_second > 0 and r.stats.t_prompt_s > 0 and r.stats.drafted > 0
+        total = llm.stats
+        assert total.tokens_per_second > 0
+        assert total.n_generated == len(one.tokens) + sum(len(r.tokens) for r in batch)
+        assert "tok/s" in str(total) and " 0.0 tok/s" not in str(total)
+
+
+def test_reset_forgets_every_slot_and_a_next_turn_reuses_its_prefix(step35_path):
+    with Llama(step35_path, n_ctx=256, threads=1, parallel=2) as llm:
+        prompt = llm.tokenize("a chat's first turn, long enough to be worth reusing")
+        first = llm.generate(prompt, max_tokens=10)
+        turn = prompt + list(first.tokens) + [5, 6]
+        second = llm.generate(turn, max_tokens=10)
+        assert llm.prompt_tokens_reused == len(prompt) + len(first.tokens) - 1
+        llm.reset()
+        again = llm.generate(turn, max_tokens=10)
+        assert llm.prompt_tokens_reused == 0
+        assert again.tokens == second.tokens
+        # a batch leaves its slots' caches for the calls after it
+        llm.generate_batch([turn, prompt], max_tokens=10)
+        llm.generate(turn + [7], max_tokens=4)
+        assert llm.prompt_tokens_reused >= len(turn)
+
+
+def test_a_stream_closed_early_leaves_its_slot_exact(step35_path):
+    with Llama(step35_path, n_ctx=256, threads=1, mtp=True, draft=2) as llm:
+        prompt = llm.tokenize("stop reading after a few chunks")
+        stream = llm.stream(prompt, max_tokens=60)
+        got = []
+        for chunk in stream:
+            got.extend(chunk.tokens)
+            if len(got) >= 7:
+                break
+        stream.close()
+        follow = prompt + got + [9]
+        warm = llm.generate(follow, max_tokens=12)
+        assert llm.prompt_tokens_reused > len(prompt)
+        llm.reset()
+        assert llm.generate(follow, max_tokens=12).tokens == warm.tokens
+
+
+# -------------------------------------------------- the server: one or many slots
+
+
+def _metrics(base) -> dict[str, float]:
+    out = {}
+    for line in httpx.get(f"{base}/metrics").text.splitlines():
+        if line.startswith("pyllama_mtp_") and "{" in line and "_bucket" not in line:
+            out[line.rsplit(" ", 1)[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+@pytest.mark.parametrize("parallel", ["1", "2"])
+def test_server_answers_and_metrics_do_not_depend_on_parallel(step35_path, parallel):
+    """The server's requests take the library's defaults (a sampled answer equals
+    Llama.generate with the same options), and /metrics counts the same whatever
+    --parallel is."""
+    prompt, n = "the server and the library agree", 24
+    with Llama(step35_path, n_ctx=512, threads=1, mtp=True, draft=2) as llm:
+        greedy = llm.generate(prompt, max_tokens=n)
+        sampled = llm.generate(prompt, max_tokens=n, temperature=0.9, seed=11)
+    proc, base = start_server(step35_path, "--mtp", "--draft", "2", "--parallel", parallel)
+    try:
+        c = openai.OpenAI(base_url=f"{base}/v1", api_key="none", max_retries=0, timeout=120)
+        got = c.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0)
+        assert got.choices[0].text == greedy.text
+        hot = c.completions.create(model="tiny", prompt=prompt, max_tokens=n, temperature=0.9, seed=11)
+        assert hot.choices[0].text == sampled.text
+        m = _metrics(base)
+        assert m['pyllama_mtp_generation_tokens_total{model="tiny"}'] == len(greedy.tokens) + len(sampled.tokens)
+        assert m['pyllama_mtp_spec_decode_num_draft_tokens_total{model="tiny"}'] == greedy.stats.drafted + \
+            sampled.stats.drafted
+        assert m['pyllama_mtp_spec_decode_num_accepted_tokens_total{model="tiny"}'] == greedy.stats.accepted + \
+            sampled.stats.accepted
+        # the second request repeats the first prompt: its slot gave back all but the last token
+        assert m['pyllama_mtp_prompt_tokens_cached_total{model="tiny"}'] == greedy.n_prompt_tokens - 1
+        assert m['pyllama_mtp_num_requests_running{model="tiny"}'] == 0
+        with concurrent.futures.ThreadPoolExecutor(2) as pool:
+            texts = list(pool.map(lambda p: c.completions.create(model="tiny", prompt=p, max_tokens=n,
+                                                                 temperature=0).choices[0].text,
+                                  [prompt, prompt + " twice"]))
+        assert texts[0] == greedy.text
+    finally:
+        proc.terminate()
+        proc.wait(timeout=20)
