@@ -13,6 +13,9 @@ from .config import SamplingParams
 from .errors import InvalidArgumentError
 
 
+_SAMPLER = SamplingParams()
+
+
 def _is_int(x) -> bool:
     return isinstance(x, int) and not isinstance(x, bool)
 
@@ -36,13 +39,14 @@ class GenerationOptions:
     strings end the text (not included). Bad values raise InvalidArgumentError here, before
     anything runs; unknown names raise TypeError."""
     max_tokens: int | None = 256
-    temperature: float = 0.0
-    top_k: int = 40
-    top_p: float = 0.95
-    min_p: float = 0.05
-    repeat_penalty: float = 1.0
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    # the sampler's defaults are SamplingParams' own
+    temperature: float = _SAMPLER.temperature
+    top_k: int = _SAMPLER.top_k
+    top_p: float = _SAMPLER.top_p
+    min_p: float = _SAMPLER.min_p
+    repeat_penalty: float = _SAMPLER.repeat_penalty
+    presence_penalty: float = _SAMPLER.presence_penalty
+    frequency_penalty: float = _SAMPLER.frequency_penalty
     stop: tuple[str, ...] = ()
     seed: int | None = None
     draft: int | str | None = None
