@@ -288,8 +288,12 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     p = policy.policy(len(running)) if auto else None
     k_auto, timed, depth = 0, False, 0
     if p is not None:
-        if any(s.fresh for s in running):
-            p.start_sequence()       # a prefill ran graphs of its own: this step is not steady
+        if len(running) == 1 and running[0].fresh:
+            # a generation begins: the prefill ran graphs of its own, so this step is not
+            # steady. Not so for a batch that a sequence joins: arrivals come every few
+            # steps under load, and counting their steps as switches would make the
+            # switch cost look high and hold the policy to its length.
+            p.start_sequence()
         if p.coast:                  # plain steps the policy need not see (a tiny model's step
             p.coast -= 1             # takes ~0.1 ms: bookkeeping would show)
             p.steps += 1

@@ -11,9 +11,11 @@ clients the script reports
   * per-stream tok/s: the mean over requests of completion tokens / request latency,
 
 for MTP off (plain decoding, every slot batched) and MTP on (--mtp --draft DRAFT; "auto"
-lets the server drop drafting at a concurrency where it does not pay), and the single-
-stream speedup of the library itself (Llama.generate, draft DRAFT vs plain) to compare
-with the server's at 1 client.
+lets the server drop drafting at a concurrency where it does not pay; "--draft 3,auto"
+runs one server per setting), and the single-stream speedup of the library itself
+(Llama.generate, the first draft setting vs plain) to compare with the server's at 1
+client. All servers are up at once and take turns at each client count, so the machine's
+drift over the run hits every setting alike.
 
     python scripts/bench_server_load.py --size-gb 2.2 --acceptance 0.9 -t 2 -n 128
 
@@ -131,19 +133,31 @@ def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, see
             "tokens": tokens, "wall_s": wall}
 
 
-def bench_server(model: Path, args, mtp_draft: str | None, upstream: bool = False) -> dict[int, dict]:
+def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]]) -> dict[str, dict[int, dict]]:
+    """Every setup (name -> (MTP draft or None, upstream?)) as its own server, all up at
+    once (an idle server costs nothing); for each client count the setups take turns, so
+    the machine's drift over the run hits them alike. Figures per setup and client count."""
     import openai
     from pyllama_mtp.engine import Model
     from pyllama_mtp.config import ModelConfig
     with Model(ModelConfig(str(model), load_mtp=False, use_mmap=True)) as m:
         n_vocab = m.info.n_vocab
-    server = Server(model, args.threads, max(args.clients), args.n_ctx, mtp_draft, upstream)
+    servers: dict[str, Server] = {}
     try:
-        client = openai.OpenAI(base_url=f"{server.base}/v1", api_key="none", max_retries=0, timeout=3600)
-        one_round(client, 1, 1, 16, n_vocab, seed=999)                         # warm-up
-        return {c: one_round(client, c, args.requests, args.n_gen, n_vocab, seed=c) for c in args.clients}
+        for name, (draft, upstream) in setups.items():
+            servers[name] = Server(model, args.threads, max(args.clients), args.n_ctx, draft, upstream)
+        clients = {name: openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=3600)
+                   for name, srv in servers.items()}
+        for client in clients.values():
+            one_round(client, 1, 1, 16, n_vocab, seed=999)                      # warm-up
+        out: dict[str, dict[int, dict]] = {name: {} for name in setups}
+        for c in args.clients:
+            for name, client in clients.items():
+                out[name][c] = one_round(client, c, args.requests, args.n_gen, n_vocab, seed=c)
+        return out
     finally:
-        server.close()
+        for srv in servers.values():
+            srv.close()
 
 
 def library_speedup(model: Path, args) -> dict:
@@ -167,18 +181,27 @@ def library_speedup(model: Path, args) -> dict:
     return {"plain_tps": off, "mtp_tps": on, "speedup": on / off if off else 0.0}
 
 
-def table(off: dict, on: dict, lib: dict | None) -> str:
-    lines = ["| clients | MTP off aggregate | MTP off per stream | MTP on aggregate | MTP on per stream | on / off |",
-             "| ------: | ----------------: | -----------------: | ---------------: | ----------------: | -------: |"]
+def table(off: dict, on: dict[str, dict], lib: dict | None) -> str:
+    """MTP off, then each draft setting's aggregate and per-stream tok/s and its gain."""
+    head = "| clients | MTP off aggregate | MTP off per stream |"
+    rule = "| ------: | ----------------: | -----------------: |"
+    for d in on:
+        head += f" draft {d} aggregate | draft {d} per stream | {d} / off |"
+        rule += " ------: | ------: | ------: |"
+    lines = [head, rule]
     for c in sorted(off):
-        a, b = off[c], on[c]
-        lines.append(f"| {c} | {a['aggregate_tps']:.2f} | {a['per_stream_tps']:.2f} | {b['aggregate_tps']:.2f} | "
-                     f"{b['per_stream_tps']:.2f} | {b['aggregate_tps'] / a['aggregate_tps']:.2f}x |")
+        a = off[c]
+        row = f"| {c} | {a['aggregate_tps']:.2f} | {a['per_stream_tps']:.2f} |"
+        for figures in on.values():
+            b = figures[c]
+            row += f" {b['aggregate_tps']:.2f} | {b['per_stream_tps']:.2f} | {b['aggregate_tps'] / a['aggregate_tps']:.2f}x |"
+        lines.append(row)
     if lib:
+        first = next(iter(on.values()))
         lines.append("")
         lines.append(f"library single stream: plain {lib['plain_tps']:.2f} tok/s, MTP {lib['mtp_tps']:.2f} tok/s, "
                      f"speedup {lib['speedup']:.2f}x (server at 1 client: "
-                     f"{on[min(on)]['aggregate_tps'] / off[min(off)]['aggregate_tps']:.2f}x)")
+                     f"{first[min(first)]['aggregate_tps'] / off[min(off)]['aggregate_tps']:.2f}x)")
     return "\n".join(lines)
 
 
@@ -200,7 +223,9 @@ def main(argv=None) -> int:
     ap.add_argument("--acceptance", type=float, default=0.9, help="oracle heads' agreement with the trunk")
     ap.add_argument("--model-dir", type=Path, default=ROOT / "build" / "bench-models")
     ap.add_argument("--clients", default="1,2,4,8", help="concurrent client counts (default 1,2,4,8)")
-    ap.add_argument("--draft", default="auto", help="MTP draft for the MTP-on server (default auto)")
+    ap.add_argument("--draft", default="auto",
+                    help="MTP draft of the MTP-on server, or several (e.g. 3,auto: one server each, side by side; "
+                         "default auto)")
     ap.add_argument("--requests", type=int, default=2, help="requests per client per round (default 2)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="max_tokens per request (default 128)")
     ap.add_argument("-t", "--threads", type=int, default=2)
@@ -226,17 +251,21 @@ def main(argv=None) -> int:
 
     model = args.model or ensure_model(args.model_dir / f"oracle-{args.size_gb:g}gb-a{args.acceptance:g}.gguf",
                                        args.size_gb, args.acceptance)
-    off = bench_server(model, args, None)
-    on = bench_server(model, args, args.draft)
+    drafts = [d.strip() for d in args.draft.split(",") if d.strip()]
+    setups = {"off": (None, False), **{f"d{d}": (d, False) for d in drafts}}
+    up_draft = next((d for d in drafts if d != "auto"), "3")
+    if args.upstream:
+        setups.update(up_off=(None, True), up_on=(up_draft, True))
+    got = bench_servers(model, args, setups)
+    off, on = got["off"], {d: got[f"d{d}"] for d in drafts}
+    args.draft = drafts[0]             # the library's single-stream figure takes the first
     lib = None if args.no_library else library_speedup(model, args)
     print(table(off, on, lib))
-    figures = {"mtp_off": off, "mtp_on": on, "library": lib, "draft": args.draft,
+    figures = {"mtp_off": off, "mtp_on": on, "library": lib, "drafts": drafts,
                "threads": args.threads, "n_gen": args.n_gen, "model": str(model)}
     if args.upstream:
-        up_draft = "3" if args.draft == "auto" else args.draft
-        up_off = bench_server(model, args, None, upstream=True)
-        up_on = bench_server(model, args, up_draft, upstream=True)
-        print(upstream_table(off, on, up_off, up_on, up_draft))
+        up_off, up_on = got["up_off"], got["up_on"]
+        print(upstream_table(off, on[up_draft] if up_draft in on else on[drafts[0]], up_off, up_on, up_draft))
         figures.update(upstream_off=up_off, upstream_on=up_on)
     if args.json:
         args.json.write_text(json.dumps(figures, indent=1))
