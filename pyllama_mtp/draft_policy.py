@@ -517,30 +517,46 @@ class DraftPolicy:
         return int(min(probe / (PROBE_BUDGET * t), HOPELESS_INTERVAL))
 
 
+def size_class(n: int) -> int:
+    """The batch sizes that share one cost estimate: 1, 2, 3-4, 5-8, 9-16, ... (named by
+    their largest)."""
+    return 1 << (max(n, 1) - 1).bit_length()
+
+
 class BatchDraftPolicy:
     """The draft length of a step that decodes n sequences together.
 
-    A step's cost depends on how many sequences it holds, so every batch size n has its
-    own DraftPolicy timing the whole step (a size seen for the first time starts from the
-    nearest size's costs scaled by n, as guesses); all of them share one acceptance
-    estimate. Tokens per second of the step are n times the expected tokens per sequence
-    over the step's time, so each maximises exactly that.
+    A step's cost depends on how many sequences it holds, so every class of batch sizes
+    (``size_class``: 1, 2, 3-4, 5-8, ...) has its own DraftPolicy; all of them share one
+    acceptance estimate. A busy server passes through every size between arrivals: one
+    estimate per size would learn the sizes it visits briefly (7 of 8 slots, say) from a
+    few noisy steps, and draft there on noise. Within a class a step's time is counted per
+    sequence, scaled to the class's size (``class_seconds``), so that steps of 7 and 8
+    sequences land on one scale. A class seen for the first time starts from the nearest
+    class's costs scaled by size, as guesses. Tokens per second of the step are n times the
+    expected tokens per sequence over the step's time, so each maximises exactly that.
     """
 
     def __init__(self, draft_max: int):
         self.draft_max = draft_max
         self.acceptance = Acceptance(draft_max)
-        self.by_size: dict[int, DraftPolicy] = {}
+        self.by_size: dict[int, DraftPolicy] = {}      # size class -> its policy
 
     def policy(self, n: int) -> DraftPolicy:
-        if n not in self.by_size:
+        c = size_class(n)
+        if c not in self.by_size:
             p = DraftPolicy(self.draft_max, self.acceptance)
             if self.by_size:
-                near = min(self.by_size, key=lambda m: abs(m - n))
-                p.costs.seed(self.by_size[near].costs, n / near)
+                near = min(self.by_size, key=lambda m: abs(m - c))
+                p.costs.seed(self.by_size[near].costs, c / near)
                 p.next_probe = BASE_INTERVAL
-            self.by_size[n] = p
-        return self.by_size[n]
+            self.by_size[c] = p
+        return self.by_size[c]
+
+    @staticmethod
+    def class_seconds(n: int, seconds: float) -> float:
+        """A step of n sequences' time on its size class's scale."""
+        return seconds * size_class(n) / max(n, 1)
 
     def choose(self, n: int, depth: int = 0) -> int:
         return self.policy(n).choose(depth)
@@ -548,7 +564,7 @@ class BatchDraftPolicy:
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
                catch_up: float = 0.0) -> None:
         p = self.policy(n)
-        p.update_time(k, seconds, depth, catch_up)
+        p.update_time(k, self.class_seconds(n, seconds), depth, self.class_seconds(n, catch_up))
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)

@@ -282,8 +282,8 @@ class Slots:
 def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | None]:
     """One decode cycle for ``running`` (each prefilled and begun): each takes its own
     draft setting; ``"auto"`` ones take the length ``policy`` (a BatchDraftPolicy) picks
-    for this many sequences at the deepest context among them, and the policy learns from
-    the step's time and acceptance. Returns each sequence's chunk."""
+    for this many sequences (their size class) at the deepest context among them, and the
+    policy learns from the step's time and acceptance. Returns each sequence's chunk."""
     auto = [s for s in running if s.draft == "auto"] if policy is not None else []
     p = policy.policy(len(running)) if auto else None
     k_auto, timed, depth = 0, False, 0
@@ -317,7 +317,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
     if timed:
-        p.update_time(k_auto, seconds, depth, catch_up)
+        n = len(running)
+        p.update_time(k_auto, policy.class_seconds(n, seconds), depth, policy.class_seconds(n, catch_up))
         for s, res in zip(running, results):
             if s.draft == "auto":
                 p.update_acceptance(k_auto, res.n_accepted)

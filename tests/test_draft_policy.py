@@ -245,3 +245,28 @@ def test_auto_draft_is_lossless(step35_path, prompt_len):
         assert llm.draft_max == 3
         assert llm.generate(prompt, max_tokens=200).tokens == expected
         assert llm.generate(prompt, max_tokens=200).tokens == expected   # learned state, prefix reused
+
+
+def test_batch_sizes_a_server_passes_through_share_their_class_estimate():
+    """Sizes 5-8 share one estimate, each step's time counted per sequence on the class's
+    scale: a size seen only between arrivals (7) decides as its class does, from the
+    class's many steps, not from a few of its own."""
+    from pyllama_mtp.draft_policy import size_class
+    assert [size_class(n) for n in (1, 2, 3, 4, 5, 7, 8, 9, 16)] == [1, 2, 4, 4, 8, 8, 8, 16, 16]
+    policy = BatchDraftPolicy(3)
+    assert policy.policy(7) is policy.policy(8) and policy.policy(3) is policy.policy(4)
+    assert policy.class_seconds(7, 0.7) == pytest.approx(0.8)
+
+    def step_time(n, k):                         # compute-bound: drafting never pays at 5-8
+        return 0.01 * n * (k + 1)
+
+    rng = np.random.default_rng(2)
+    chosen = {7: [], 8: []}
+    for i in range(1500):
+        n = 7 if i % 8 == 7 else 8               # a slot is empty for one step in eight
+        k = policy.choose(n, 0)
+        accepted = [sum(1 for _ in range(k) if rng.random() < 0.9) for _ in range(n)]
+        policy.update(n, k, accepted, step_time(n, k) * rng.uniform(0.9, 1.1), 0)
+        chosen[n].append(k)
+    assert np.mean(np.array(chosen[7][-100:]) == 0) > 0.9
+    assert np.mean(np.array(chosen[8][-600:]) == 0) > 0.9
