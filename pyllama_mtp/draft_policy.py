@@ -530,11 +530,13 @@ class BatchDraftPolicy:
     (``size_class``: 1, 2, 3-4, 5-8, ...) has its own DraftPolicy; all of them share one
     acceptance estimate. A busy server passes through every size between arrivals: one
     estimate per size would learn the sizes it visits briefly (7 of 8 slots, say) from a
-    few noisy steps, and draft there on noise. Within a class a step's time is counted per
-    sequence, scaled to the class's size (``class_seconds``), so that steps of 7 and 8
-    sequences land on one scale. A class seen for the first time starts from the nearest
-    class's costs scaled by size, as guesses. Tokens per second of the step are n times the
-    expected tokens per sequence over the step's time, so each maximises exactly that.
+    few noisy steps, and draft there on noise. Within a class step times are taken as they
+    are: a step's cost grows much less than its row count (the weights are read once for
+    all rows), so scaling a 5-sequence step's time by 8/5 would make plain steps look
+    dearer than drafting ones and bias the class toward drafting. A class seen for the
+    first time starts from the nearest class's costs scaled by size, as guesses. Tokens per
+    second of the step are n times the expected tokens per sequence over the step's time,
+    so each maximises exactly that.
     """
 
     def __init__(self, draft_max: int):
@@ -553,18 +555,13 @@ class BatchDraftPolicy:
             self.by_size[c] = p
         return self.by_size[c]
 
-    @staticmethod
-    def class_seconds(n: int, seconds: float) -> float:
-        """A step of n sequences' time on its size class's scale."""
-        return seconds * size_class(n) / max(n, 1)
-
     def choose(self, n: int, depth: int = 0) -> int:
         return self.policy(n).choose(depth)
 
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
                catch_up: float = 0.0) -> None:
         p = self.policy(n)
-        p.update_time(k, self.class_seconds(n, seconds), depth, self.class_seconds(n, catch_up))
+        p.update_time(k, seconds, depth, catch_up)
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)

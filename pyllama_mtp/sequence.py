@@ -317,8 +317,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
     if timed:
-        n = len(running)
-        p.update_time(k_auto, policy.class_seconds(n, seconds), depth, policy.class_seconds(n, catch_up))
+        p.update_time(k_auto, seconds, depth, catch_up)
         for s, res in zip(running, results):
             if s.draft == "auto":
                 p.update_acceptance(k_auto, res.n_accepted)
