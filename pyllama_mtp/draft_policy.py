@@ -245,6 +245,7 @@ class DraftPolicy:
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
         self.probe_cost = RunningMean(TIME_WINDOW)    # extra seconds of a probe from plain decoding
         self._recheck_at = 0
+        self.guessed_plain = False         # costs seeded from another batch size (BatchDraftPolicy)
 
     # ------------------------------------------------------------------ estimates
 
@@ -323,9 +324,16 @@ class DraftPolicy:
         self._recheck_at = self.steps + (RECHECK if best else RECHECK_PLAIN)
         if self.steps >= self.next_probe:
             self.probing = best
-            learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
-            learning = learn is not None
-            k = learn if learning else self._probe_length(best)
+            if self.guessed_plain and best > 0 and not self.costs.steady(self.bucket, 0):
+                # plain decoding's figure is another batch size's, scaled: a guess. Time it
+                # before the guess decides anything more (a plain step's cost grows much
+                # less than its rows, so the scaled guess runs high and would keep a large
+                # batch drafting where plain decoding is faster)
+                learn, learning, k = None, False, 0
+            else:
+                learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
+                learning = learn is not None
+                k = learn if learning else self._probe_length(best)
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
             # are being accepted; from plain decoding with drafts rejected, one step.
@@ -552,6 +560,7 @@ class BatchDraftPolicy:
                 near = min(self.by_size, key=lambda m: abs(m - c))
                 p.costs.seed(self.by_size[near].costs, c / near)
                 p.next_probe = BASE_INTERVAL
+                p.guessed_plain = True
             self.by_size[c] = p
         return self.by_size[c]
 

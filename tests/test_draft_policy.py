@@ -268,3 +268,30 @@ def test_batch_sizes_a_server_passes_through_share_their_class_estimate():
         chosen[n].append(k)
     assert np.mean(np.array(chosen[7][-100:]) == 0) > 0.9
     assert np.mean(np.array(chosen[8][-600:]) == 0) > 0.9
+
+
+def test_a_new_batch_size_times_plain_decoding_before_trusting_a_scaled_guess():
+    """A plain step costs about the same for 2 sequences as for 8 (the weights are read
+    once for all rows) while drafting adds work per row. A class first seen at 8 starts
+    from the 2-class's costs scaled by 4, which makes plain decoding look four times dearer
+    than it is; it must time plain decoding at its first probe (16 steps in) and settle on
+    it, not first spend its probes learning drafting lengths against the guess."""
+    def step_time(n, k):
+        return 0.05 + 0.01 * n * k
+
+    rng = np.random.default_rng(3)
+    policy = BatchDraftPolicy(3)
+    chosen = {2: [], 8: []}
+    for i in range(400):
+        n = 2 if i < 300 else 8
+        k = policy.choose(n, 0)
+        accepted = []
+        for _ in range(n):
+            a = 0
+            while a < k and rng.random() < 0.9:
+                a += 1
+            accepted.append(a)
+        policy.update(n, k, accepted, step_time(n, k), 0)
+        chosen[n].append(k)
+    assert np.mean(np.array(chosen[2][-150:]) > 0) > 0.8         # 2 sequences: drafting pays
+    assert np.mean(np.array(chosen[8][18:]) == 0) > 0.9          # 8: plain decoding does
