@@ -49,9 +49,8 @@ def generate_batch(llm, calls: list, progress: bool | None = None) -> list:
             bar.update(1)
 
     def start(index: int, call) -> None:
-        seq, held = slots.take(call.tokens)
-        s = Sequence(seq, call, llm.sequence_output(call), held)
-        running[seq] = (index, s)
+        s = llm.open_sequence(call)
+        running[s.seq] = (index, s)
         with gate.native():
             s.load(session)
             s.prefill(session)

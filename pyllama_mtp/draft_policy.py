@@ -329,7 +329,7 @@ class DraftPolicy:
                 # before the guess decides anything more (a plain step's cost grows much
                 # less than its rows, so the scaled guess runs high and would keep a large
                 # batch drafting where plain decoding is faster)
-                learn, learning, k = None, False, 0
+                learning, k = False, 0
             else:
                 learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
                 learning = learn is not None

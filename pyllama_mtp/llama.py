@@ -278,16 +278,15 @@ class Llama:
 
     def _stream(self, call: PreparedCall) -> Iterator[Chunk]:
         with self._gate.turn():       # from the first chunk until the stream ends or is closed
-            yield from self._chunks(self._sequence(call))
+            yield from self._chunks(self.open_sequence(call))
 
-    def sequence_output(self, call: PreparedCall) -> SequenceOutput:
-        """How a sequence of ``call`` turns its steps into text."""
-        return SequenceOutput(self.model.token_pieces, self.model.eog_tokens, call.max_tokens, self._n_ctx,
-                              call.stops)
-
-    def _sequence(self, call: PreparedCall) -> Sequence:
+    def open_sequence(self, call: PreparedCall) -> Sequence:
+        """A sequence for ``call`` in the free slot that holds most of its prompt (give the
+        slot back with :meth:`release`); its steps turn into text with this model's tokens."""
         seq, held = self._slots.take(call.tokens)
-        return Sequence(seq, call, self.sequence_output(call), held)
+        output = SequenceOutput(self.model.token_pieces, self.model.eog_tokens, call.max_tokens, self._n_ctx,
+                                call.stops)
+        return Sequence(seq, call, output, held)
 
     def release(self, s: Sequence) -> None:
         """Give ``s``'s slot back, noting what its KV cache holds (nothing if unknown)."""
@@ -350,7 +349,7 @@ class Llama:
     def _generate(self, call: PreparedCall) -> Completion:
         with self._gate.native():
             before = GenerationStats.from_native(self.session.stats())
-        s = self._sequence(call)
+        s = self.open_sequence(call)
         for _ in self._chunks(s):
             pass
         with self._gate.native():

@@ -9,15 +9,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from .config import SamplingParams
+from .config import SamplingParams, _is_int
 from .errors import InvalidArgumentError
 
 
 _SAMPLER = SamplingParams()
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, int) and not isinstance(x, bool)
 
 
 def _stops(stop) -> tuple[str, ...]:

@@ -317,11 +317,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
     if timed:
-        p.update_time(k_auto, seconds, depth, catch_up)
-        for s, res in zip(running, results):
-            if s.draft == "auto":
-                p.update_acceptance(k_auto, res.n_accepted)
-        p.finish_step(k_auto)
+        accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"]
+        policy.update(len(running), k_auto, accepted, seconds, depth, catch_up)
     chunks = []
     for s, k, res in zip(running, drafts, results):
         s.last_k, s.fresh = k, False

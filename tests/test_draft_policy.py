@@ -211,6 +211,24 @@ def test_catch_up_comes_before_the_first_drafting_step_after_plain_decoding():
     assert policy.catch_up_first(3)
 
 
+def run_batch_trace(policy, sizes, step_time, p_accept: float, rng, noise: float = 0.0) -> dict[int, list[int]]:
+    """Simulated steps of ``len(sizes)`` batches (size of each), every sequence accepting
+    each draft in turn with ``p_accept``; the length chosen at every step, by size."""
+    chosen: dict[int, list[int]] = {n: [] for n in set(sizes)}
+    for n in sizes:
+        k = policy.choose(n, 0)
+        accepted = []
+        for _ in range(n):
+            a = 0
+            while a < k and rng.random() < p_accept:
+                a += 1
+            accepted.append(a)
+        seconds = step_time(n, k) * (rng.uniform(1 - noise, 1 + noise) if noise else 1.0)
+        policy.update(n, k, accepted, seconds, 0)
+        chosen[n].append(k)
+    return chosen
+
+
 def test_batch_policy_drafts_where_it_pays_and_stops_where_it_does_not():
     """Simulated server steps: one sequence is memory-bound (drafting is nearly free),
     eight sequences are compute-bound (a step costs its rows), so the policy must draft
@@ -218,20 +236,8 @@ def test_batch_policy_drafts_where_it_pays_and_stops_where_it_does_not():
     def step_time(n, k):
         return max(0.05, 0.01 * n * (k + 1))
 
-    rng = np.random.default_rng(1)
-    policy = BatchDraftPolicy(3)
-    chosen = {1: [], 8: []}
-    for i in range(800):
-        n = 1 if (i // 100) % 2 == 0 else 8           # sizes alternate, as requests come and go
-        k = policy.choose(n, 0)
-        accepted = []
-        for _ in range(n):
-            a = 0
-            while a < k and rng.random() < 0.8:
-                a += 1
-            accepted.append(a)
-        policy.update(n, k, accepted, step_time(n, k), 0)
-        chosen[n].append(k)
+    sizes = [1 if (i // 100) % 2 == 0 else 8 for i in range(800)]   # they alternate, as requests come and go
+    chosen = run_batch_trace(BatchDraftPolicy(3), sizes, step_time, 0.8, np.random.default_rng(1))
     assert np.mean(np.array(chosen[1][-200:]) == 3) > 0.8
     assert np.mean(np.array(chosen[8][-200:]) == 0) > 0.9
 
@@ -258,14 +264,8 @@ def test_batch_sizes_a_server_passes_through_share_their_class_estimate():
     def step_time(n, k):                         # compute-bound: drafting never pays at 5-8
         return 0.01 * n * (k + 1)
 
-    rng = np.random.default_rng(2)
-    chosen = {7: [], 8: []}
-    for i in range(1500):
-        n = 7 if i % 8 == 7 else 8               # a slot is empty for one step in eight
-        k = policy.choose(n, 0)
-        accepted = [sum(1 for _ in range(k) if rng.random() < 0.9) for _ in range(n)]
-        policy.update(n, k, accepted, step_time(n, k) * rng.uniform(0.9, 1.1), 0)
-        chosen[n].append(k)
+    sizes = [7 if i % 8 == 7 else 8 for i in range(1500)]         # a slot is empty one step in eight
+    chosen = run_batch_trace(policy, sizes, step_time, 0.9, np.random.default_rng(2), noise=0.1)
     assert np.mean(np.array(chosen[7][-100:]) == 0) > 0.9
     assert np.mean(np.array(chosen[8][-600:]) == 0) > 0.9
 
@@ -279,19 +279,7 @@ def test_a_new_batch_size_times_plain_decoding_before_trusting_a_scaled_guess():
     def step_time(n, k):
         return 0.05 + 0.01 * n * k
 
-    rng = np.random.default_rng(3)
-    policy = BatchDraftPolicy(3)
-    chosen = {2: [], 8: []}
-    for i in range(400):
-        n = 2 if i < 300 else 8
-        k = policy.choose(n, 0)
-        accepted = []
-        for _ in range(n):
-            a = 0
-            while a < k and rng.random() < 0.9:
-                a += 1
-            accepted.append(a)
-        policy.update(n, k, accepted, step_time(n, k), 0)
-        chosen[n].append(k)
+    sizes = [2] * 300 + [8] * 100
+    chosen = run_batch_trace(BatchDraftPolicy(3), sizes, step_time, 0.9, np.random.default_rng(3))
     assert np.mean(np.array(chosen[2][-150:]) > 0) > 0.8         # 2 sequences: drafting pays
     assert np.mean(np.array(chosen[8][18:]) == 0) > 0.9          # 8: plain decoding does

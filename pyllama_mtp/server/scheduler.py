@@ -145,8 +145,7 @@ class Scheduler:
         self._report()
 
     def _start(self, job: Job) -> None:
-        seq, held = self.slots.take(job.call.tokens)
-        r = _Running(job, Sequence(seq, job.call, self.llm.sequence_output(job.call), held))
+        r = _Running(job, self.llm.open_sequence(job.call))
         self.prefilling.append(r)
         try:
             r.seq.load(self.session)
