@@ -2,7 +2,12 @@
 
 For each model, context depth and generation length, rounds run every mode once each
 (plain, draft 1..max, auto) in a rotating order, so that the machine's drift hits all
-modes alike; the figure of a mode is the median of its rounds' decode speeds. The auto
+modes alike; the figure of a mode is the median of its rounds' decode speeds. Ratios are
+paired: auto over plain (or over the best fixed length, the fixed length with the best
+median) is taken within each round, where the modes ran seconds apart, and the median of
+those per-round ratios is reported; on a shared machine whose speed drifts by 10-25%
+between rounds, a ratio of two medians mixes that drift in. "noise" is the spread of plain
+decoding's speed over the rounds ((max - min) / median). The auto
 policy lives across rounds, as it does across the calls of one Llama, and starts fresh
 for each (depth, length) cell. Greedy, random prompt tokens; the depth is a random prefix
 prefilled once and kept (rollback) under each round's prompt.
@@ -75,10 +80,18 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
     med = {str(m): statistics.median(v) for m, v in rates.items()}
     fixed = {m: v for m, v in med.items() if m not in ("0", "auto")}
     best_fixed = max(fixed, key=fixed.get)
-    return {"depth": depth, "n_gen": n_gen, "tok_s": med, "auto_chose": chosen,
-            "auto_over_plain": med["auto"] / med["0"], "best_fixed": int(best_fixed),
-            "best_fixed_over_plain": fixed[best_fixed] / med["0"],
-            "auto_over_best_fixed": med["auto"] / fixed[best_fixed]}
+
+    def paired(a, b) -> float:
+        """Median over rounds of mode a's speed over mode b's in the same round."""
+        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
+    best_mode = int(best_fixed)
+    plain = rates[0]
+    return {"depth": depth, "n_gen": n_gen, "tok_s": med, "per_round": {str(m): v for m, v in rates.items()},
+            "auto_chose": chosen, "noise": (max(plain) - min(plain)) / statistics.median(plain),
+            "auto_over_plain": paired("auto", 0), "best_fixed": best_mode,
+            "best_fixed_over_plain": paired(best_mode, 0),
+            "auto_over_best_fixed": paired("auto", best_mode)}
 
 
 def verdict(cell: dict) -> list[str]:
@@ -103,9 +116,9 @@ def main(argv=None) -> int:
     from pyllama_mtp.bench.builtin import resolve
 
     out = {"cpu": cpu_name(), "threads": args.threads, "rounds": args.rounds, "cells": []}
-    print(f"CPU: {out['cpu']}, {args.threads} threads, median of {args.rounds} interleaved rounds\n")
-    print("| model | depth | tokens | plain tok/s | best fixed | auto tok/s | auto / plain | auto / best fixed | auto chose |")
-    print("| --- | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
+    print(f"CPU: {out['cpu']}, {args.threads} threads, median of {args.rounds} interleaved rounds; ratios paired within rounds\n")
+    print("| model | depth | tokens | plain tok/s | noise | best fixed | auto tok/s | auto / plain | auto / best fixed | auto chose |")
+    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     failed = 0
     for name in args.model:
         path = resolve(name) if name.startswith("tiny:") else name
@@ -119,7 +132,7 @@ def main(argv=None) -> int:
                 med = cell["tok_s"]
                 total = sum(cell["auto_chose"].values()) or 1
                 mix = ", ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(cell["auto_chose"].items()))
-                print(f"| {name} | {depth} | {n_gen} | {med['0']:.1f} | d{cell['best_fixed']} "
+                print(f"| {name} | {depth} | {n_gen} | {med['0']:.1f} | {100 * cell['noise']:.0f}% | d{cell['best_fixed']} "
                       f"{cell['best_fixed_over_plain']:.2f}x | {med['auto']:.1f} | {cell['auto_over_plain']:.2f}x | "
                       f"{cell['auto_over_best_fixed']:.2f}x | {mix}{' **' + '; '.join(cell['missed']) + '**' if cell['missed'] else ''} |",
                       flush=True)

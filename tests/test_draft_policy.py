@@ -190,6 +190,21 @@ def test_a_marginal_gain_does_not_make_it_switch_back_and_forth_when_switching_c
     assert trace.rate > 0.95 * best_fixed
 
 
+def test_a_step_the_machine_slowed_moves_the_estimate_little():
+    """A shared VM stalls a step now and then (2-5x its time). One such step must not make
+    its length look much dearer for the next several steps: a sample counts as at most 1.5x
+    the estimate, so one stall raises a steady estimate by at most 1/16 of it (window 8)."""
+    costs = StepCosts()
+    for _ in range(8):
+        costs.add(0, 3, 1.0, 0)
+    costs.add(0, 3, 5.0, 0)
+    assert costs.predict(0, 3) <= 1.0 + 0.5 / 8 + 1e-9
+    # a real change of cost still comes through within a couple of windows
+    for _ in range(16):
+        costs.add(0, 3, 2.0, 0)
+    assert costs.predict(0, 3) > 1.85
+
+
 def test_unmeasured_lengths_and_depths_are_predicted_from_what_was_measured():
     costs = StepCosts()
     for _ in range(3):
