@@ -39,11 +39,13 @@ from __future__ import annotations
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
+THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
 TIME_WINDOW = 8         # step cost: running mean of the last ~8 steps per (depth bucket, k)
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
 BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
 MAX_INTERVAL = 512
 PROBE_BUDGET = 0.01      # while decoding plainly, probes may cost this share of the time
+THIN_PROBE_BUDGET = 0.05  # the same while the first draft's acceptance rests on THIN_EVIDENCE
 HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
 OUTLIER = 1.5           # step-time samples are capped at this multiple of the estimate
@@ -112,6 +114,11 @@ class Acceptance:
         if m.value is not None:
             return m.value
         return self.rate(i - 1) if i > 0 else ACCEPT_PRIOR
+
+    def observations(self, i: int) -> int:
+        """How many observations (the prior counting as one) stand behind a_(i+1), at most
+        the window."""
+        return self.positions[i].weight
 
     def observe(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):          # positions that were tried
@@ -495,6 +502,11 @@ class DraftPolicy:
             # the probed length came within CLOSE_CALL of the decision: a few noisy samples
             # may have decided it, so look again at the base pace (cheap: the two are close)
             self.interval = max(BASE_INTERVAL, self._affordable_interval(after))
+        elif after == 0 and self.acceptance.observations(0) < THIN_EVIDENCE:
+            # plain decoding stays on one or two rejected drafts: too few to tell acceptance
+            # 0.5 from 0 (two rejections in a row happen one time in four at 0.5), so look
+            # again soon: at the base pace, with THIN_PROBE_BUDGET of the time for probes
+            self.interval = max(BASE_INTERVAL, self._affordable_interval(budget=THIN_PROBE_BUDGET))
         else:
             self.interval = min(self.interval * BACKOFF, MAX_INTERVAL)
             if after == 0:
@@ -506,7 +518,7 @@ class DraftPolicy:
         rates = self.rates()
         return probed != best and probed in rates and best in rates and rates[probed] >= CLOSE_CALL * rates[best]
 
-    def _affordable_interval(self, best: int = 0) -> int:
+    def _affordable_interval(self, best: int = 0, budget: float = PROBE_BUDGET) -> int:
         """Enough steps between probes that probing costs at most PROBE_BUDGET of the time
         (on a tiny model at a long context a probe from plain decoding, with the heads
         catching up and graphs rebuilt both ways, costs dozens of plain steps; from a draft
@@ -522,7 +534,7 @@ class DraftPolicy:
             probe = None
         if not t or probe is None:
             return 0
-        return int(min(probe / (PROBE_BUDGET * t), HOPELESS_INTERVAL))
+        return int(min(probe / (budget * t), HOPELESS_INTERVAL))
 
 
 def size_class(n: int) -> int:

@@ -66,10 +66,22 @@ def test_acceptance_zero_settles_on_plain_within_a_few_steps_and_probes_ever_mor
     trace = Trace(DraftPolicy(3), const(0.0), cost).run(2000)
     drafting = [i for i, k in enumerate(trace.chosen) if k > 0]
     assert all(trace.chosen[i] == 1 for i in drafting)   # a probe is one step with one draft
-    # x4 back-off, plus one probe on entering each depth bucket (128, 256, 512, 1,024)
+    # three looks at the base pace (two rejections are no proof, see below), then x4
+    # back-off, plus one probe on entering each depth bucket (128, 256, 512, 1,024)
     assert len(drafting) <= 9, drafting
-    assert drafting[:2] == [1, 65]
+    assert drafting[:4] == [1, 17, 33, 97], drafting
     assert trace.rate > 0.995 * 1.0
+
+
+def test_two_unlucky_rejections_do_not_keep_it_plain_for_long():
+    # acceptance ~0.5-0.6 rejects the first two probes one time in four or five; backing
+    # off x4 after each would then decode plainly for hundreds of steps where drafting pays
+    cost = lambda k, d: 1.0 + 0.3 * k
+    unlucky_start = lambda step, pos: 0.0 if step < 20 else 0.6
+    for seed in range(4):
+        trace = Trace(DraftPolicy(3), unlucky_start, cost, seed=seed).run(200)
+        assert [i for i in range(20) if trace.chosen[i] > 0] == [1, 17]
+        assert next(i for i in range(20, 200) if trace.chosen[i] > 0) <= 40, trace.chosen[:60]
 
 
 def test_hopeless_drafting_is_probed_at_the_slowest_pace_at_once():
