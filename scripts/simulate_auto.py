@@ -53,8 +53,11 @@ class Fixed:
 
 
 def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_gen: int, rng,
-                      noise: float, stall: float, switch: float) -> float:
-    """A warm-up generation, then the measured one, of n_gen tokens each."""
+                      noise: float, stall: float, switch: float, drift: float = 0.0) -> float:
+    """A warm-up generation, then the measured one, of n_gen tokens each. ``drift``: the
+    machine's speed changes now and then (every ~100 steps on average) by a log-normal
+    factor of this sigma, as a shared VM's does when its neighbours get busy."""
+    speed = 1.0
     for measured in (False, True):
         policy.start_sequence()
         tokens = seconds = 0.0
@@ -64,7 +67,9 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
             n_acc = 0
             while n_acc < k and rng.random() < accept[n_acc]:
                 n_acc += 1
-            t = costs[k] * float(np.exp(rng.normal(0.0, noise))) * (1.8 if rng.random() < stall else 1.0)
+            if drift and rng.random() < 0.01:
+                speed = float(np.exp(rng.normal(0.0, drift)))
+            t = speed * costs[k] * float(np.exp(rng.normal(0.0, noise))) * (1.8 if rng.random() < stall else 1.0)
             if k != last:
                 t += switch * costs[0]         # graphs rebuilt, caches cold
             policy.update(k, n_acc, t, int(tokens))
@@ -81,6 +86,8 @@ def main(argv=None) -> int:
     ap.add_argument("--noise", type=float, default=0.15, help="log-normal sigma of a step's time (default 0.15)")
     ap.add_argument("--stall", type=float, default=0.05, help="share of steps slowed 1.8x (default 0.05)")
     ap.add_argument("--switch", type=float, default=0.4, help="extra cost of a change of length, in plain steps")
+    ap.add_argument("--drift", type=float, default=0.15,
+                    help="sigma of the machine's speed changes, every ~100 steps (default 0.15)")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.n_gen.split(",")]
     print("| case | tokens | best fixed / plain | auto / plain | auto / best fixed |")
@@ -89,7 +96,7 @@ def main(argv=None) -> int:
         for n_gen in lengths:
             def mean_rate(make) -> float:
                 return float(np.mean([tokens_per_second(make(), costs, accept, n_gen, np.random.default_rng(s),
-                                                        args.noise, args.stall, args.switch)
+                                                        args.noise, args.stall, args.switch, args.drift)
                                       for s in range(args.seeds)]))
             fixed = [mean_rate(lambda k=k: Fixed(k)) for k in range(4)]
             auto = mean_rate(lambda: DraftPolicy(3))
