@@ -304,18 +304,25 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
     drafts = [k_auto if s.draft == "auto" else s.draft for s in running]
-    catch_up = 0.0
+    catch_up = joined = 0.0
     if timed:
         # rows queued by plain decoding go to the heads outside the timed step (a draft
-        # would take them itself, but then its time would not be a drafting step's)
-        t0 = time.perf_counter()
+        # would take them itself, but then its time would not be a drafting step's): the
+        # price of switching to drafting, which the policy counts as such. Not so for a
+        # sequence that joins a batch: its prompt's rows reach the heads only because the
+        # batch drafts (plain decoding drops them with the sequence), and on a busy server
+        # one joins every few steps, so that is part of what drafting costs there
         for s, k in zip(running, drafts):
             if k > 0 and s.last_k == 0:
+                t0 = time.perf_counter()
                 session.seq_mtp_catch_up(s.seq)
-        catch_up = time.perf_counter() - t0
+                if s.fresh and len(running) > 1:
+                    joined += time.perf_counter() - t0
+                else:
+                    catch_up += time.perf_counter() - t0
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
-    seconds = time.perf_counter() - t0
+    seconds = time.perf_counter() - t0 + joined
     if timed:
         accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"]
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up)
