@@ -23,7 +23,8 @@ import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-LLAMA_BENCH = ROOT / "build" / "upstream" / "bin" / "llama-bench"
+# where scripts/build_upstream.sh put upstream's tools (UPSTREAM_BUILD, as for that script)
+LLAMA_BENCH = ROOT / os.environ.get("UPSTREAM_BUILD", "build/upstream") / "bin" / "llama-bench"
 
 
 def cpu_name() -> str:

@@ -35,6 +35,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import json
+import os
 import socket
 import statistics
 import subprocess
@@ -71,7 +72,7 @@ class Server:
         import httpx
         self.port = free_port()
         if upstream:
-            cmd = [str(ROOT / "build" / "upstream" / "bin" / "llama-server"), "-m", str(model), "--port",
+            cmd = [str(ROOT / os.environ.get("UPSTREAM_BUILD", "build/upstream") / "bin" / "llama-server"), "-m", str(model), "--port",
                    str(self.port), "--host", "127.0.0.1", "-t", str(threads), "-np", str(parallel),
                    "-c", str(n_ctx * parallel), "--alias", "bench", "--no-webui"]
             if mtp_draft is not None:

@@ -41,7 +41,8 @@ import urllib.request
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-UPSTREAM_BIN = ROOT / "build" / "upstream" / "bin"
+# where scripts/build_upstream.sh put upstream's tools (UPSTREAM_BUILD, as for that script)
+UPSTREAM_BIN = ROOT / os.environ.get("UPSTREAM_BUILD", "build/upstream") / "bin"
 UPSTREAM_ENV: dict[str, str] | None = None     # environment of upstream's processes (--upstream-lib)
 
 

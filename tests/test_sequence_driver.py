@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import time
 
 import httpx
 import openai
@@ -12,8 +13,9 @@ import pytest
 
 from conftest import start_server
 from pyllama_mtp import InvalidArgumentError, Llama
+from pyllama_mtp.draft_policy import DraftPolicy
 from pyllama_mtp.options import GenerationOptions
-from pyllama_mtp.sequence import Slots
+from pyllama_mtp.sequence import Slots, step_sequences
 
 
 # ------------------------------------------------------------------ options
@@ -120,6 +122,76 @@ def test_a_stream_closed_early_leaves_its_slot_exact(step35_path):
         assert llm.prompt_tokens_reused > len(prompt)
         llm.reset()
         assert llm.generate(follow, max_tokens=12).tokens == warm.tokens
+
+
+class SlowCatchUp:
+    """The real session, but feeding the heads a sequence's queued rows takes ``delay`` s
+    more: so a step's reported time shows whether that catch-up was counted in it."""
+
+    def __init__(self, session, delay: float):
+        self.session, self.delay = session, delay
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+    def seq_mtp_catch_up(self, seq: int) -> None:
+        time.sleep(self.delay)
+        self.session.seq_mtp_catch_up(seq)
+
+
+class DraftsAlways(DraftPolicy):
+    """A policy that drafts ``k`` at every step and has every step timed."""
+
+    def choose(self, depth: int) -> int:
+        self.timed = True
+        return self.draft_max
+
+
+class ReportedSteps:
+    """Stands where the driver expects a BatchDraftPolicy; keeps what each step reported."""
+
+    def __init__(self, k: int):
+        self.p, self.steps = DraftsAlways(k), []
+
+    def policy(self, n: int) -> DraftPolicy:
+        return self.p
+
+    def update(self, n, k, accepted, seconds, depth, catch_up) -> None:
+        self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up})
+
+
+def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_drafting_cost(oracle_path):
+    """Plain decoding drops a short request's queued head rows with it; under drafting they
+    must reach the heads. So when a sequence joins a batch that drafts, its catch-up is a
+    cost of drafting (in the step's time); when one sequence switches from plain decoding
+    it is the price of the switch (reported apart, not in the step's time)."""
+    delay = 1.0                                  # far above a tiny model's step (milliseconds)
+    with Llama(oracle_path, n_ctx=256, threads=1, mtp=True, draft="auto", parallel=2) as llm:
+        session, reported = SlowCatchUp(llm.session, delay), ReportedSteps(2)
+
+        def opened(prompt):
+            s = llm.open_sequence(llm.prepare(prompt, max_tokens=40, draft="auto"))
+            s.load(session)
+            s.prefill(session)
+            s.begin(session)
+            return s
+
+        first = opened("the first request, alone for a while")
+        step_sequences(session, [first], reported)
+        alone = reported.steps[-1]
+        assert alone["k"] == 2 and alone["catch_up"] >= delay and alone["seconds"] < delay
+        step_sequences(session, [first], reported)
+        assert reported.steps[-1]["catch_up"] == 0.0 and reported.steps[-1]["seconds"] < delay
+
+        second = opened("a second request joins the drafting batch")
+        step_sequences(session, [first, second], reported)
+        joined = reported.steps[-1]
+        assert joined["n"] == 2 and joined["k"] == 2
+        assert joined["seconds"] >= delay and joined["catch_up"] == 0.0
+        step_sequences(session, [first, second], reported)
+        assert reported.steps[-1]["seconds"] < delay
+        for s in (first, second):
+            llm.release(s)
 
 
 # -------------------------------------------------- the server: one or many slots
