@@ -15,8 +15,9 @@ probes:
   it (see ``choose``);
 - while drafts are accepted, a length with fewer than LEARN_SAMPLES steady samples at
   this depth that may beat the decision (predicted from the lengths that were, see
-  ``to_learn``; at most one beyond the longest measured) is timed at once, so a cold start
-  climbs to the best length within a few steps instead of one length per probe interval;
+  ``to_learn``; one beyond the longest measured until a drafting length beats plain
+  decoding, then any) is timed at once, so a cold start climbs to the best length within
+  a few steps instead of one length per probe interval;
 - a probe from plain decoding counts the heads' catch-up before it in its price
   (``probe_cost``), which sets how often plain decoding may afford to look;
 - probes back off exponentially (x4) while they do not change the decision, except where
@@ -387,9 +388,15 @@ class DraftPolicy:
         measured = [k for k in range(self.draft_max + 1) if self.costs.steady(b, k)]
         t0 = self.costs.predict(b, 0)
         candidates = {}
-        # one length beyond the longest measured at a time: a long draft is the dearest
-        # probe, worth it only once the shorter ones show that drafting pays
-        for k in range(1, min(max(measured, default=0) + 1, self.draft_max) + 1):
+        # one length beyond the longest measured at a time until a measured one beats plain
+        # decoding (a long draft is the dearest probe, worth it only once the shorter ones
+        # show that drafting pays), then the one predicted best, wherever it is: a climb
+        # that stopped at every length on its way cost a short generation several steps
+        if any(rates.get(k, 0.0) > rates.get(0, 0.0) for k in measured if k > 0):
+            top = self.draft_max
+        else:
+            top = min(max(measured, default=0) + 1, self.draft_max)
+        for k in range(1, top + 1):
             n = self.costs.samples(b, k)
             if n >= LEARN_SAMPLES:
                 continue
