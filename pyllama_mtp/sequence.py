@@ -316,10 +316,11 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             if k > 0 and s.last_k == 0:
                 t0 = time.perf_counter()
                 session.seq_mtp_catch_up(s.seq)
+                dt = time.perf_counter() - t0
                 if s.fresh and len(running) > 1:
-                    joined += time.perf_counter() - t0
+                    joined += dt
                 else:
-                    catch_up += time.perf_counter() - t0
+                    catch_up += dt
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0 + joined

@@ -140,7 +140,7 @@ class SlowCatchUp:
 
 
 class DraftsAlways(DraftPolicy):
-    """A policy that drafts ``k`` at every step and has every step timed."""
+    """A policy that drafts its longest draft at every step and has every step timed."""
 
     def choose(self, depth: int) -> int:
         self.timed = True
