@@ -329,23 +329,27 @@ PMTP_API int pmtp_head_logits(const pmtp_session * session, int32_t head, float 
 
 /* ---- kernel probes (batch-invariance tests) ---- */
 
-/* One matrix product on the CPU backend, computed as a model's decode computes it:
- * the weight w [m, k] (f32, converted to ggml type `type`; placed in the CPU's repacking
- * buffer when `repack` is set and the CPU has a repacked layout for that type) times
- * x [n, k] gives out [n, m]; *repacked says whether the repacked layout was used. Tests
- * compare an n-row product with n one-row products. */
+/* The probes run on the CPU backend when `device` is NULL or "", else on the device of that
+ * name (e.g. "CUDA0"; an unknown name, or an op the device does not run, is
+ * PMTP_ERR_INVALID_ARG). */
+
+/* One matrix product, computed as a model's decode computes it: the weight w [m, k] (f32,
+ * converted to ggml type `type`; on the CPU, placed in the repacking buffer when `repack`
+ * is set and the CPU has a repacked layout for that type) times x [n, k] gives out [n, m];
+ * *repacked says whether the repacked layout was used. Tests compare an n-row product with
+ * n one-row products. */
 PMTP_API int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const float * w,
                                 const float * x, bool repack, int32_t n_threads, float * out,
-                                bool * repacked);
+                                bool * repacked, const char * device);
 
-/* Flash attention on the CPU backend as the models run it (ggml_flash_attn_ext, F32
+/* Flash attention as the models run it (ggml_flash_attn_ext, F32
  * precision): q [n_q, n_head, d_k] f32; k [n_kv, n_head_kv, d_k] and v [n_kv, n_head_kv,
  * d_v] given as f32 and stored as ggml type kv_type (F16 or F32); mask [n_q, n_kv] f32 (0
  * or -INFINITY) or NULL; out [n_q, n_head, d_v]. */
 PMTP_API int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_head,
                                    int64_t n_head_kv, int64_t n_kv, int64_t n_q, const float * q,
                                    const float * k, const float * v, const float * mask,
-                                   float scale, int32_t n_threads, float * out);
+                                   float scale, int32_t n_threads, float * out, const char * device);
 
 /* --- cffi cdef end --- */
 

@@ -1,5 +1,6 @@
 // What the kernel probes (probe_matmul.cpp, probe_attention.cpp) share: owning handles for
-// ggml objects and a CPU backend with a thread count. Test tools, not part of the engine.
+// ggml objects and a backend (the CPU with a thread count, or a named device such as CUDA0).
+// Test tools, not part of the engine.
 #pragma once
 
 #include "internal.h"
@@ -48,6 +49,47 @@ inline backend_ptr cpu_backend(int32_t n_threads, ggml_backend_dev_t * dev_out =
         *dev_out = dev;
     }
     return backend;
+}
+
+// The backend a probe runs on: the CPU when `device` is NULL or empty, else the device of
+// that name (as ggml_backend_dev_name gives it, e.g. "CUDA0"); an unknown name is an error
+// that lists the devices this build has.
+inline backend_ptr device_backend(const char * device, int32_t n_threads, ggml_backend_dev_t * dev_out = nullptr) {
+    if (!device || !*device) {
+        return cpu_backend(n_threads, dev_out);
+    }
+    ggml_backend_dev_t dev = ggml_backend_dev_by_name(device);
+    if (!dev) {
+        std::string known;
+        for (size_t i = 0; i < ggml_backend_dev_count(); ++i) {
+            known += (known.empty() ? "" : ", ") + std::string(ggml_backend_dev_name(ggml_backend_dev_get(i)));
+        }
+        fail(PMTP_ERR_INVALID_ARG, std::string("no device named '") + device + "' in this build (devices: " +
+             known + ")");
+    }
+    if (ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU) {
+        return cpu_backend(n_threads, dev_out);
+    }
+    backend_ptr backend(ggml_backend_dev_init(dev, nullptr));
+    if (!backend) {
+        fail(PMTP_ERR_INTERNAL, std::string("cannot start the backend of device ") + device);
+    }
+    if (dev_out) {
+        *dev_out = dev;
+    }
+    return backend;
+}
+
+// Compute a probe's graph after checking that the backend runs its one op (a GPU backend
+// aborts on an op it does not support instead of returning an error).
+inline void compute_op(ggml_backend_t backend, ggml_cgraph * gf, ggml_tensor * op, const char * what) {
+    if (!ggml_backend_supports_op(backend, op)) {
+        fail(PMTP_ERR_INVALID_ARG, std::string(ggml_backend_name(backend)) + " does not run this " + what +
+             " (type or shape not supported there)");
+    }
+    if (ggml_backend_graph_compute(backend, gf) != GGML_STATUS_SUCCESS) {
+        fail(PMTP_ERR_INTERNAL, std::string("the probe's ") + what + " failed");
+    }
 }
 
 } // namespace probe

@@ -1,4 +1,4 @@
-// pmtp_probe_flash_attn: one ggml flash-attention op on the CPU backend, laid out the way a
+// pmtp_probe_flash_attn: one ggml flash-attention op on the CPU backend (or a named device), laid out the way a
 // model's attention layer builds it (K/V as views of a cache-shaped tensor, permuted q, F16
 // mask, F32 accumulation), so tests can check that n queries in one call give every query
 // the bits a one-query call gives it.
@@ -59,7 +59,7 @@ void check_args(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_head, int64
 
 int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_head, int64_t n_head_kv,
                           int64_t n_kv, int64_t n_q, const float * q, const float * k, const float * v,
-                          const float * mask, float scale, int32_t n_threads, float * out) {
+                          const float * mask, float scale, int32_t n_threads, float * out, const char * device) {
     return run_guarded([&] {
         need(q, "q");
         need(k, "k");
@@ -69,7 +69,7 @@ int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_h
         const ggml_type kvt = (ggml_type) kv_type;
 
         ggml_backend_dev_t dev = nullptr;
-        backend_ptr backend = cpu_backend(n_threads, &dev);
+        backend_ptr backend = device_backend(device, n_threads, &dev);
 
         // q, the K/V "cache" and the mask, plus the views, the op and the graph
         ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true };
@@ -124,9 +124,7 @@ int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_h
             store(m_in, mask, n_kv * n_q);
         }
 
-        if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
-            fail(PMTP_ERR_INTERNAL, "the probe's flash attention failed");
-        }
+        compute_op(backend.get(), gf, fa, "flash attention");
         ggml_backend_tensor_get(fa, out, 0, ggml_nbytes(fa));
     });
 }

@@ -1,6 +1,7 @@
-// pmtp_probe_mul_mat: one ggml matrix product on the CPU backend, set up the way a loaded
-// model's weights are (same type conversion, same repacking buffer), so tests can check
-// that an n-row product gives every row the bits a one-row product gives it.
+// pmtp_probe_mul_mat: one ggml matrix product on the CPU backend (or a named device), set up
+// the way a loaded model's weights are (same type conversion, same repacking buffer on the
+// CPU), so tests can check that an n-row product gives every row the bits a one-row product
+// gives it.
 #include "probe.h"
 
 #include "ggml.h"
@@ -64,7 +65,7 @@ void check_args(int32_t type, int64_t k, int64_t m, int64_t n) {
 } // namespace
 
 int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const float * w, const float * x,
-                       bool repack, int32_t n_threads, float * out, bool * repacked) {
+                       bool repack, int32_t n_threads, float * out, bool * repacked, const char * device) {
     return run_guarded([&] {
         need(w, "w");
         need(x, "x");
@@ -72,14 +73,15 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
         check_args(type, k, m, n);
         const ggml_type wtype = (ggml_type) type;
         ggml_backend_dev_t dev = nullptr;
-        backend_ptr backend = cpu_backend(n_threads, &dev);
+        backend_ptr backend = device_backend(device, n_threads, &dev);
+        const bool on_cpu = ggml_backend_dev_type(dev) == GGML_BACKEND_DEVICE_TYPE_CPU;
 
         // The weight: in the repacking buffer when asked for and the type has a layout there
         // (its init gives the tensor the repacked traits), else in a plain CPU buffer.
         ctx_ptr wctx(new_meta_ctx(1));
         ggml_tensor * wt = ggml_new_tensor_2d(wctx.get(), wtype, k, m);
         buffer_ptr wbuf;
-        ggml_backend_buffer_type_t rbt = repack ? repack_buffer_type(dev) : nullptr;
+        ggml_backend_buffer_type_t rbt = repack && on_cpu ? repack_buffer_type(dev) : nullptr;
         if (rbt) {
             wbuf.reset(ggml_backend_alloc_ctx_tensors_from_buft(wctx.get(), rbt));
             if (wbuf && wt->extra == nullptr) {
@@ -108,9 +110,7 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
             fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe activations");
         }
         ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt));
-        if (ggml_backend_graph_compute(backend.get(), gf) != GGML_STATUS_SUCCESS) {
-            fail(PMTP_ERR_INTERNAL, "the probe matmul failed");
-        }
+        compute_op(backend.get(), gf, yt, "matmul");
         ggml_backend_tensor_get(yt, out, 0, ggml_nbytes(yt));
         if (repacked) {
             *repacked = in_repack;

@@ -24,18 +24,21 @@ GREEDY = SamplingParams(n_logprobs=0)
 @pytest.fixture(scope="module", params=[("Q4_K_M", "random"), ("Q8_0", "random"), ("Q4_0", "random"), ("Q4_K_M", "oracle")],
                 ids=lambda p: "-".join(p))
 def quantized(request, tmp_path_factory):
-    """A step35 quantized to the param's file type: random (varied greedy output, drafts
-    mostly rejected: row 0 of every verify batch decides) or an oracle whose heads agree
+    with Model(ModelConfig(str(write_model(tmp_path_factory.mktemp("exact-quantized"), *request.param)),
+                           load_mtp=True)) as m:
+        yield m
+
+
+def write_model(d, ftype: str, kind: str):
+    """A step35 in file type ``ftype``: ``kind`` "random" (varied greedy output, drafts
+    mostly rejected: row 0 of every verify batch decides) or "oracle", whose heads agree
     with the trunk 60% of the time (every accept pattern occurs)."""
-    ftype, kind = request.param
-    d = tmp_path_factory.mktemp("exact-quantized")
     oracle = dict(oracle=True, acceptance=0.6) if kind == "oracle" else {}
     src = testing.write_step35(d / "f32.gguf", seed=21, n_embd=N_EMBD, n_head=8, n_head_kv=2, head_dim=64,
                                n_swa=16, **oracle)
     out = d / f"{ftype}.gguf"
     quantize(src, out, ftype, threads=2)
-    with Model(ModelConfig(str(out), load_mtp=True)) as m:
-        yield m
+    return out
 
 
 def session(model, n_ctx, n_seq_max=1, threads=2):
@@ -65,28 +68,27 @@ def prompt_of(model, length, seed):
     return [int(t) for t in rng.integers(3, model.info.n_vocab - 8, size=length)]
 
 
-@pytest.mark.parametrize("draft", [1, 2, 3])
-def test_greedy_mtp_equals_plain_over_500_tokens(quantized, draft):
-    prompt = prompt_of(quantized, 12, 1)
-    plain, _ = decode(quantized, prompt, 0, 500)
-    mtp, drafted = decode(quantized, prompt, draft, 500)
+def assert_mtp_equals_plain(model, draft, n=500):
+    prompt = prompt_of(model, 12, 1)
+    plain, _ = decode(model, prompt, 0, n)
+    mtp, drafted = decode(model, prompt, draft, n)
     assert drafted > 0
     assert mtp == plain, f"first difference at token {first_diff(mtp, plain)}"
 
 
-def test_greedy_mtp_equals_plain_after_a_long_prompt_with_wrapped_windows(quantized):
-    prompt = prompt_of(quantized, 2100, 2)       # > 2,048 tokens; the 16-token windows wrap
-    plain, _ = decode(quantized, prompt, 0, 160, n_ctx=2400)
-    mtp, drafted = decode(quantized, prompt, 3, 160, n_ctx=2400)
+def assert_exact_after_a_long_prompt_with_wrapped_windows(model):
+    prompt = prompt_of(model, 2100, 2)       # > 2,048 tokens; the 16-token windows wrap
+    plain, _ = decode(model, prompt, 0, 160, n_ctx=2400)
+    mtp, drafted = decode(model, prompt, 3, 160, n_ctx=2400)
     assert drafted > 0
     assert mtp == plain, f"first difference at token {first_diff(mtp, plain)}"
 
 
-def test_eight_sequences_together_equal_each_alone(quantized):
-    prompts = [prompt_of(quantized, 5 + 7 * i, 10 + i) for i in range(8)]
+def assert_eight_sequences_together_equal_each_alone(model):
+    prompts = [prompt_of(model, 5 + 7 * i, 10 + i) for i in range(8)]
     n = 120
-    alone = [decode(quantized, p, 3, n)[0] for p in prompts]
-    with session(quantized, 1024, n_seq_max=8) as s:
+    alone = [decode(model, p, 3, n)[0] for p in prompts]
+    with session(model, 1024, n_seq_max=8) as s:
         out = {}
         for seq, p in enumerate(prompts):
             s.seq_set_sampling(seq, GREEDY)
@@ -98,3 +100,16 @@ def test_eight_sequences_together_equal_each_alone(quantized):
                 out[seq].extend(pairs(r))
     for seq in out:
         assert out[seq][:n] == alone[seq], f"sequence {seq}: first difference at {first_diff(out[seq][:n], alone[seq])}"
+
+
+@pytest.mark.parametrize("draft", [1, 2, 3])
+def test_greedy_mtp_equals_plain_over_500_tokens(quantized, draft):
+    assert_mtp_equals_plain(quantized, draft)
+
+
+def test_greedy_mtp_equals_plain_after_a_long_prompt_with_wrapped_windows(quantized):
+    assert_exact_after_a_long_prompt_with_wrapped_windows(quantized)
+
+
+def test_eight_sequences_together_equal_each_alone(quantized):
+    assert_eight_sequences_together_equal_each_alone(quantized)

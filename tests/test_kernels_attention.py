@@ -10,45 +10,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from kernel_probes import F16, F32, attend, random_qkv, verify_mask
 from pyllama_mtp import _native, errors
 
-F32, F16 = 0, 1   # ggml_type values the probe accepts for K/V
 N_HEAD_KV = 2     # two KV heads: runs of rows sharing a KV head end and restart mid-chunk
-
-
-def attend(q, k, v, mask, *, n_head_kv, n_threads, kv_type=F16, scale=None):
-    """Flash attention of q [n_q, n_head, d_k] over k [n_kv, n_head_kv, d_k], v [n_kv, n_head_kv, d_v]."""
-    n_q, n_head, d_k = q.shape
-    n_kv, _, d_v = v.shape
-    q, k, v = (np.ascontiguousarray(a, dtype=np.float32) for a in (q, k, v))
-    out = np.empty((n_q, n_head, d_v), dtype=np.float32)
-    ffi = _native.ffi
-    fp = lambda a: ffi.cast("float *", a.ctypes.data)  # noqa: E731
-    if mask is not None:
-        mask = np.ascontiguousarray(mask, dtype=np.float32)
-        assert mask.shape == (n_q, n_kv)
-    scale = 1.0 / np.sqrt(d_k) if scale is None else scale
-    status = _native.lib.pmtp_probe_flash_attn(
-        kv_type, d_k, d_v, n_head, n_head_kv, n_kv, n_q, fp(q), fp(k), fp(v),
-        fp(mask) if mask is not None else ffi.NULL, float(scale), n_threads, fp(out))
-    _native.check(status, "pmtp_probe_flash_attn")
-    return out
-
-
-def random_qkv(seed, n_q, n_head, n_head_kv, n_kv, d):
-    rng = np.random.default_rng(seed)
-    q = rng.standard_normal((n_q, n_head, d), dtype=np.float32)
-    # A spread of magnitudes so the running maximum moves often (rescaling the accumulator).
-    k = rng.standard_normal((n_kv, n_head_kv, d), dtype=np.float32) * rng.uniform(0.2, 3.0, (n_kv, 1, 1)).astype(np.float32)
-    v = rng.standard_normal((n_kv, n_head_kv, d), dtype=np.float32)
-    return q, k, v
-
-
-def verify_mask(n_q, n_kv):
-    """A verify batch's causal mask: query i is token n_kv - n_q + i and sees positions <= itself."""
-    pos = np.arange(n_kv)[None, :]
-    last = (n_kv - n_q + np.arange(n_q))[:, None]
-    return np.where(pos <= last, 0.0, -np.inf).astype(np.float32)
 
 
 def gappy_mask(seed, n_q, n_kv):
@@ -181,13 +146,14 @@ def test_probe_matches_a_float64_softmax_attention():
     (dict(n_threads=-2), "n_threads"),
     (dict(q=None), "q is NULL"),
     (dict(out=None), "out is NULL"),
+    (dict(device=b"NoSuchGPU0"), "no device named 'NoSuchGPU0'"),
 ])
 def test_bad_probe_arguments_raise_invalid_argument(change, words):
     ffi = _native.ffi
     buf = np.zeros(1 << 16, dtype=np.float32)
     p = ffi.cast("float *", buf.ctypes.data)
     args = dict(kv_type=F16, d_k=8, d_v=8, n_head=4, n_head_kv=2, n_kv=4, n_q=2, q=p, k=p, v=p, mask=ffi.NULL,
-                scale=1.0, n_threads=1, out=p)
+                scale=1.0, n_threads=1, out=p, device=ffi.NULL)
     args.update({key: (ffi.NULL if val is None else val) for key, val in change.items()})
     status = _native.lib.pmtp_probe_flash_attn(*args.values())
     with pytest.raises(errors.InvalidArgumentError, match=words):

@@ -11,31 +11,10 @@ import numpy as np
 import pytest
 
 from cpu_features import cpu_flags
-from pyllama_mtp import _native
+from kernel_probes import BLOCK, TYPES, mul_mat, rows_that_differ
+from pyllama_mtp import _native, errors
 
-# ggml type ids (ggml.h)
-TYPES = {"F32": 0, "F16": 1, "Q4_0": 2, "Q8_0": 8, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "BF16": 30}
-BLOCK = {"F32": 1, "F16": 1, "BF16": 1, "Q4_0": 32, "Q8_0": 32, "Q4_K": 256, "Q5_K": 256, "Q6_K": 256}
 ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64]
-
-
-def mul_mat(type_name: str, w: np.ndarray, x: np.ndarray, *, repack: bool = True, threads: int = 2):
-    """(out [n, m], repacked) of w [m, k] converted to type_name times x [n, k]."""
-    ffi, lib = _native.ffi, _native.lib
-    w = np.ascontiguousarray(w, np.float32)
-    x = np.ascontiguousarray(x, np.float32)
-    m, k = w.shape
-    out = np.empty((x.shape[0], m), np.float32)
-    repacked = ffi.new("bool *")
-    status = lib.pmtp_probe_mul_mat(TYPES[type_name], k, m, x.shape[0], ffi.cast("float *", w.ctypes.data),
-                                    ffi.cast("float *", x.ctypes.data), repack, threads,
-                                    ffi.cast("float *", out.ctypes.data), repacked)
-    assert status == 0, ffi.string(lib.pmtp_last_error()).decode()
-    return out, bool(repacked[0])
-
-
-def rows_that_differ(batch: np.ndarray, alone: np.ndarray) -> list[int]:
-    return [i for i in range(batch.shape[0]) if not np.array_equal(batch[i].view(np.uint32), alone[i].view(np.uint32))]
 
 
 def shapes(type_name: str):
@@ -162,6 +141,12 @@ def test_probe_rejects_bad_arguments_with_an_error():
     out = np.zeros((1, 8), np.float32)
     status = lib.pmtp_probe_mul_mat(TYPES["Q4_K"], 100, 8, 1, ffi.cast("float *", w.ctypes.data),
                                     ffi.cast("float *", w.ctypes.data), True, 1,
-                                    ffi.cast("float *", out.ctypes.data), ffi.NULL)
+                                    ffi.cast("float *", out.ctypes.data), ffi.NULL, ffi.NULL)
     assert status != 0
     assert "block size" in ffi.string(lib.pmtp_last_error()).decode()
+
+
+def test_probe_names_the_devices_when_the_device_is_unknown():
+    w = np.zeros((8, 64), np.float32)
+    with pytest.raises(errors.InvalidArgumentError, match=r"no device named 'NoSuchGPU0'.*devices: .*CPU"):
+        mul_mat("F32", w, w[:1], device="NoSuchGPU0")
