@@ -71,3 +71,14 @@ def verify_mask(n_q, n_kv):
     pos = np.arange(n_kv)[None, :]
     last = (n_kv - n_q + np.arange(n_q))[:, None]
     return np.where(pos <= last, 0.0, -np.inf).astype(np.float32)
+
+
+def batches_and_rows_alone(type_name: str, shapes, row_counts, rng, **probe):
+    """For each (k, m) in shapes and n in row_counts: (k, m, n, the n-row product, the same n
+    rows each multiplied alone), on random weights and activations of varied scale."""
+    for k, m in shapes:
+        w = rng.standard_normal((m, k)).astype(np.float32)
+        x = (rng.standard_normal((max(row_counts), k)) * rng.uniform(0.1, 10)).astype(np.float32)
+        alone = np.concatenate([mul_mat(type_name, w, x[i:i + 1], **probe)[0] for i in range(x.shape[0])])
+        for n in row_counts:
+            yield k, m, n, mul_mat(type_name, w, x[:n], **probe)[0], alone[:n]

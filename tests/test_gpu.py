@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from kernel_probes import BLOCK, F16, TYPES, attend, mul_mat, random_qkv, rows_that_differ, verify_mask
+from kernel_probes import BLOCK, F16, TYPES, attend, batches_and_rows_alone, random_qkv, rows_that_differ, verify_mask
 from pyllama_mtp.config import ModelConfig
 from pyllama_mtp.engine import Model, build_info
 from test_exact_quantized import (assert_eight_sequences_together_equal_each_alone,
@@ -43,16 +43,11 @@ def gpu_shapes(type_name: str):
 def test_gpu_matmul_rows_equal_one_row_products_bit_for_bit(type_name):
     rng = np.random.default_rng(TYPES[type_name] + 100)
     differ = []
-    for k, m in gpu_shapes(type_name):
-        w = rng.standard_normal((m, k)).astype(np.float32)
-        x = (rng.standard_normal((max(ROW_COUNTS), k)) * rng.uniform(0.1, 10)).astype(np.float32)
-        alone = np.concatenate([mul_mat(type_name, w, x[i:i + 1], device=DEVICE)[0] for i in range(x.shape[0])])
-        for n in ROW_COUNTS:
-            batch, _ = mul_mat(type_name, w, x[:n], device=DEVICE)
-            rows = rows_that_differ(batch, alone[:n])
-            if rows:
-                worst = float(np.max(np.abs(batch - alone[:n])))
-                differ.append(f"k={k} m={m} n={n}: {len(rows)} rows differ (max |diff| {worst:.3g})")
+    for k, m, n, batch, alone in batches_and_rows_alone(type_name, gpu_shapes(type_name), ROW_COUNTS, rng,
+                                                        device=DEVICE):
+        rows = rows_that_differ(batch, alone)
+        if rows:
+            differ.append(f"k={k} m={m} n={n}: {len(rows)} rows differ (max |diff| {float(np.max(np.abs(batch - alone))):.3g})")
     assert not differ, f"{type_name} on {DEVICE}:\n" + "\n".join(differ)
 
 

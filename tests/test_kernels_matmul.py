@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 from cpu_features import cpu_flags
-from kernel_probes import BLOCK, TYPES, mul_mat, rows_that_differ
+from kernel_probes import BLOCK, TYPES, batches_and_rows_alone, mul_mat, rows_that_differ
 from pyllama_mtp import _native, errors
 
 ROW_COUNTS = [1, 2, 3, 4, 5, 6, 7, 8, 9, 16, 33, 64]
@@ -32,13 +32,8 @@ def shapes(type_name: str):
 @pytest.mark.parametrize("repack", [True, False], ids=["repacked-if-any", "plain"])
 def test_matmul_rows_equal_one_row_products_bit_for_bit(type_name, repack):
     rng = np.random.default_rng(TYPES[type_name] * 7 + repack)
-    for k, m in shapes(type_name):
-        w = rng.standard_normal((m, k)).astype(np.float32)
-        x = (rng.standard_normal((max(ROW_COUNTS), k)) * rng.uniform(0.1, 10)).astype(np.float32)
-        alone = np.concatenate([mul_mat(type_name, w, x[i:i + 1], repack=repack)[0] for i in range(x.shape[0])])
-        for n in ROW_COUNTS:
-            batch, _ = mul_mat(type_name, w, x[:n], repack=repack)
-            assert rows_that_differ(batch, alone[:n]) == [], f"{type_name} k={k} m={m}: n={n} rows differ from alone"
+    for k, m, n, batch, alone in batches_and_rows_alone(type_name, shapes(type_name), ROW_COUNTS, rng, repack=repack):
+        assert rows_that_differ(batch, alone) == [], f"{type_name} k={k} m={m}: n={n} rows differ from alone"
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3])
