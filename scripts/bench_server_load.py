@@ -46,6 +46,8 @@ from pathlib import Path
 import numpy as np
 
 ROOT = Path(__file__).resolve().parent.parent
+# where scripts/build_upstream.sh put upstream's tools (UPSTREAM_BUILD, as for that script)
+UPSTREAM_BIN = ROOT / os.environ.get("UPSTREAM_BUILD", "build/upstream") / "bin"
 
 
 def ensure_model(path: Path, size_gb: float, acceptance: float) -> Path:
@@ -72,7 +74,7 @@ class Server:
         import httpx
         self.port = free_port()
         if upstream:
-            cmd = [str(ROOT / os.environ.get("UPSTREAM_BUILD", "build/upstream") / "bin" / "llama-server"), "-m", str(model), "--port",
+            cmd = [str(UPSTREAM_BIN / "llama-server"), "-m", str(model), "--port",
                    str(self.port), "--host", "127.0.0.1", "-t", str(threads), "-np", str(parallel),
                    "-c", str(n_ctx * parallel), "--alias", "bench", "--no-webui"]
             if mtp_draft is not None:
