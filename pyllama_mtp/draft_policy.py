@@ -28,7 +28,7 @@ probes:
   the pace, so drafting comes back soon after the content turns predictable again;
 - costs are kept per depth bucket (powers of two of the context length), because the
   verify/decode cost ratio changes as attention grows; a bucket starts from its nearest
-  measured neighbour's costs (as two samples' worth) and entering it is probed at once.
+  measured neighbour's costs (as one sample's worth) and entering it is probed at once.
 
 Before the first drafting step after plain decoding, the caller lets the MTP heads catch
 up with the rows they have queued (``Session.seq_mtp_catch_up``): that one-off cost does
@@ -37,11 +37,15 @@ it is. ``sequence.step_sequences`` does this, and asks the policy of its batch s
 """
 from __future__ import annotations
 
+import statistics
+from collections import deque
+
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
-TIME_WINDOW = 8         # step cost: running mean of the last ~8 steps per (depth bucket, k)
+TIME_WINDOW = 8         # step cost: median of the last 8 steady steps per (depth bucket, k)
+PLAIN_SAMPLES = 6       # plain steps are timed until this many steady ones stand behind its cost
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
 BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
 MAX_INTERVAL = 512
@@ -49,10 +53,9 @@ PROBE_BUDGET = 0.01      # while decoding plainly, probes may cost this share of
 THIN_PROBE_BUDGET = 0.05  # the same while the first draft's acceptance rests on THIN_EVIDENCE
 HOPELESS_INTERVAL = 4096  # probes while drafting could not pay even with every draft accepted
 BACKOFF = 4
-OUTLIER = 1.5           # step-time samples are capped at this multiple of the estimate
 SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
-SEED_WEIGHT = 2         # a new depth bucket starts from its neighbour's costs, as this many samples
+SEED_WEIGHT = 1         # a new depth bucket starts from its neighbour's costs, as this many samples
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new depth changes
                         # that; on a tiny model a step takes ~0.15 ms and each recheck shows)
@@ -68,34 +71,14 @@ class RunningMean:
     """Mean of the samples so far, turning into an exponential moving average over about
     ``window`` samples; ``weight`` 0 means the value is a guess the first sample replaces."""
 
-    __slots__ = ("value", "weight", "window", "updated")
+    __slots__ = ("value", "weight", "window")
 
     def __init__(self, window: int, value: float | None = None, weight: int = 0):
-        self.value, self.weight, self.window, self.updated = value, weight, window, -1
+        self.value, self.weight, self.window = value, weight, window
 
-    def add(self, x: float, step: int = -1) -> None:
+    def add(self, x: float) -> None:
         self.weight = min(self.weight + 1, self.window)
         self.value = x if self.weight == 1 else self.value + (x - self.value) / self.weight
-        self.updated = step
-
-    def add_time(self, x: float, step: int = -1) -> None:
-        """A step's seconds: as ``add``, but a sample over OUTLIER times the estimate (the
-        process was preempted, say) counts as OUTLIER times it, so that one such step does
-        not stand for its length for the next dozen."""
-        if self.weight > 0 and self.value is not None:
-            x = min(x, self.value * OUTLIER)
-        self.add(x, step)
-
-    def add_provisional(self, x: float, step: int = -1) -> None:
-        """A sample known to run high (see StepCosts): kept, as the least of such samples,
-        only until a real one comes; one below a real estimate shows that the estimate ran
-        high (it came from a disturbed step) and replaces it."""
-        if self.weight == 0:
-            self.value = x if self.value is None else min(self.value, x)
-            self.updated = step
-        elif x < self.value:
-            self.value = x
-            self.updated = step
 
 
 def depth_bucket(depth: int) -> int:
@@ -136,6 +119,39 @@ class Acceptance:
         return total
 
 
+class StepTime:
+    """One length's cost at one depth: the median of its last TIME_WINDOW steady samples, so
+    that a stalled step, a slow spell of a shared machine, or the slow second step after a
+    change of length (caches still cold) moves it little; ``guess`` stands in while there
+    are none."""
+
+    __slots__ = ("samples", "guess", "value", "updated")
+
+    def __init__(self, guess: float | None = None, copies: int = 0):
+        self.samples: deque[float] = deque([guess] * copies if guess is not None else (), maxlen=TIME_WINDOW)
+        self.guess, self.updated = guess, -1
+        self.value = guess
+
+    @property
+    def weight(self) -> int:
+        return len(self.samples)
+
+    def add(self, x: float, step: int = -1) -> None:
+        self.samples.append(x)
+        self.value = statistics.median_low(self.samples)
+        self.updated = step
+
+    def add_provisional(self, x: float, step: int = -1) -> None:
+        """A sample known to run high (see StepCosts): kept, as the least of such samples,
+        only until a real one comes; one below the estimate shows that the estimate ran
+        high and counts as a real one."""
+        if not self.samples:
+            self.guess = self.value = x if self.guess is None else min(self.guess, x)
+            self.updated = step
+        elif x < self.value:
+            self.add(x, step)
+
+
 class StepCosts:
     """Measured seconds of a step with k drafts, by depth bucket.
 
@@ -146,12 +162,12 @@ class StepCosts:
     """
 
     def __init__(self):
-        self.buckets: dict[int, dict[int, RunningMean]] = {}
+        self.buckets: dict[int, dict[int, StepTime]] = {}
 
     def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
-        m = self.buckets.setdefault(bucket, {}).setdefault(k, RunningMean(TIME_WINDOW))
+        m = self.buckets.setdefault(bucket, {}).setdefault(k, StepTime())
         if steady:
-            m.add_time(seconds, step)
+            m.add(seconds, step)
         else:
             m.add_provisional(seconds, step)
 
@@ -179,7 +195,7 @@ class StepCosts:
         if not others or self.points(bucket):
             return
         near = min(others, key=lambda b: abs(b - bucket))
-        self.buckets[bucket] = {k: RunningMean(TIME_WINDOW, m.value, min(m.weight, SEED_WEIGHT))
+        self.buckets[bucket] = {k: StepTime(m.value, min(m.weight, SEED_WEIGHT))
                                 for k, m in self.buckets[near].items() if m.value is not None}
 
     def seed(self, other: "StepCosts", scale: float) -> None:
@@ -187,7 +203,7 @@ class StepCosts:
         for b, by_k in other.buckets.items():
             for k, m in by_k.items():
                 if m.value is not None:
-                    self.buckets.setdefault(b, {})[k] = RunningMean(TIME_WINDOW, m.value * scale, 0)
+                    self.buckets.setdefault(b, {})[k] = StepTime(m.value * scale)
 
     def predict(self, bucket: int, k: int, steady_only: bool = False) -> float | None:
         """Seconds of a step with k drafts here: measured, or interpolated from what was
@@ -296,8 +312,11 @@ class DraftPolicy:
         (a length not timed steadily given LEARN_BEYOND's benefit of the doubt: a line
         through two noisy points is no proof, and verify costs grow less than linearly)."""
         t0 = self.costs.predict(self.bucket, 0)
-        if t0 is None or not any(self.costs.steady(self.bucket, k) for k in range(1, self.draft_max + 1)):
+        drafting = range(1, self.draft_max + 1)
+        if t0 is None or not any(self.costs.steady(self.bucket, k) for k in drafting):
             return False
+        if any(0 < self.costs.samples(self.bucket, k) < LEARN_SAMPLES for k in drafting):
+            return False                    # one step is no proof: it may have been stalled
         def best_case(k: int) -> float:
             margin = 1.0 if self.costs.steady(self.bucket, k) else LEARN_BEYOND
             return margin * (k + 1) / self.costs.predict(self.bucket, k)
@@ -326,7 +345,11 @@ class DraftPolicy:
             return self.trial_k
         if self.steps < self._recheck_at and self.steps < self.next_probe:
             # costs drift slowly: no need to recompute every step, nor to time every plain one
-            self.timed = self._best > 0 or self.last_k != 0 or not self.costs.steady(self.bucket, 0)
+            # once PLAIN_SAMPLES stand behind its cost here (one would rest on the second step
+            # after a change of length, which runs slow); the step before a probe is timed too,
+            # so that the probe is weighed against a fresh figure of plain decoding
+            self.timed = (self._best > 0 or self.last_k != 0 or self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES
+                          or self.steps + 1 >= self.next_probe)
             return self._best
         best = self._best = self.best()
         self._recheck_at = self.steps + (RECHECK if best else RECHECK_PLAIN)
@@ -345,7 +368,7 @@ class DraftPolicy:
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway or drafts
             # are being accepted; from plain decoding with drafts rejected, one step.
-            if best > 0 or learning:
+            if best > 0 or learning or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES):
                 self.trial_k, self.trial_left = k, 1
                 if learning:                    # as many steady steps as learning wants
                     self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))
@@ -428,11 +451,12 @@ class DraftPolicy:
 
     def coast_budget(self, depth: int) -> int:
         """Plain steps to come (from ``depth``, one token each) before the policy has anything
-        to decide, time or probe: up to the next recheck, probe or depth bucket."""
+        to decide, time or probe: up to the next recheck, the step before a probe (timed), or
+        the next depth bucket."""
         if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left:
             return 0
         next_bucket_at = 1 << (self.bucket + 7)
-        until = min(self._recheck_at, self.next_probe) - self.steps - 1
+        until = min(self._recheck_at, self.next_probe - 1) - self.steps - 1
         return max(0, min(until, next_bucket_at - depth - 1))
 
     def start_sequence(self) -> None:
