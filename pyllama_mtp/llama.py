@@ -25,7 +25,7 @@ from .draft_policy import BatchDraftPolicy
 from .batch import generate_batch
 from .options import GenerationOptions, PreparedCall
 from .sequence import Chunk, Completion, Sequence, SequenceOutput, Slots, step_sequences
-from .speculative import GenerationStats, validate_draft
+from .speculative import GenerationStats, default_draft, validate_draft
 
 __all__ = ["Llama", "Chunk", "Completion", "PreparedCall", "GenerationOptions"]
 
@@ -72,7 +72,9 @@ class Llama:
     MTP-only file next to a trunk-only one. ``draft`` is how many tokens the MTP heads
     propose per step (overridable per call, up to this value); ``"auto"`` picks it every
     step from this session's measured step costs and acceptance, and decodes plainly
-    where drafting does not pay (``draft_policy``).
+    where drafting does not pay (``draft_policy``). Left out, it is ``"auto"`` for a model
+    on this host's CPU and 3 for one with layers on a GPU or RPC workers
+    (``speculative.default_draft``); ``llm.draft`` tells which.
 
     ``rpc=["host:port", ...]`` spreads the trunk over RPC workers (``pyllama-mtp-rpc-worker``
     on each host): with ``n_gpu_layers=N`` the last N layers go to the workers' devices (and
@@ -93,7 +95,7 @@ class Llama:
     ``close()`` from any thread is safe: waiting calls and open streams raise ``ClosedError``.
     """
 
-    def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int | str = 3,
+    def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int | str | None = None,
                  n_ctx: int = 4096, n_batch: int = 512, n_ubatch: int = 512, n_gpu_layers: int = -1,
                  threads: int | None = None, threads_batch: int | None = None, seed: int | None = None,
                  use_mmap: bool = True, flash_attn: bool | None = None, type_k: str | None = None,
@@ -110,7 +112,7 @@ class Llama:
         self.accept = SamplingParams(accept=accept).accept   # validated before anything loads
         use_mtp = mtp is not False and mtp is not None
         separate_mtp = use_mtp and mtp is not True
-        if use_mtp and draft != "auto" and (not isinstance(draft, int) or isinstance(draft, bool) or draft < 1):
+        if use_mtp and draft not in ("auto", None) and (not isinstance(draft, int) or isinstance(draft, bool) or draft < 1):
             raise InvalidArgumentError(f"draft must be an int >= 1 or 'auto' when mtp is on, got {draft!r}")
         load = dict(n_gpu_layers=n_gpu_layers, use_mmap=use_mmap, split_mode=split_mode, main_gpu=main_gpu,
                     tensor_split=tuple(tensor_split) if tensor_split is not None else None)
@@ -124,6 +126,8 @@ class Llama:
                 mtp_remote = remote if mtp_placement == "split" else {}
                 self.mtp_model = Model(ModelConfig(os.fspath(mtp), load_mtp=True, **load, **mtp_remote))
             heads = (self.mtp_model or self.model).info.n_layer_mtp
+            if draft is None and use_mtp:
+                draft = default_draft(self.model.devices)
             # "auto" keeps every chained head ready (or 4 drafts for a single head)
             draft_max = (heads if heads > 1 else 4) if draft == "auto" else draft
             ctx = ContextConfig(n_ctx=n_ctx, n_batch=n_batch, n_ubatch=n_ubatch,

@@ -16,6 +16,19 @@ from .config import MAX_DRAFT
 from .errors import InvalidArgumentError
 
 
+FIXED_DEFAULT_DRAFT = 3
+
+
+def default_draft(devices) -> int | str:
+    """The draft length a Llama created without ``draft=`` uses: ``"auto"`` where the model
+    runs on this host's CPU, where the policy was measured to meet its targets (within 3% of
+    plain decoding where drafting does not pay, within 5% of the best fixed length where it
+    does; README "draft=auto"); FIXED_DEFAULT_DRAFT where a GPU or an RPC worker holds
+    layers, where it has not been shown to yet. ``devices``: the model's (engine.DeviceInfo)."""
+    on_host = all(d.endpoint is None and d.type in ("cpu", "accel") for d in devices)
+    return "auto" if on_host else FIXED_DEFAULT_DRAFT
+
+
 def validate_draft(draft, draft_max: int) -> int | str:
     """A per-call draft length: an int in [0, draft_max] (0 = plain decoding), or
     "auto" (a draft_policy.DraftPolicy picks it every step)."""

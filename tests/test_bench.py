@@ -98,7 +98,8 @@ def test_console_script_runs_a_builtin_model(tmp_path):
                           env={**__import__("os").environ, **env})
     assert proc.returncode == 0, proc.stderr
     records = json.loads(proc.stdout)
-    assert [r["n_draft"] for r in records] == [0, 1, 2, 3]
+    assert [r["n_draft"] for r in records] == [0, 1, 2, 3, "auto"]
+    assert records[-1]["speedup"] > 0             # auto is weighed against the same run's draft 0
 
 
 def test_plot_without_matplotlib_says_which_extra_before_any_run():

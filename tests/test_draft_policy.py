@@ -367,3 +367,22 @@ def test_a_new_batch_size_times_plain_decoding_before_trusting_a_scaled_guess():
     chosen = run_batch_trace(BatchDraftPolicy(3), sizes, step_time, 0.9, np.random.default_rng(3))
     assert np.mean(np.array(chosen[2][-150:]) > 0) > 0.8         # 2 sequences: drafting pays
     assert np.mean(np.array(chosen[8][18:]) == 0) > 0.9          # 8: plain decoding does
+
+
+def test_auto_is_the_default_draft_on_this_cpu_and_a_fixed_length_elsewhere(step35_path):
+    """Left out, draft is "auto" for a model on this host's CPU (where the policy meets its
+    targets) and 3 where a GPU or an RPC worker holds layers (where it was not shown to);
+    an explicit draft still means that length."""
+    from pyllama_mtp.engine import DeviceInfo
+    from pyllama_mtp.speculative import default_draft
+    cpu = DeviceInfo("CPU", "cpu", "cpu", None, 0, 0)
+    gpu = DeviceInfo("CUDA0", "H200", "gpu", None, 0, 0)
+    worker = DeviceInfo("CPU", "cpu", "cpu", "10.0.0.2:50052", 0, 0)
+    assert default_draft([cpu]) == "auto"
+    assert default_draft([cpu, gpu]) == 3 and default_draft([cpu, worker]) == 3
+    with Llama(step35_path, n_ctx=256, threads=2, mtp=True) as llm:
+        assert llm.draft == "auto" and llm.draft_max == 3
+    with Llama(step35_path, n_ctx=256, threads=2, mtp=True, draft=2) as llm:
+        assert llm.draft == 2 and llm.draft_max == 2
+    with Llama(step35_path, n_ctx=256, threads=2) as llm:
+        assert llm.draft == 0

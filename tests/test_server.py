@@ -279,3 +279,17 @@ def test_a_list_of_prompts_runs_one_after_another_without_parallel(client, refer
     assert [c.index for c in both.choices] == [0, 1]
     with pytest.raises(openai.BadRequestError, match="empty"):
         client.completions.create(model="tiny", prompt=[[7, 8, 9], []], max_tokens=4)   # an empty prompt in the list
+
+
+def test_mtp_without_a_draft_picks_it_with_the_auto_policy(oracle_path):
+    """--mtp alone: the server's default draft is "auto" for a model on this CPU."""
+    proc, base = start_server(oracle_path, "--mtp")
+    try:
+        models = httpx.get(f"{base}/v1/models", timeout=30).json()["data"]
+        assert models[0]["x_pmtp"]["draft_default"] == "auto"
+        r = httpx.post(f"{base}/v1/completions", json={"model": "tiny", "prompt": "one two", "max_tokens": 8,
+                                                        "temperature": 0}, timeout=60)
+        assert r.status_code == 200 and 0 < r.json()["usage"]["completion_tokens"] <= 8
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)

@@ -57,8 +57,8 @@ def max_draft(path: str) -> int:
     return 0 if n == 0 else (n if n > 1 else 4)
 
 
-def default_drafts(path: str) -> list[int]:
-    """0,1,2,3 (capped at the model's MTP head count) when the file has MTP layers, else 0.
-    (``--draft 0,1,2,3,auto`` adds the auto policy; it joins the default sweep once it
-    meets its targets everywhere, see the README.)"""
-    return list(range(0, min(max_draft(path), 3) + 1))
+def default_drafts(path: str) -> list[int | str]:
+    """0,1,2,3 (capped at the model's MTP head count) and auto when the file has MTP
+    layers, else 0."""
+    fixed: list[int | str] = list(range(0, min(max_draft(path), 3) + 1))
+    return fixed + ["auto"] if len(fixed) > 1 else fixed

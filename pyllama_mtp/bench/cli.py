@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("-fa", "--flash-attn", default="-1", help="flash attention: -1 auto, 0 off, 1 on")
     ap.add_argument("-o", "--output", default="md", choices=sorted(output.FORMATTERS), help="output format")
     ap.add_argument("--draft", default=None,
-                    help="MTP draft lengths (default: 0,1,2,3 for models with MTP layers, else 0)")
+                    help="MTP draft lengths and/or auto (default: 0,1,2,3,auto for models with MTP layers, else 0)")
     ap.add_argument("--accept", default="rejection", choices=["match", "rejection"],
                     help="draft acceptance at --temp > 0: rejection sampling (default) or exact match")
     ap.add_argument("--temp", type=float, default=0.0, help="sampling temperature (default: 0 = greedy)")

@@ -18,9 +18,10 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--model", "-m", required=True, help="GGUF model path")
     ap.add_argument("--mtp", action="store_true", help="use the MTP layers inside the model file")
     ap.add_argument("--mtp-model", help="MTP-only GGUF to use with a trunk-only --model (implies MTP)")
-    ap.add_argument("--draft", default="3",
+    ap.add_argument("--draft", default=None,
                     help="MTP draft length, or 'auto' to pick it every step from measured costs and acceptance "
-                         "(default 3); requests may ask for another")
+                         "(default: auto for a model on this CPU, 3 with layers on a GPU or RPC workers); "
+                         "requests may ask for another")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
@@ -72,7 +73,7 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
     try:
-        draft = args.draft if args.draft == "auto" else int(args.draft)
+        draft = args.draft if args.draft in ("auto", None) else int(args.draft)
     except ValueError:
         print(f"pyllama-mtp-server: --draft {args.draft!r}: give an int or 'auto'", file=sys.stderr)
         return 2
@@ -101,7 +102,7 @@ def main(argv=None) -> int:
     settings = ServerSettings(model_name=name, api_key=args.api_key, max_body_bytes=args.max_body_bytes,
                               prefill_chunk=args.prefill_chunk, max_queue=args.max_queue,
                               request_timeout=args.request_timeout or None)
-    log.info("serving %s (MTP %s, %d parallel) on http://%s:%d", name, f"draft {draft}" if mtp else "off",
+    log.info("serving %s (MTP %s, %d parallel) on http://%s:%d", name, f"draft {llm.draft}" if mtp else "off",
              args.parallel, args.host, args.port)
     app = create_app(llm, settings)
     config = uvicorn.Config(app, host=args.host, port=args.port, log_level="warning",
