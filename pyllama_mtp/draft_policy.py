@@ -69,12 +69,13 @@ LEARN_BETWEEN = 1.03    # its predicted rate times this beats the decision's (pr
 
 class RunningMean:
     """Mean of the samples so far, turning into an exponential moving average over about
-    ``window`` samples; ``weight`` 0 means the value is a guess the first sample replaces."""
+    ``window`` samples (``weight``: how many stand behind ``value``, at most the window)."""
 
     __slots__ = ("value", "weight", "window")
 
-    def __init__(self, window: int, value: float | None = None, weight: int = 0):
-        self.value, self.weight, self.window = value, weight, window
+    def __init__(self, window: int):
+        self.value: float | None = None
+        self.weight, self.window = 0, window
 
     def add(self, x: float) -> None:
         self.weight = min(self.weight + 1, self.window)
@@ -366,8 +367,9 @@ class DraftPolicy:
                 learning = learn is not None
                 k = learn if learning else self._probe_length(best)
             # A probe's own step is timed high (see StepCosts); a second step at the same
-            # length gives its steady cost. Worth it where drafting runs anyway or drafts
-            # are being accepted; from plain decoding with drafts rejected, one step.
+            # length gives its steady cost. Worth it where drafting runs anyway, learning
+            # wants it, or drafts are accepted and the length has fewer than LEARN_SAMPLES
+            # steady steps here; from plain decoding with drafts rejected, one step.
             if best > 0 or learning or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES):
                 self.trial_k, self.trial_left = k, 1
                 if learning:                    # as many steady steps as learning wants
