@@ -56,6 +56,7 @@ BACKOFF = 4
 SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 1         # a new depth bucket starts from its neighbour's costs, as this many samples
+JOIN_WINDOW = 64        # arrivals' head catch-up: mean over about this many drafting steps
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new depth changes
                         # that; on a tiny model a step takes ~0.15 ms and each recheck shows)
@@ -268,6 +269,8 @@ class DraftPolicy:
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps the driver takes without asking (step_sequences)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
+        self.join_cost = RunningMean(JOIN_WINDOW)     # seconds per drafting step for arrivals (BatchDraftPolicy)
+        self.stay = RunningMean(TIME_WINDOW)          # steps a batch stays in this size class (BatchDraftPolicy)
         self.probe_cost = RunningMean(TIME_WINDOW)    # extra seconds of a probe from plain decoding
         self._recheck_at = 0
         self.guessed_plain = False         # costs seeded from another batch size (BatchDraftPolicy)
@@ -280,11 +283,12 @@ class DraftPolicy:
     def rates(self, bucket: int | None = None) -> dict[int, float]:
         """Expected tokens per second for each draft length with a cost estimate."""
         b = self.bucket if bucket is None else bucket
+        join = self.join_cost.value or 0.0
         out = {}
         for k in range(self.draft_max + 1):
             t = self.costs.predict(b, k)
             if t is not None and t > 0:
-                out[k] = self.expected_tokens(k) / t
+                out[k] = self.expected_tokens(k) / (t + (join if k > 0 else 0.0))
         return out
 
     def best(self, bucket: int | None = None) -> int:
@@ -480,17 +484,28 @@ class DraftPolicy:
         self.update_acceptance(k, n_accepted)
         self.finish_step(k)
 
-    def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0) -> None:
+    def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0,
+                    same_batch: bool = True, joined: float = 0.0) -> None:
         """A step's seconds, without the heads' catch-up before it (``catch_up`` seconds):
         a drafting step's cost does not include it, plain decoding pays it too in the flush
         that feeds the heads every n_batch rows; but a probe from plain decoding pays it
-        early, a part of the price of looking (``probe_cost``)."""
+        early, a part of the price of looking (``probe_cost``).
+
+        Several sequences (BatchDraftPolicy): a step right after the batch changed (a
+        sequence joined or left: ``same_batch`` False) runs slow whatever its length (graphs
+        rebuilt for the new rows, the newcomer's KV cold), so, like a change of length, it
+        is not timed as steady; the heads' catch-up on a newcomer's prompt (``joined``
+        seconds, paid only by a step that drafts) is a cost of drafting on a busy server,
+        kept apart as the mean per drafting step (``join_cost``) and added to every
+        drafting length's step."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
-        steady = k == self.last_k
-        if not steady:
+        steady = k == self.last_k and same_batch
+        if k > 0:
+            self.join_cost.add(joined)
+        if k != self.last_k and same_batch:
             # what the switch cost beyond a steady step of this length; and what a probe from
             # plain decoding cost beyond a plain step (the price of looking, whatever the
-            # length's steady cost turns out to be)
+            # length's steady cost turns out to be); not where the batch changed too
             if self.costs.steady(bucket, k):
                 self.switch_cost.add(max(seconds - self.costs.points(bucket)[k], 0.0))
             if k > 0 and self.last_k <= 0 and self.costs.steady(bucket, 0):
@@ -590,12 +605,23 @@ class BatchDraftPolicy:
     first time starts from the nearest class's costs scaled by size, as guesses. Tokens per
     second of the step are n times the expected tokens per sequence over the step's time,
     so each maximises exactly that.
+
+    Churn (requests that end and arrive every few steps) costs drafting in two ways the
+    step times alone hide: the heads take every newcomer's prompt rows (``joined``, spread
+    over drafting steps), and a batch that decoded plainly must let the heads take the
+    rows it queued before it drafts again (``switch_in_cost``), which pays only if the
+    batch stays in its size class long enough (``decide``). A step right after the batch
+    changed is not a steady sample of any length.
     """
 
     def __init__(self, draft_max: int):
         self.draft_max = draft_max
         self.acceptance = Acceptance(draft_max)
         self.by_size: dict[int, DraftPolicy] = {}      # size class -> its policy
+        self.last_members: tuple = ()                  # the sequences of the last timed step
+        self.current_class, self.run_steps = 0, 0      # the size class of the last steps, for how long
+        self.last_k = -1                               # the length of the last step that asked
+        self.switch_in_cost = RunningMean(TIME_WINDOW)  # heads' catch-up when drafting starts after plain
 
     def policy(self, n: int) -> DraftPolicy:
         c = size_class(n)
@@ -609,13 +635,62 @@ class BatchDraftPolicy:
             self.by_size[c] = p
         return self.by_size[c]
 
+    def enter(self, n: int) -> DraftPolicy:
+        """The policy of a step of n sequences; called once per step, it also measures how
+        many steps in a row the batch stays in a size class (``stay``)."""
+        c = size_class(n)
+        if c == self.current_class:
+            self.run_steps += 1
+        else:
+            if self.current_class in self.by_size and self.run_steps:
+                self.by_size[self.current_class].stay.add(self.run_steps)
+            self.current_class, self.run_steps = c, 1
+        return self.policy(n)
+
+    def decide(self, p: DraftPolicy, depth: int = 0) -> int:
+        """``p``'s length for this step, unless it would start drafting after plain
+        decoding where the heads' catch-up on the rows queued meanwhile costs more than
+        drafting gains, at the rates estimated now, over the steps the batch is expected to
+        stay in this size class. On a busy server whose full batch decodes plainly, a batch
+        that shrinks for a few steps between arrivals would otherwise pay for the heads to
+        take every plain row of every sequence (and keep paying to learn lengths there:
+        a batch that never holds still gives no steady step to learn from)."""
+        k = p.choose(depth)
+        if k > 0 and self.last_k == 0 and not self._switch_in_pays(p, k):
+            k = 0       # a probe or a learning step too: it would not pay here either
+        self.last_k = k
+        return k
+
+    def _switch_in_pays(self, p: DraftPolicy, k: int) -> bool:
+        cost, stay = self.switch_in_cost.value, p.stay.value
+        if cost is None or stay is None:
+            return True
+        stay = max(stay, self.run_steps)     # a batch that has held longer than usual may hold on
+        if p.costs.last_update(p.bucket, 0) < 0:
+            return False        # plain decoding's figure here is another class's, scaled: time it first
+        rates = p.rates()
+        if k not in rates or 0 not in rates:
+            return True
+        e = p.expected_tokens(k)
+        step = e / rates[k]                   # seconds of a drafting step
+        plain = e / rates[0]                  # seconds for its tokens decoded plainly
+        return cost < stay * (plain - step)
+
     def choose(self, n: int, depth: int = 0) -> int:
-        return self.policy(n).choose(depth)
+        return self.decide(self.enter(n), depth)
 
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
-               catch_up: float = 0.0) -> None:
+               catch_up: float = 0.0, members: tuple = (), arrivals: bool = False, joined: float = 0.0) -> None:
+        """One timed step of n sequences: ``members`` their slots, ``arrivals`` whether one of
+        them is new there (a step whose batch differs from the previous timed one is not
+        steady, see DraftPolicy.update_time); ``joined``: the heads' catch-up on newcomers'
+        prompts, not in ``seconds``."""
         p = self.policy(n)
-        p.update_time(k, seconds, depth, catch_up)
+        if k > 0 and catch_up > 0 and n > 1:
+            self.switch_in_cost.add(catch_up)     # (alone, a new prompt's rows: probe_cost's part)
+        same_batch = members == self.last_members and not arrivals
+        self.last_members = members
+        p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)

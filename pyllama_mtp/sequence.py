@@ -285,7 +285,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     for this many sequences (their size class) at the deepest context among them, and the
     policy learns from the step's time and acceptance. Returns each sequence's chunk."""
     auto = [s for s in running if s.draft == "auto"] if policy is not None else []
-    p = policy.policy(len(running)) if auto else None
+    p = policy.enter(len(running)) if auto else None
     k_auto, timed, depth = 0, False, 0
     if p is not None:
         if len(running) == 1 and running[0].fresh:
@@ -299,7 +299,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             p.steps += 1
         else:
             depth = max(session.seq_n_past(s.seq) for s in auto)
-            k_auto = p.choose(depth)
+            k_auto = policy.decide(p, depth)
             timed = p.timed
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
@@ -311,7 +311,9 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         # price of switching to drafting, which the policy counts as such. Not so for a
         # sequence that joins a batch: its prompt's rows reach the heads only because the
         # batch drafts (plain decoding drops them with the sequence), and on a busy server
-        # one joins every few steps, so that is part of what drafting costs there
+        # one joins every few steps, so that is part of what drafting costs there: the
+        # policy takes it apart from the step's time (``joined``) and spreads it over
+        # drafting steps
         for s, k in zip(running, drafts):
             if k > 0 and s.last_k == 0:
                 t0 = time.perf_counter()
@@ -323,10 +325,12 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
                     catch_up += dt
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
-    seconds = time.perf_counter() - t0 + joined
+    seconds = time.perf_counter() - t0
     if timed:
         accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"]
-        policy.update(len(running), k_auto, accepted, seconds, depth, catch_up)
+        policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
+                      members=tuple(s.seq for s in running),
+                      arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined)
     chunks = []
     for s, k, res in zip(running, drafts, results):
         s.last_k, s.fresh = k, False

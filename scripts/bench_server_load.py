@@ -114,10 +114,19 @@ class Server:
         self.log.close()
 
 
-def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, seed: int) -> dict:
-    """clients threads, each sending `requests` completions in turn; tokens and latencies."""
+def shared_prefix(n_tokens: int, n_vocab: int) -> list[int]:
+    """The context every request of a --prefix-tokens run starts with (a long document or
+    chat history that each slot keeps in its KV cache), the same for every server."""
+    rng = np.random.default_rng(4242)
+    return [int(t) for t in rng.integers(3, n_vocab - 8, size=n_tokens)]
+
+
+def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, seed: int,
+              prefix: list[int] = ()) -> dict:
+    """clients threads, each sending `requests` completions in turn; tokens and latencies.
+    Every prompt is `prefix` and then 16 tokens of its own."""
     rng = np.random.default_rng(seed)
-    prompts = [[[int(t) for t in rng.integers(3, n_vocab - 8, size=16)] for _ in range(requests)]
+    prompts = [[list(prefix) + [int(t) for t in rng.integers(3, n_vocab - 8, size=16)] for _ in range(requests)]
                for _ in range(clients)]
 
     def run(mine):
@@ -152,8 +161,15 @@ def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]])
             servers[name] = Server(model, args.threads, max(args.clients), args.n_ctx, draft, upstream)
         clients = {name: openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=3600)
                    for name, srv in servers.items()}
+        prefix = shared_prefix(args.prefix_tokens, n_vocab) if args.prefix_tokens else []
         for client in clients.values():
             one_round(client, 1, 1, 16, n_vocab, seed=999)                      # warm-up
+            if prefix:
+                # every slot prefills the shared context once, all at the same time (each
+                # request finds the other slots busy), and runs a whole request on it (an MTP
+                # server's heads take the context at its first draft), so that the rounds
+                # measure decoding at that depth rather than prefill
+                one_round(client, max(args.clients), 1, args.n_gen, n_vocab, seed=998, prefix=prefix)
         out: dict[str, dict[int, dict]] = {name: {} for name in setups}
         names = list(clients)
         for c in args.clients:
@@ -161,7 +177,8 @@ def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]])
             for r in range(args.server_rounds):
                 # each round in another order, so that no setup always runs first (or last)
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    runs[name].append(one_round(clients[name], c, args.requests, args.n_gen, n_vocab, seed=c + 1000 * r))
+                    runs[name].append(one_round(clients[name], c, args.requests, args.n_gen, n_vocab,
+                                                 seed=c + 1000 * r, prefix=prefix))
             for name in names:
                 out[name][c] = summarize(runs[name])
         return out
@@ -257,7 +274,10 @@ def main(argv=None) -> int:
     ap.add_argument("--requests", type=int, default=2, help="requests per client per round (default 2)")
     ap.add_argument("-n", "--n-gen", type=int, default=128, help="max_tokens per request (default 128)")
     ap.add_argument("-t", "--threads", type=int, default=2)
-    ap.add_argument("--n-ctx", type=int, default=1024, help="context per sequence (default 1024)")
+    ap.add_argument("--n-ctx", type=int, help="context per sequence (default 1024, or what --prefix-tokens needs)")
+    ap.add_argument("--prefix-tokens", type=int, default=0,
+                    help="a context of this many tokens shared by every request (each slot prefills it once "
+                         "before the rounds): decoding at that depth, e.g. 2048 (default 0)")
     ap.add_argument("--rounds", type=int, default=3, help="rounds of the library measurement (default 3)")
     ap.add_argument("--server-rounds", type=int, default=1,
                     help="rounds per client count, the servers taking turns in a rotating order; figures are "
@@ -274,6 +294,13 @@ def main(argv=None) -> int:
     chaos.add_argument("--parallel", type=int, default=4, help="the server's --parallel (default 4)")
     chaos.add_argument("--seed", type=int, default=0)
     args = ap.parse_args(argv)
+    # a request holds the prefix, its own 16 tokens, its completion and a draft's rows
+    needed = args.prefix_tokens + 16 + args.n_gen + 16
+    if args.n_ctx is None:
+        args.n_ctx = max(1024, -(-needed // 256) * 256)
+    elif args.n_ctx < needed:
+        ap.error(f"--n-ctx {args.n_ctx} is too small for --prefix-tokens {args.prefix_tokens} and -n {args.n_gen}: "
+                 f"use at least {needed}")
     if args.chaos:
         return run_chaos(args)
     args.clients = sorted({int(c) for c in args.clients.split(",")})
@@ -293,7 +320,8 @@ def main(argv=None) -> int:
     lib = None if args.no_library else library_speedup(model, args)
     print(table(off, on, lib))
     figures = {"mtp_off": off, "mtp_on": on, "library": lib, "drafts": drafts,
-               "threads": args.threads, "n_gen": args.n_gen, "model": str(model)}
+               "threads": args.threads, "n_gen": args.n_gen, "prefix_tokens": args.prefix_tokens,
+               "model": str(model)}
     if args.upstream:
         up_off, up_on = got["up_off"], got["up_on"]
         print(upstream_table(off, on[up_draft] if up_draft in on else on[drafts[0]], up_off, up_on, up_draft))

@@ -158,3 +158,39 @@ def test_bad_probe_arguments_raise_invalid_argument(change, words):
     status = _native.lib.pmtp_probe_flash_attn(*args.values())
     with pytest.raises(errors.InvalidArgumentError, match=words):
         _native.check(status)
+
+
+def shared_stream_layout(rng, n_seq, prefix, steps):
+    """Cell owners of a KV stream that holds several sequences (the MTP heads' cache): each
+    sequence's prompt in one run of cells, then decode steps that append one cell per
+    sequence in turn."""
+    owner = [s for s in range(n_seq) for _ in range(prefix)]
+    for _ in range(steps):
+        owner += list(rng.permutation(n_seq))
+    return np.array(owner)
+
+
+@pytest.mark.parametrize("gqa", [1, 4])
+@pytest.mark.parametrize("n_rows", [1, 2, 4])
+def test_a_query_among_other_sequences_cells_equals_the_query_over_its_own_cells(gqa, n_rows):
+    """The kernel skips spans of positions the mask closes to every row of a pass; a query
+    over a stream shared by 8 sequences (its cells among the others', whole spans of them
+    closed) equals, bit for bit, the same query over only its own cells without a mask."""
+    rng = np.random.default_rng(100 + 10 * gqa + n_rows)
+    owner = shared_stream_layout(rng, n_seq=8, prefix=90, steps=40)
+    n_kv, d = len(owner), 64
+    own = [1, 5, 6]                                   # sequences with queries, n_rows each
+    q, k, v = random_qkv(n_rows + gqa, len(own) * n_rows, N_HEAD_KV * gqa, N_HEAD_KV, n_kv, d)
+    mask = np.full((len(own) * n_rows, n_kv), -np.inf, dtype=np.float32)
+    for j, s in enumerate(own):
+        cells = np.flatnonzero(owner == s)
+        for r in range(n_rows):                       # a verify's causal rows over the sequence
+            mask[j * n_rows + r, cells[:len(cells) - n_rows + r + 1]] = 0.0
+    out = attend(q, k, v, mask, n_head_kv=N_HEAD_KV, n_threads=1)
+    for i in range(q.shape[0]):
+        cells = np.flatnonzero(mask[i] == 0.0)
+        alone = attend(q[i:i + 1], k[cells], v[cells], None, n_head_kv=N_HEAD_KV, n_threads=1)
+        assert np.array_equal(out[i].view(np.uint32), alone[0].view(np.uint32)), \
+            f"query {i}: over the shared stream it differs from the query over its {len(cells)} own cells"
+    # and every row of the pass equals its one-query result, with threads splitting the work
+    assert_rows_match_alone(q, k, v, mask, n_head_kv=N_HEAD_KV, n_threads=2)

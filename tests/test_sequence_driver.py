@@ -153,18 +153,24 @@ class ReportedSteps:
     def __init__(self, k: int):
         self.p, self.steps = DraftsAlways(k), []
 
-    def policy(self, n: int) -> DraftPolicy:
+    def enter(self, n: int) -> DraftPolicy:
         return self.p
 
-    def update(self, n, k, accepted, seconds, depth, catch_up) -> None:
-        self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up})
+    def decide(self, p: DraftPolicy, depth: int) -> int:
+        return p.choose(depth)
+
+    def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0) -> None:
+        self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up, "members": members,
+                           "arrivals": arrivals, "joined": joined})
 
 
 def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_drafting_cost(oracle_path):
     """Plain decoding drops a short request's queued head rows with it; under drafting they
     must reach the heads. So when a sequence joins a batch that drafts, its catch-up is a
-    cost of drafting (in the step's time); when one sequence switches from plain decoding
-    it is the price of the switch (reported apart, not in the step's time)."""
+    cost of drafting (reported as ``joined``, which the policy spreads over drafting steps),
+    and the step is marked as one whose batch changed; when one sequence switches from
+    plain decoding it is the price of the switch (``catch_up``). Neither is in the step's
+    own time."""
     delay = 1.0                                  # far above a tiny model's step (milliseconds)
     with Llama(oracle_path, n_ctx=256, threads=1, mtp=True, draft="auto", parallel=2) as llm:
         session, reported = SlowCatchUp(llm.session, delay), ReportedSteps(2)
@@ -186,10 +192,12 @@ def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_draftin
         second = opened("a second request joins the drafting batch")
         step_sequences(session, [first, second], reported)
         joined = reported.steps[-1]
-        assert joined["n"] == 2 and joined["k"] == 2
-        assert joined["seconds"] >= delay and joined["catch_up"] == 0.0
+        assert joined["n"] == 2 and joined["k"] == 2 and joined["arrivals"]
+        assert joined["joined"] >= delay and joined["catch_up"] == 0.0 and joined["seconds"] < delay
         step_sequences(session, [first, second], reported)
-        assert reported.steps[-1]["seconds"] < delay
+        after = reported.steps[-1]
+        assert after["seconds"] < delay and after["joined"] == 0.0
+        assert after["members"] == joined["members"] and not after["arrivals"]
         for s in (first, second):
             llm.release(s)
 
