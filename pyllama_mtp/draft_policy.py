@@ -686,9 +686,14 @@ class BatchDraftPolicy:
         steady, see DraftPolicy.update_time); ``joined``: the heads' catch-up on newcomers'
         prompts, not in ``seconds``."""
         p = self.policy(n)
+        same_batch = members == self.last_members and not arrivals
         if k > 0 and catch_up > 0 and n > 1:
             self.switch_in_cost.add(catch_up)     # (alone, a new prompt's rows: probe_cost's part)
-        same_batch = members == self.last_members and not arrivals
+            if not (same_batch and p.costs.steady(p.bucket, 0)):
+                # update_time cannot price this probe (no steady plain figure beside it, as
+                # where the batch never holds still); its catch-up is the bulk of the price,
+                # and the pace of probes from plain decoding depends on it
+                p.probe_cost.add(catch_up)
         self.last_members = members
         p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
         for a in n_accepted:

@@ -20,6 +20,13 @@ in a rotating order, and a ratio is the median of the R per-round ratios.
 
     python scripts/bench_server_load.py --size-gb 2.2 --acceptance 0.9 -t 2 -n 128
 
+--prefix-tokens N puts a context of N tokens (the same for every request, as a long
+document or chat history) before each request's own 16 tokens; every slot prefills it
+and runs one whole request on it before the rounds, so the rounds measure decoding at
+that depth (prefix reuse in both servers):
+
+    python scripts/bench_server_load.py --model M --clients 1,4,8 --prefix-tokens 2048 --upstream
+
 --chaos runs the hostile-load check of scripts/server_chaos.py instead (64 clients x 20
 requests, 20% leaving early, 10% malformed; exactness, 5xx, recovery and RSS):
 
