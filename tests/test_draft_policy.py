@@ -295,18 +295,24 @@ def test_catch_up_comes_before_the_first_drafting_step_after_plain_decoding():
     assert policy.catch_up_first(3)
 
 
+def accepted_drafts(rng, n: int, k: int, p_accept: float) -> list[int]:
+    """How many of k drafts each of n sequences accepts, each draft in turn with p_accept."""
+    out = []
+    for _ in range(n):
+        a = 0
+        while a < k and rng.random() < p_accept:
+            a += 1
+        out.append(a)
+    return out
+
+
 def run_batch_trace(policy, sizes, step_time, p_accept: float, rng, noise: float = 0.0) -> dict[int, list[int]]:
     """Simulated steps of ``len(sizes)`` batches (size of each), every sequence accepting
     each draft in turn with ``p_accept``; the length chosen at every step, by size."""
     chosen: dict[int, list[int]] = {n: [] for n in set(sizes)}
     for n in sizes:
         k = policy.choose(n, 0)
-        accepted = []
-        for _ in range(n):
-            a = 0
-            while a < k and rng.random() < p_accept:
-                a += 1
-            accepted.append(a)
+        accepted = accepted_drafts(rng, n, k, p_accept)
         seconds = step_time(n, k) * (rng.uniform(1 - noise, 1 + noise) if noise else 1.0)
         policy.update(n, k, accepted, seconds, 0)
         chosen[n].append(k)
@@ -402,12 +408,7 @@ def run_busy_server(policy, steady, rng, *, slots=8, n_requests=400, n_gen=64, a
     while done < n_requests:
         members = tuple(range(slots))
         k = policy.choose(slots, 2048)
-        accepted = []
-        for _ in range(slots):
-            a = 0
-            while a < k and rng.random() < p_accept:
-                a += 1
-            accepted.append(a)
+        accepted = accepted_drafts(rng, slots, k, p_accept)
         changed = any(fresh) or prev != members
         seconds = steady[k] * (1 + after_change if changed else 1) * rng.uniform(0.97, 1.03)
         joined = join_cost * sum(fresh) if k > 0 else 0.0
