@@ -166,25 +166,29 @@ def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]])
     try:
         for name, (draft, upstream) in setups.items():
             servers[name] = Server(model, args.threads, max(args.clients), args.n_ctx, draft, upstream)
-        clients = {name: openai.OpenAI(base_url=f"{srv.base}/v1", api_key="none", max_retries=0, timeout=3600)
-                   for name, srv in servers.items()}
+        def client(name: str):
+            # a new client (and connection pool) for each round: a server may close a
+            # connection left idle while the others take their turns (upstream's does after
+            # a few seconds), and a request sent on it would fail
+            return openai.OpenAI(base_url=f"{servers[name].base}/v1", api_key="none", max_retries=0, timeout=3600)
+
         prefix = shared_prefix(args.prefix_tokens, n_vocab) if args.prefix_tokens else []
-        for client in clients.values():
-            one_round(client, 1, 1, 16, n_vocab, seed=999)                      # warm-up
+        for name in servers:
+            one_round(client(name), 1, 1, 16, n_vocab, seed=999)                # warm-up
             if prefix:
                 # every slot prefills the shared context once, all at the same time (each
                 # request finds the other slots busy), and runs a whole request on it (an MTP
                 # server's heads take the context at its first draft), so that the rounds
                 # measure decoding at that depth rather than prefill
-                one_round(client, max(args.clients), 1, args.n_gen, n_vocab, seed=998, prefix=prefix)
+                one_round(client(name), max(args.clients), 1, args.n_gen, n_vocab, seed=998, prefix=prefix)
         out: dict[str, dict[int, dict]] = {name: {} for name in setups}
-        names = list(clients)
+        names = list(servers)
         for c in args.clients:
             runs: dict[str, list[dict]] = {name: [] for name in names}
             for r in range(args.server_rounds):
                 # each round in another order, so that no setup always runs first (or last)
                 for name in names[r % len(names):] + names[:r % len(names)]:
-                    runs[name].append(one_round(clients[name], c, args.requests, args.n_gen, n_vocab,
+                    runs[name].append(one_round(client(name), c, args.requests, args.n_gen, n_vocab,
                                                  seed=c + 1000 * r, prefix=prefix))
             for name in names:
                 out[name][c] = summarize(runs[name])
