@@ -398,6 +398,10 @@ int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq) {
     });
 }
 
+int32_t pmtp_seq_mtp_queued(const pmtp_session * s, int32_t seq) {
+    return s && seq >= 0 && seq < (int32_t) s->seqs.size() ? mtp_queued(s, s->seqs[(size_t) seq]) : 0;
+}
+
 int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling) {
     return guarded([&] {
         need(session, "session");

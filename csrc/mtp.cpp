@@ -453,6 +453,19 @@ void mtp_catch_up(pmtp_session * s, seq_state & sq) {
     }
 }
 
+int32_t mtp_queued(const pmtp_session * s, const seq_state & sq) {
+    if (!s->heads) {
+        return 0;
+    }
+    const mtp_heads & H = *s->heads;
+    const mtp_seq & m = H.seqs[(size_t) sq.id];
+    llama_pos most = 0;
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        most = std::max(most, m.queue_end() - m.n_clean[j]);
+    }
+    return (int32_t) most;
+}
+
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,
                llama_token * out) {
     mtp_heads & H = *s->heads;

@@ -252,6 +252,10 @@ PMTP_API int pmtp_seq_rollback(pmtp_session * session, int32_t seq, int32_t n_ke
  * policy calls it before the first drafting step after plain decoding, so that the
  * step it times costs what a step among drafting steps costs. No-op without heads. */
 PMTP_API int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq);
+/* How many rows pmtp_seq_mtp_catch_up would give the heads now (the most any one head
+ * lacks); 0 without heads or for an unknown sequence. A policy weighs what switching
+ * from plain decoding to drafting costs by it. */
+PMTP_API int32_t pmtp_seq_mtp_queued(const pmtp_session * session, int32_t seq);
 PMTP_API int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling);
 PMTP_API int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n);
 PMTP_API int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out);

@@ -40,6 +40,8 @@ from __future__ import annotations
 import statistics
 from collections import deque
 
+from .draft_trace import DraftTrace
+
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
@@ -57,6 +59,7 @@ SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 1         # a new depth bucket starts from its neighbour's costs, as this many samples
 JOIN_WINDOW = 64        # arrivals' head catch-up: mean over about this many drafting steps
+CATCH_UP_SAMPLES = 16   # the heads' catch-up cost: fitted to this many recent catch-ups per depth
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new depth changes
                         # that; on a tiny model a step takes ~0.15 ms and each recheck shows)
@@ -585,6 +588,37 @@ class DraftPolicy:
         return int(min(probe / (budget * t), HOPELESS_INTERVAL))
 
 
+class CatchUpCost:
+    """Seconds the heads take to catch up on r queued rows of one sequence, by depth bucket:
+    a line a + b r fitted to the last CATCH_UP_SAMPLES catch-ups there (a fixed cost per
+    call, graphs built for each head, and a cost per row that grows with the context, as
+    every row attends over it); the nearest bucket's where this one has none."""
+
+    def __init__(self):
+        self.buckets: dict[int, deque[tuple[int, float]]] = {}
+
+    def add(self, bucket: int, rows: int, seconds: float) -> None:
+        if rows > 0:
+            self.buckets.setdefault(bucket, deque(maxlen=CATCH_UP_SAMPLES)).append((rows, seconds))
+
+    def predict(self, bucket: int, rows: list[int]) -> float | None:
+        """Seconds for catch-ups of these row counts (one per sequence); None before any."""
+        if not self.buckets:
+            return None
+        near = min(self.buckets, key=lambda b: (abs(b - bucket), -b))
+        pts = self.buckets[near]
+        n = len(pts)
+        mr = sum(r for r, _ in pts) / n
+        ms = sum(s for _, s in pts) / n
+        var = sum((r - mr) ** 2 for r, _ in pts)
+        if var > 0:
+            b = max(sum((r - mr) * (s - ms) for r, s in pts) / var, 0.0)
+            a = max(ms - b * mr, 0.0)
+        else:                       # one row count so far: proportional to rows
+            a, b = 0.0, ms / mr
+        return sum(a + b * r for r in rows if r > 0)
+
+
 def size_class(n: int) -> int:
     """The batch sizes that share one cost estimate: 1, 2, 3-4, 5-8, 9-16, ... (named by
     their largest)."""
@@ -614,14 +648,17 @@ class BatchDraftPolicy:
     changed is not a steady sample of any length.
     """
 
-    def __init__(self, draft_max: int):
+    def __init__(self, draft_max: int, trace: DraftTrace | None = None):
         self.draft_max = draft_max
         self.acceptance = Acceptance(draft_max)
+        self.trace = trace if trace is not None else DraftTrace.from_env()   # see draft_trace
+        self.last_same_batch: bool | None = None       # whether the last timed step's batch held still
         self.by_size: dict[int, DraftPolicy] = {}      # size class -> its policy
         self.last_members: tuple = ()                  # the sequences of the last timed step
         self.current_class, self.run_steps = 0, 0      # the size class of the last steps, for how long
         self.last_k = -1                               # the length of the last step that asked
         self.switch_in_cost = RunningMean(TIME_WINDOW)  # heads' catch-up when drafting starts after plain
+        self.catch_up = CatchUpCost()                  # the same, per sequence, by rows queued
 
     def policy(self, n: int) -> DraftPolicy:
         c = size_class(n)
@@ -647,37 +684,66 @@ class BatchDraftPolicy:
             self.current_class, self.run_steps = c, 1
         return self.policy(n)
 
-    def decide(self, p: DraftPolicy, depth: int = 0) -> int:
+    def decide(self, p: DraftPolicy, depth: int = 0, switch_in: list[tuple[int, int | None]] | None = None) -> int:
         """``p``'s length for this step, unless it would start drafting after plain
         decoding where the heads' catch-up on the rows queued meanwhile costs more than
-        drafting gains, at the rates estimated now, over the steps the batch is expected to
-        stay in this size class. On a busy server whose full batch decodes plainly, a batch
-        that shrinks for a few steps between arrivals would otherwise pay for the heads to
-        take every plain row of every sequence (and keep paying to learn lengths there:
-        a batch that never holds still gives no steady step to learn from)."""
+        drafting gains, at the rates estimated now, over the steps drafting can run: the
+        steps the batch is expected to stay in this size class, and no more than its
+        sequences have tokens left. On a busy server whose full batch decodes plainly, a
+        batch that shrinks for a few steps between arrivals (or a last sequence with a few
+        tokens to go) would otherwise pay for the heads to take every plain row of every
+        sequence; and a short generation after a long prompt would pay for the heads to
+        take the prompt where its few tokens cannot win that back.
+
+        ``switch_in``: for each sequence whose heads would catch up before this step (it
+        decoded plainly, or alone has just been prefilled), its queued rows
+        (``Session.seq_mtp_queued``) and tokens left (None: no limit). Without it, the
+        batch's last step and the mean of past catch-ups stand in."""
         k = p.choose(depth)
-        if k > 0 and self.last_k == 0 and not self._switch_in_pays(p, k):
-            k = 0       # a probe or a learning step too: it would not pay here either
+        if k > 0 and not self._switch_in_pays(p, k, switch_in):
+            k = 0       # a probe or a learning step too (several sequences): it would not pay here either
         self.last_k = k
         return k
 
-    def _switch_in_pays(self, p: DraftPolicy, k: int) -> bool:
-        cost, stay = self.switch_in_cost.value, p.stay.value
-        if cost is None or stay is None:
+    def _switch_in_pays(self, p: DraftPolicy, k: int, switch_in) -> bool:
+        if switch_in is None:                   # the caller knows no rows: the mean of past catch-ups
+            if self.last_k != 0:
+                return True
+            cost, left = self.switch_in_cost.value, None
+        else:
+            if not switch_in:
+                return True                     # nothing queued: the sequences drafted last step
+            cost = self.catch_up.predict(p.bucket, [rows for rows, _ in switch_in])
+            if cost is None:
+                cost = self.switch_in_cost.value
+            lefts = [n for _, n in switch_in]
+            left = None if any(n is None for n in lefts) else max(lefts)
+        stay = p.stay.value
+        if cost is None or (stay is None and left is None):
             return True
-        stay = max(stay, self.run_steps)     # a batch that has held longer than usual may hold on
-        if p.costs.last_update(p.bucket, 0) < 0:
-            return False        # plain decoding's figure here is another class's, scaled: time it first
+        if stay is None and p._best == 0 and k != p._best:
+            return True     # one sequence's probe for drafting: priced by the probe pace (probe_cost)
+        if stay is not None and p.costs.last_update(p.bucket, 0) < 0:
+            return False    # plain decoding's figure here is another class's, scaled: time it first
         rates = p.rates()
         if k not in rates or 0 not in rates:
             return True
         e = p.expected_tokens(k)
+        horizons = []
+        if stay is not None:
+            horizons.append(max(stay, self.run_steps))   # a batch that has held longer than usual may hold on
+        if left is not None:
+            horizons.append(max(left / e, 1.0))          # steps until the longest-running sequence ends
         step = e / rates[k]                   # seconds of a drafting step
         plain = e / rates[0]                  # seconds for its tokens decoded plainly
-        return cost < stay * (plain - step)
+        return cost < min(horizons) * (plain - step)
 
-    def choose(self, n: int, depth: int = 0) -> int:
-        return self.decide(self.enter(n), depth)
+    def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
+        """One sequence's heads took ``rows`` queued rows in ``seconds`` (``CatchUpCost``)."""
+        self.catch_up.add(depth_bucket(depth), rows, seconds)
+
+    def choose(self, n: int, depth: int = 0, switch_in: list[tuple[int, int | None]] | None = None) -> int:
+        return self.decide(self.enter(n), depth, switch_in)
 
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
                catch_up: float = 0.0, members: tuple = (), arrivals: bool = False, joined: float = 0.0) -> None:
@@ -686,7 +752,7 @@ class BatchDraftPolicy:
         steady, see DraftPolicy.update_time); ``joined``: the heads' catch-up on newcomers'
         prompts, not in ``seconds``."""
         p = self.policy(n)
-        same_batch = members == self.last_members and not arrivals
+        same_batch = self.last_same_batch = members == self.last_members and not arrivals
         if k > 0 and catch_up > 0 and n > 1:
             self.switch_in_cost.add(catch_up)     # (alone, a new prompt's rows: probe_cost's part)
             if not (same_batch and p.costs.steady(p.bucket, 0)):

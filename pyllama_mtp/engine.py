@@ -376,6 +376,11 @@ class Session(_Handle):
         (a draft does it by itself; a policy timing its steps does it first)."""
         check(lib.pmtp_seq_mtp_catch_up(self._check_open(), seq))
 
+    def seq_mtp_queued(self, seq: int) -> int:
+        """Rows the MTP heads still lack for sequence ``seq``: what ``seq_mtp_catch_up``
+        would run now (0 without heads)."""
+        return lib.pmtp_seq_mtp_queued(self._check_open(), seq)
+
     def mtp_catch_up(self) -> None:
         self.seq_mtp_catch_up(0)
 

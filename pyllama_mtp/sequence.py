@@ -20,6 +20,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from .draft_trace import step_record
 from .engine import StepResult
 from .errors import PmtpError
 from .options import PreparedCall
@@ -227,6 +228,13 @@ class Sequence:
         return self.tokens[:n_past]
 
     @property
+    def tokens_left(self) -> int | None:
+        """Tokens it may still generate before max_tokens (None: no limit)."""
+        if self.call.max_tokens is None:
+            return None
+        return max(self.call.max_tokens - self.n_generated, 0)
+
+    @property
     def n_generated(self) -> int:
         return len(self.collected.tokens) if self.output is not None else len(self.tokens) - self.n_prompt
 
@@ -299,7 +307,13 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             p.steps += 1
         else:
             depth = max(session.seq_n_past(s.seq) for s in auto)
-            k_auto = policy.decide(p, depth)
+            # what switching to drafting would cost first: the rows the heads lack of each
+            # sequence that decoded plainly (alone: or was just prefilled), and how many
+            # tokens those sequences have left to win it back (a newcomer to a batch is
+            # priced apart, see below)
+            switching = [s for s in auto if s.last_k == 0 and not (s.fresh and len(running) > 1)]
+            queued = {s.seq: session.seq_mtp_queued(s.seq) for s in switching}
+            k_auto = policy.decide(p, depth, [(queued[s.seq], s.tokens_left) for s in switching])
             timed = p.timed
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
@@ -316,9 +330,11 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         # drafting steps
         for s, k in zip(running, drafts):
             if k > 0 and s.last_k == 0:
+                rows = queued[s.seq] if s.seq in queued else session.seq_mtp_queued(s.seq)
                 t0 = time.perf_counter()
                 session.seq_mtp_catch_up(s.seq)
                 dt = time.perf_counter() - t0
+                policy.observe_catch_up(depth, rows, dt)
                 if s.fresh and len(running) > 1:
                     joined += dt
                 else:
@@ -331,6 +347,13 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
                       members=tuple(s.seq for s in running),
                       arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined)
+    if p is not None and policy.trace is not None:
+        if not timed:                # a coasting step did not look up the depth
+            depth = max(session.seq_n_past(s.seq) for s in auto) - 1
+        policy.trace.write(step_record(
+            policy, len(running), k_auto, seconds, depth, timed,
+            [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"],
+            catch_up, joined, policy.last_same_batch if timed else None))
     chunks = []
     for s, k, res in zip(running, drafts, results):
         s.last_k, s.fresh = k, False

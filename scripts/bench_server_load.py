@@ -213,6 +213,13 @@ def ratio(a: dict, b: dict) -> float:
     return statistics.median(x / y for x, y in zip(a["rounds"], b["rounds"]))
 
 
+def ratio_text(a: dict, b: dict) -> str:
+    """``ratio`` with the spread of the per-round ratios when there are several."""
+    each = [x / y for x, y in zip(a["rounds"], b["rounds"])]
+    spread = f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
+    return f"{ratio(a, b):.2f}x{spread}"
+
+
 def library_speedup(model: Path, args) -> dict:
     """Single-stream tok/s of the library itself, plain vs MTP (median of rounds), counted
     like the server's per-stream figure: generated tokens over the whole call's wall time
@@ -247,7 +254,7 @@ def table(off: dict, on: dict[str, dict], lib: dict | None) -> str:
         row = f"| {c} | {a['aggregate_tps']:.2f} | {a['per_stream_tps']:.2f} |"
         for figures in on.values():
             b = figures[c]
-            row += f" {b['aggregate_tps']:.2f} | {b['per_stream_tps']:.2f} | {ratio(b, a):.2f}x |"
+            row += f" {b['aggregate_tps']:.2f} | {b['per_stream_tps']:.2f} | {ratio_text(b, a)} |"
         lines.append(row)
     if lib:
         first = next(iter(on.values()))

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
 import time
 
 import httpx
@@ -150,14 +151,20 @@ class DraftsAlways(DraftPolicy):
 class ReportedSteps:
     """Stands where the driver expects a BatchDraftPolicy; keeps what each step reported."""
 
+    trace = None
+
     def __init__(self, k: int):
-        self.p, self.steps = DraftsAlways(k), []
+        self.p, self.steps, self.switch_in, self.catch_ups = DraftsAlways(k), [], [], []
 
     def enter(self, n: int) -> DraftPolicy:
         return self.p
 
-    def decide(self, p: DraftPolicy, depth: int) -> int:
+    def decide(self, p: DraftPolicy, depth: int, switch_in=None) -> int:
+        self.switch_in.append(switch_in)
         return p.choose(depth)
+
+    def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
+        self.catch_ups.append((rows, seconds))
 
     def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0) -> None:
         self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up, "members": members,
@@ -186,20 +193,47 @@ def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_draftin
         step_sequences(session, [first], reported)
         alone = reported.steps[-1]
         assert alone["k"] == 2 and alone["catch_up"] >= delay and alone["seconds"] < delay
+        # the policy was told what the switch would cost (the prompt's rows the heads lack)
+        # and how long the sequence may run to win it back, and learnt the catch-up's cost
+        (rows, left), = reported.switch_in[-1]
+        assert rows >= first.n_prompt - 1 and left == 40 - 1
+        assert reported.catch_ups[-1][0] == rows and reported.catch_ups[-1][1] >= delay
         step_sequences(session, [first], reported)
         assert reported.steps[-1]["catch_up"] == 0.0 and reported.steps[-1]["seconds"] < delay
+        assert reported.switch_in[-1] == []          # it drafted: nothing queued to catch up on
 
         second = opened("a second request joins the drafting batch")
         step_sequences(session, [first, second], reported)
         joined = reported.steps[-1]
         assert joined["n"] == 2 and joined["k"] == 2 and joined["arrivals"]
         assert joined["joined"] >= delay and joined["catch_up"] == 0.0 and joined["seconds"] < delay
+        assert reported.switch_in[-1] == []          # a newcomer's catch-up is priced apart (joined)
         step_sequences(session, [first, second], reported)
         after = reported.steps[-1]
         assert after["seconds"] < delay and after["joined"] == 0.0
         assert after["members"] == joined["members"] and not after["arrivals"]
         for s in (first, second):
             llm.release(s)
+
+
+def test_the_draft_trace_records_every_auto_step_as_the_counters_saw_it(oracle_path, tmp_path, monkeypatch):
+    """PYLLAMA_MTP_DRAFT_TRACE: one JSON line per step of "auto" sequences, whose drafts and
+    acceptances add up to the sequences' own counters."""
+    path = tmp_path / "trace.jsonl"
+    monkeypatch.setenv("PYLLAMA_MTP_DRAFT_TRACE", str(path))
+    prompts = ["the first of two prompts", "and a second one, a little longer than the first"]
+    with Llama(oracle_path, n_ctx=256, threads=1, mtp=True, draft="auto", parallel=2) as llm:
+        outs = llm.generate_batch(prompts, max_tokens=40)
+        llm._policy.trace.close()
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert lines and {x["n"] for x in lines} <= {1, 2} and 2 in {x["n"] for x in lines}
+    for x in lines:
+        assert len(x["acc"]) == x["n"] and all(0 <= a <= x["k"] for a in x["acc"])
+        assert x["s"] > 0 and x["cls"] == x["n"] and x["depth"] > 0
+        assert x["timed"] or x["k"] == 0
+    assert sum(x["k"] * x["n"] for x in lines) == sum(o.stats.drafted for o in outs)
+    assert sum(sum(x["acc"]) for x in lines) == sum(o.stats.accepted for o in outs)
+    assert any(x["k"] > 0 for x in lines)        # the oracle's heads agree with the trunk
 
 
 # -------------------------------------------------- the server: one or many slots

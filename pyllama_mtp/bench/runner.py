@@ -86,7 +86,7 @@ class InstanceRunner:
         depth = self._random_tokens(test.n_depth) if test.n_depth else []
         prompt = self._random_tokens(max(test.n_prompt, 1))
         # one sequence through the library's driver, without text: EOS does not end it
-        seq = Sequence(0, PreparedCall(depth + prompt, None, sampling, test.n_draft, ()), output=None)
+        seq = Sequence(0, PreparedCall(depth + prompt, test.n_gen or None, sampling, test.n_draft, ()), output=None)
         seq.load(s)                                  # held nothing: the slot starts afresh
         if depth:
             seq.prefill(s, limit=len(depth))
