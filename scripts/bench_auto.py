@@ -64,8 +64,9 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 order = modes[r % len(modes):] + modes[:r % len(modes)]
                 prompt = [int(t) for t in rng.integers(3, n_vocab - 8, size=8)]
                 for mode in order:
-                    # the library's driver, one sequence, no text; the prefix stays in the cache
-                    seq = Sequence(0, PreparedCall(prefix + prompt, None, SamplingParams(), mode, ()), None, held)
+                    # the library's driver, one sequence, no text; the prefix stays in the cache;
+                    # max_tokens as a generate call would pass it (auto weighs it)
+                    seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), mode, ()), None, held)
                     seq.load(s)
                     seq.prefill(s)
                     seq.begin(s)
