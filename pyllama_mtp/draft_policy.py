@@ -607,16 +607,25 @@ class CatchUpCost:
             return None
         near = min(self.buckets, key=lambda b: (abs(b - bucket), -b))
         pts = self.buckets[near]
-        n = len(pts)
-        mr = sum(r for r, _ in pts) / n
-        ms = sum(s for _, s in pts) / n
-        var = sum((r - mr) ** 2 for r, _ in pts)
-        if var > 0:
-            b = max(sum((r - mr) * (s - ms) for r, s in pts) / var, 0.0)
-            a = max(ms - b * mr, 0.0)
-        else:                       # one row count so far: proportional to rows
-            a, b = 0.0, ms / mr
+        a, b = _cost_line(pts)
         return sum(a + b * r for r in rows if r > 0)
+
+
+def _cost_line(pts) -> tuple[float, float]:
+    """a + b r through (rows, seconds) samples, a and b >= 0. A line needs row counts that
+    differ by 2x or more: through near-equal ones (every catch-up of 16-17 prompt rows)
+    one noisy sample makes the slope anything; then the cost is proportional to rows."""
+    rows = [r for r, _ in pts]
+    if max(rows) >= 2 * min(rows):
+        n = len(pts)
+        mr, ms = sum(rows) / n, sum(s for _, s in pts) / n
+        b = sum((r - mr) * (s - ms) for r, s in pts) / sum((r - mr) ** 2 for r in rows)
+        a = ms - b * mr
+        if b < 0:
+            return ms, 0.0                                              # no growth with rows seen
+        if a >= 0:
+            return a, b
+    return 0.0, sum(s for _, s in pts) / sum(rows)
 
 
 def size_class(n: int) -> int:
