@@ -3,7 +3,8 @@ it chose on a real run (a server under load, a long context): one JSON object pe
 
 Set ``PYLLAMA_MTP_DRAFT_TRACE=/path/file.jsonl`` before a ``Llama`` (or the server, or the
 bench) is created; every step of its "auto" sequences is appended there. Nothing is
-recorded otherwise, and recording costs a few microseconds a step.
+recorded otherwise; recording costs about a millisecond a step in Python (on a server
+under load that showed as a few percent), so leave it off when measuring speed.
 
 Fields of a line:
 
@@ -91,7 +92,10 @@ def summarize(lines: list[dict]) -> list[dict]:
         groups.setdefault((x.get("trace", 0), x["cls"]), []).append(x)
     out = []
     for (trace, cls), xs in sorted(groups.items()):
-        plain = [x["s"] for x in xs if x["k"] == 0 and x["same"] is not False]
+        plain_n: dict[int, list[float]] = {}         # plain steps whose batch held still, by n
+        for x in xs:
+            if x["k"] == 0 and x["same"] is not False:
+                plain_n.setdefault(x["n"], []).append(x["s"])
         row = {"trace": trace, "cls": cls, "steps": len(xs), "by_k": {}}
         tokens = seconds = 0.0
         for k in sorted({x["k"] for x in xs}):
@@ -106,14 +110,10 @@ def summarize(lines: list[dict]) -> list[dict]:
             tokens += tok
             seconds += sec
         row["tokens"], row["seconds"] = int(tokens), round(seconds, 3)
-        if plain and seconds:
+        if plain_n and seconds:
             # a step that gave each of its n sequences m tokens would have taken m plain
             # steps of n rows (the median plain step of that n, else of the class)
-            plain_n: dict[int, list[float]] = {}
-            for x in xs:
-                if x["k"] == 0 and x["same"] is not False:
-                    plain_n.setdefault(x["n"], []).append(x["s"])
-            fallback = statistics.median(plain)
+            fallback = statistics.median(s for v in plain_n.values() for s in v)
             as_plain = sum((x["n"] + sum(x["acc"])) / x["n"]
                            * (statistics.median(plain_n[x["n"]]) if x["n"] in plain_n else fallback)
                            for x in xs)

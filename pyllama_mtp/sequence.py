@@ -295,6 +295,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     auto = [s for s in running if s.draft == "auto"] if policy is not None else []
     p = policy.enter(len(running)) if auto else None
     k_auto, timed, depth = 0, False, 0
+    queued: dict[int, int] = {}      # rows the heads lack, of the sequences that would switch in
     if p is not None:
         if len(running) == 1 and running[0].fresh:
             # a generation begins: the prefill ran graphs of its own, so this step is not
@@ -342,8 +343,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
+    accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"] if p is not None else []
     if timed:
-        accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"]
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
                       members=tuple(s.seq for s in running),
                       arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined)
@@ -351,9 +352,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         if not timed:                # a coasting step did not look up the depth
             depth = max(session.seq_n_past(s.seq) for s in auto) - 1
         policy.trace.write(step_record(
-            policy, len(running), k_auto, seconds, depth, timed,
-            [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"],
-            catch_up, joined, policy.last_same_batch if timed else None))
+            policy, len(running), k_auto, seconds, depth, timed, accepted, catch_up, joined, policy.last_same_batch if timed else None))
     chunks = []
     for s, k, res in zip(running, drafts, results):
         s.last_k, s.fresh = k, False

@@ -217,7 +217,7 @@ def ratio_text(a: dict, b: dict) -> str:
     """``ratio`` with the spread of the per-round ratios when there are several."""
     each = [x / y for x, y in zip(a["rounds"], b["rounds"])]
     spread = f" ({min(each):.2f}-{max(each):.2f})" if len(each) > 1 else ""
-    return f"{ratio(a, b):.2f}x{spread}"
+    return f"{statistics.median(each):.2f}x{spread}"
 
 
 def library_speedup(model: Path, args) -> dict:
