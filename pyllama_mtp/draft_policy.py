@@ -278,6 +278,11 @@ class DraftPolicy:
         self._recheck_at = 0
         self.guessed_plain = False         # costs seeded from another batch size (BatchDraftPolicy)
 
+    @property
+    def decision(self) -> int:
+        """The length the policy has settled on (a probe departs from it for a step or two)."""
+        return self._best
+
     # ------------------------------------------------------------------ estimates
 
     def expected_tokens(self, k: int) -> float:
@@ -731,7 +736,11 @@ class BatchDraftPolicy:
         if cost is None or (stay is None and left is None):
             return True
         if stay is None and p._best == 0 and k != p._best:
-            return True     # one sequence's probe for drafting: priced by the probe pace (probe_cost)
+            # one sequence's probe for drafting: priced by the probe pace (probe_cost), as
+            # long as drafting could win the catch-up back on the tokens left if every
+            # draft were accepted (a probe that cannot pay, say after a long prompt whose
+            # tail the heads lack, waits for one that can)
+            return left is None or cost < self._best_case_saving(p, left)
         if stay is not None and p.costs.last_update(p.bucket, 0) < 0:
             return False    # plain decoding's figure here is another class's, scaled: time it first
         rates = p.rates()
@@ -747,6 +756,55 @@ class BatchDraftPolicy:
         plain = e / rates[0]                  # seconds for its tokens decoded plainly
         return cost < min(horizons) * (plain - step)
 
+    @staticmethod
+    def _best_case_saving(p: DraftPolicy, left: int) -> float:
+        """Seconds drafting would save over ``left`` tokens if every draft were accepted, at
+        the best length (from ``p``'s step costs at its depth; unknown costs: no limit)."""
+        t0 = p.costs.predict(p.bucket, 0)
+        if not t0:
+            return float("inf")
+        best = 0.0
+        for j in range(1, p.draft_max + 1):
+            t = p.costs.predict(p.bucket, j)
+            if t is None:
+                return float("inf")
+            best = max(best, left / (j + 1) * ((j + 1) * t0 - t))
+        return best
+
+    def admits(self, p: DraftPolicy, k: int, rows: int, left: int | None) -> bool:
+        """Whether one sequence whose heads lack ``rows`` rows should draft k along with its
+        batch (policy ``p``) rather than decode plainly while the others draft: the heads'
+        catch-up on those rows (``CatchUpCost``) against what drafting saves on the tokens it
+        has left (``left``; None: no limit), over no more steps than the batch usually
+        stays in its size class. Not while plain decoding has no timed cost in this class
+        (the saving would be a guess); unpriced otherwise (no catch-up timed yet): yes."""
+        if rows <= 0:
+            return True
+        if self.plain_guessed(p):
+            return False        # the saving would rest on another class's figure: time plain first
+        cost = self.catch_up.predict(p.bucket, [rows])
+        rates = p.rates()
+        if cost is None or k not in rates or 0 not in rates:
+            return True
+        e = p.expected_tokens(k)
+        horizons = [] if p.stay.value is None else [max(p.stay.value, self.run_steps)]
+        if left is not None:
+            horizons.append(max(left / e, 1.0))
+        if not horizons:
+            return True
+        return cost < min(horizons) * (e / rates[0] - e / rates[k])
+
+    @staticmethod
+    def plain_guessed(p: DraftPolicy) -> bool:
+        """Whether ``p``'s plain step cost at its depth is not measured there (seeded from
+        another size class, scaled)."""
+        return p.costs.last_update(p.bucket, 0) < 0
+
+    def hold_off(self) -> int:
+        """The step decodes plainly after all (see ``sequence._admit_newcomers``)."""
+        self.last_k = 0
+        return 0
+
     def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
         """One sequence's heads took ``rows`` queued rows in ``seconds`` (``CatchUpCost``)."""
         self.catch_up.add(depth_bucket(depth), rows, seconds)
@@ -755,11 +813,18 @@ class BatchDraftPolicy:
         return self.decide(self.enter(n), depth, switch_in)
 
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
-               catch_up: float = 0.0, members: tuple = (), arrivals: bool = False, joined: float = 0.0) -> None:
+               catch_up: float = 0.0, members: tuple = (), arrivals: bool = False, joined: float = 0.0,
+               drafting: int | None = None) -> None:
         """One timed step of n sequences: ``members`` their slots, ``arrivals`` whether one of
         them is new there (a step whose batch differs from the previous timed one is not
         steady, see DraftPolicy.update_time); ``joined``: the heads' catch-up on newcomers'
-        prompts, not in ``seconds``."""
+        prompts, not in ``seconds``; ``drafting``: how many of them drafted k (None: all;
+        fewer where held newcomers decoded plainly beside them, see ``admits``).
+
+        A step where only d of n sequences drafted is taken as a step of all n drafting by
+        the rows it added to a plain step: T0 + (T - T0) n / d (the cost a drafting
+        sequence adds to a plain step of n); where that would scale its noise more than
+        twice, or plain decoding has no measured cost here, its time is not kept."""
         p = self.policy(n)
         same_batch = self.last_same_batch = members == self.last_members and not arrivals
         if k > 0 and catch_up > 0 and n > 1:
@@ -770,7 +835,16 @@ class BatchDraftPolicy:
                 # and the pace of probes from plain decoding depends on it
                 p.probe_cost.add(catch_up)
         self.last_members = members
-        p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
+        if k > 0 and drafting is not None and drafting < n:
+            bucket = p.bucket if depth is None else depth_bucket(depth)
+            t0 = p.costs.predict(bucket, 0) if p.costs.steady(bucket, 0) else None
+            if t0 is None or 2 * drafting < n:
+                p.join_cost.add(joined)
+                seconds = None
+            else:
+                seconds = t0 + max(seconds - t0, 0.0) * n / drafting
+        if seconds is not None:
+            p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)

@@ -13,7 +13,9 @@ Fields of a line:
   class (``draft_policy.size_class``); ``depth``: the deepest context among them;
 - ``k``: drafts per sequence; ``s``: the step's seconds (the batched decode alone);
   ``acc``: drafts accepted per sequence; ``catch_up`` / ``joined``: seconds the heads took
-  before the step on rows queued by plain decoding / on newcomers' prompts;
+  before the step on rows queued by plain decoding / on newcomers' prompts; ``rows``: how
+  many rows the heads took in each of those two; ``held``: sequences that decoded plainly
+  while the others drafted k (their heads' catch-up would not have paid);
 - ``timed``: whether the policy saw the step (plain steps between decisions coast);
   ``same``: the batch held the same sequences as the last timed step and none was new;
 - ``best``: the class's decision; ``probe``: the step departs from it to probe or learn;
@@ -66,14 +68,14 @@ def _r(x: float | None, digits: int = 6) -> float | None:
 
 
 def step_record(policy, n: int, k: int, seconds: float, depth: int, timed: bool, accepted: list[int],
-                catch_up: float, joined: float, same_batch: bool) -> dict:
+                catch_up: float, joined: float, same_batch: bool, rows_caught=(0, 0), held: int = 0) -> dict:
     """The line for one step of ``policy`` (a BatchDraftPolicy) of n sequences, taken after
     the policy learnt from it."""
     from .draft_policy import size_class
     p = policy.policy(n)
     return {
         "n": n, "cls": size_class(n), "depth": depth, "k": k, "s": _r(seconds), "acc": accepted,
-        "catch_up": _r(catch_up), "joined": _r(joined), "timed": timed, "same": same_batch,
+        "catch_up": _r(catch_up), "joined": _r(joined), "rows": list(rows_caught), "held": held, "timed": timed, "same": same_batch,
         "best": p._best, "probe": p.probing is not None or p.trial_left > 0 or k != p._best,
         "interval": p.interval,
         "rates": {str(j): round(r, 2) for j, r in p.rates().items()},
@@ -106,7 +108,8 @@ def summarize(lines: list[dict]) -> list[dict]:
             row["by_k"][k] = {"steps": len(ks), "tokens": tok, "seconds": round(sec, 3),
                               "median_step": round(statistics.median(steady), 4) if steady else None,
                               "catch_up": round(sum(x["catch_up"] for x in ks), 3),
-                              "joined": round(sum(x["joined"] for x in ks), 3)}
+                              "joined": round(sum(x["joined"] for x in ks), 3),
+                              "mixed": sum(1 for x in ks if k and x.get("held"))}
             tokens += tok
             seconds += sec
         row["tokens"], row["seconds"] = int(tokens), round(seconds, 3)
@@ -137,7 +140,8 @@ def main(argv: list[str] | None = None) -> None:
               f"in {row['seconds']:.2f} s{vs}")
         for k, c in row["by_k"].items():
             print(f"  k={k}: {c['steps']} steps, {c['tokens']} tokens, {c['seconds']:.2f} s"
-                  f" (median steady step {c['median_step']}, catch-up {c['catch_up']} s, joined {c['joined']} s)")
+                  f" (median steady step {c['median_step']}, catch-up {c['catch_up']} s, joined {c['joined']} s"
+                  + (f", {c['mixed']} with held sequences" if c["mixed"] else "") + ")")
 
 
 if __name__ == "__main__":

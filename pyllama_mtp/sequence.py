@@ -156,6 +156,7 @@ class Sequence:
         self.reused = 0                   # prompt tokens the slot's KV cache already held
         self.last_k = 0                   # drafts of its last step (0: the heads may have rows queued)
         self.fresh = True                 # no step ran since the prompt went in
+        self.held_plain = False           # decodes plainly while its batch drafts (see _admit_newcomers)
         self.counters = SequenceCounters(rejection=call.rejection)
         self.collected = ChunkCollector()
         self.finish_reason: str | None = None
@@ -195,6 +196,12 @@ class Sequence:
             n = min(n, limit)
         session.seq_prefill(self.seq, self.call.tokens[self.in_cache:self.in_cache + n])
         self.in_cache += n
+        if self.prefilled and self.draft != 0 and self.n_prompt - self.reused > session.config.n_batch:
+            # a prompt long enough that the heads took most of it already (in flushes of
+            # n_batch rows): they take its tail now too, as a part of the prompt's cost (at
+            # most what they took of it), rather than at a first draft, where under load
+            # it may not pay back and "auto" would leave it pending, answer after answer
+            session.seq_mtp_catch_up(self.seq)
         return self.prefilled
 
     def begin(self, session) -> Chunk | None:
@@ -287,6 +294,26 @@ class Slots:
         self.held.clear()
 
 
+def _admit_newcomers(session, policy, p, k: int, auto: list[Sequence], n_running: int,
+                     queued: dict[int, int]) -> int:
+    """Before a step whose "auto" sequences draft k: whether each newcomer among them (one
+    that joins a batch, or one held back before) drafts too, or decodes plainly meanwhile
+    (``Sequence.held_plain``). Its heads must first take the rows they lack (a prompt's
+    rows: a second or more for a few hundred at a long context), which pays only if
+    drafting saves as much over the tokens it has left (``BatchDraftPolicy.admits``); the
+    other sequences need not wait for that. Returns the step's length: 0 where every "auto" sequence is held, where a probe
+    from plain decoding would run beside held ones (it waits until they are gone), or where
+    the batch's size class has no plain step timed yet (held ones wait for its figure)."""
+    for s in auto:
+        if s.held_plain or (s.fresh and n_running > 1):
+            rows = queued[s.seq] = session.seq_mtp_queued(s.seq)
+            s.held_plain = not policy.admits(p, k, rows, s.tokens_left)
+    held = [s for s in auto if s.held_plain]
+    if held and (p.decision == 0 or len(held) == len(auto) or policy.plain_guessed(p)):
+        return policy.hold_off()
+    return k
+
+
 def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | None]:
     """One decode cycle for ``running`` (each prefilled and begun): each takes its own
     draft setting; ``"auto"`` ones take the length ``policy`` (a BatchDraftPolicy) picks
@@ -312,14 +339,18 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             # sequence that decoded plainly (alone: or was just prefilled), and how many
             # tokens those sequences have left to win it back (a newcomer to a batch is
             # priced apart, see below)
-            switching = [s for s in auto if s.last_k == 0 and not (s.fresh and len(running) > 1)]
+            switching = [s for s in auto if s.last_k == 0 and not s.held_plain and not (s.fresh and len(running) > 1)]
             queued = {s.seq: session.seq_mtp_queued(s.seq) for s in switching}
             k_auto = policy.decide(p, depth, [(queued[s.seq], s.tokens_left) for s in switching])
+            if k_auto > 0:
+                k_auto = _admit_newcomers(session, policy, p, k_auto, auto, len(running), queued)
             timed = p.timed
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
-    drafts = [k_auto if s.draft == "auto" else s.draft for s in running]
+    drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
+    held = sum(s.held_plain for s in auto) if k_auto > 0 else 0
     catch_up = joined = 0.0
+    rows_caught = [0, 0]             # rows the heads took before the step: switching, joining
     if timed:
         # rows queued by plain decoding go to the heads outside the timed step (a draft
         # would take them itself, but then its time would not be a drafting step's): the
@@ -338,21 +369,26 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
                 policy.observe_catch_up(depth, rows, dt)
                 if s.fresh and len(running) > 1:
                     joined += dt
+                    rows_caught[1] += rows
                 else:
                     catch_up += dt
+                    rows_caught[0] += rows
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
-    accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto"] if p is not None else []
+    accepted = ([res.n_accepted for s, res in zip(running, results) if s.draft == "auto" and not s.held_plain]
+                if p is not None else [])
     if timed:
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
                       members=tuple(s.seq for s in running),
-                      arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined)
+                      arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined,
+                      drafting=len(running) - held if held else None)
     if p is not None and policy.trace is not None:
         if not timed:                # a coasting step did not look up the depth
             depth = max(session.seq_n_past(s.seq) for s in auto) - 1
         policy.trace.write(step_record(
-            policy, len(running), k_auto, seconds, depth, timed, accepted, catch_up, joined, policy.last_same_batch if timed else None))
+            policy, len(running), k_auto, seconds, depth, timed, accepted, catch_up, joined,
+            policy.last_same_batch if timed else None, rows_caught, held))
     chunks = []
     for s, k, res in zip(running, drafts, results):
         s.last_k, s.fresh = k, False

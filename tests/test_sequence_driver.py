@@ -145,6 +145,7 @@ class DraftsAlways(DraftPolicy):
 
     def choose(self, depth: int) -> int:
         self.timed = True
+        self._best = self.draft_max
         return self.draft_max
 
 
@@ -153,8 +154,9 @@ class ReportedSteps:
 
     trace = None
 
-    def __init__(self, k: int):
+    def __init__(self, k: int, admit: bool = True):
         self.p, self.steps, self.switch_in, self.catch_ups = DraftsAlways(k), [], [], []
+        self.admit, self.admissions = admit, []
 
     def enter(self, n: int) -> DraftPolicy:
         return self.p
@@ -166,9 +168,20 @@ class ReportedSteps:
     def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
         self.catch_ups.append((rows, seconds))
 
-    def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0) -> None:
+    def admits(self, p: DraftPolicy, k: int, rows: int, left) -> bool:
+        self.admissions.append((rows, left))
+        return self.admit
+
+    def hold_off(self) -> int:
+        return 0
+
+    def plain_guessed(self, p: DraftPolicy) -> bool:
+        return False
+
+    def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0,
+               drafting=None) -> None:
         self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up, "members": members,
-                           "arrivals": arrivals, "joined": joined})
+                           "arrivals": arrivals, "joined": joined, "drafting": drafting, "accepted": accepted})
 
 
 def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_drafting_cost(oracle_path):
@@ -214,6 +227,70 @@ def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_draftin
         assert after["members"] == joined["members"] and not after["arrivals"]
         for s in (first, second):
             llm.release(s)
+
+
+def test_a_newcomer_whose_catch_up_would_not_pay_decodes_plainly_beside_a_drafting_batch(oracle_path):
+    """A sequence that joins a drafting batch where the policy does not admit it (its heads'
+    catch-up would cost more than drafting saves on its tokens): it decodes plainly, its
+    heads take nothing, the others keep drafting, and the step is reported as mixed (its
+    time is no length's) with only the drafting sequences' acceptances. Left alone and
+    still not admitted, it decodes plainly; its tokens equal plain greedy decoding's."""
+    delay = 1.0
+    with Llama(oracle_path, n_ctx=256, threads=1, mtp=True, draft="auto", parallel=2) as llm:
+        expected = llm.generate("a second request joins the drafting batch", max_tokens=12, mtp=False).tokens
+        session, reported = SlowCatchUp(llm.session, delay), ReportedSteps(2)
+
+        def opened(prompt, n):
+            s = llm.open_sequence(llm.prepare(prompt, max_tokens=n, draft="auto"))
+            s.load(session)
+            s.prefill(session)
+            s.begin(session)
+            return s
+
+        first = opened("the first request, alone for a while", 40)
+        step_sequences(session, [first], reported)
+        assert reported.steps[-1]["k"] == 2 and first.last_k == 2
+        reported.admit = False
+        second = opened("a second request joins the drafting batch", 12)
+        queued = session.seq_mtp_queued(second.seq)
+        step_sequences(session, [first, second], reported)
+        step = reported.steps[-1]
+        assert reported.admissions[-1] == (queued, 12 - 1)
+        assert second.held_plain and (first.last_k, second.last_k) == (2, 0)
+        assert step["drafting"] == 1 and step["k"] == 2 and len(step["accepted"]) == 1
+        assert step["joined"] == 0.0 and step["seconds"] < delay
+        assert session.seq_mtp_queued(second.seq) == queued + 1      # its heads took nothing
+        step_sequences(session, [first, second], reported)            # asked again: still held
+        assert reported.admissions[-1][0] == queued + 1 and reported.steps[-1]["drafting"] == 1
+        llm.release(first)
+        while not second.done:
+            step_sequences(session, [second], reported)
+            assert reported.steps[-1]["k"] == 0 and reported.steps[-1]["drafting"] is None
+        assert second.tokens[second.n_prompt:] == list(expected)
+        llm.release(second)
+
+
+def test_the_heads_take_the_tail_of_a_long_prompt_with_the_prompt(oracle_path):
+    """A prompt longer than n_batch: the heads took most of it in flushes during prefill,
+    and take the rest at its end, so that none is left for a first draft to pay. A short
+    prompt stays queued (plain decoding may never need it), as does any prompt of a call
+    without MTP."""
+    with Llama(oracle_path, n_ctx=256, n_batch=32, n_ubatch=32, threads=1, mtp=True, draft="auto") as llm:
+        session = llm.session
+
+        def prefilled(n, first, **options):
+            s = llm.open_sequence(llm.prepare(list(range(first, first + n)), max_tokens=4, **options))
+            s.load(session)
+            while not s.prefill(session, 16):        # in chunks, as the server does
+                pass
+            queued = session.seq_mtp_queued(s.seq)
+            s.begin(session)
+            llm.release(s)
+            return queued
+
+        assert prefilled(100, 10) <= 1
+        assert prefilled(20, 200) >= 19
+        assert prefilled(100, 300, mtp=False) > 1
 
 
 def test_the_draft_trace_records_every_auto_step_as_the_counters_saw_it(oracle_path, tmp_path, monkeypatch):
