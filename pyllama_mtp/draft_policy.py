@@ -792,7 +792,18 @@ class BatchDraftPolicy:
             horizons.append(max(left / e, 1.0))
         if not horizons:
             return True
-        return cost < min(horizons) * (e / rates[0] - e / rates[k])
+        # held, it would cost the step a decode call of its own, every step (see split_cost)
+        return cost < min(horizons) * (e / rates[0] - e / rates[k] + self.split_cost(p.bucket))
+
+    def split_cost(self, bucket: int) -> float:
+        """Seconds a step adds when some of its sequences decode plainly beside drafting ones:
+        a decode call takes one draft length for all its sequences, so the held ones take a
+        call of their own (weights read again): about one sequence's plain step at this
+        depth, where that was timed; else 0."""
+        lone = self.by_size.get(1)
+        if lone is None or not lone.costs.steady(bucket, 0):
+            return 0.0
+        return lone.costs.predict(bucket, 0)
 
     @staticmethod
     def plain_guessed(p: DraftPolicy) -> bool:
@@ -822,9 +833,10 @@ class BatchDraftPolicy:
         fewer where held newcomers decoded plainly beside them, see ``admits``).
 
         A step where only d of n sequences drafted is taken as a step of all n drafting by
-        the rows it added to a plain step: T0 + (T - T0) n / d (the cost a drafting
-        sequence adds to a plain step of n); where that would scale its noise more than
-        twice, or plain decoding has no measured cost here, its time is not kept."""
+        the rows it added to a plain step: T0 + (T - T0 - split) n / d (the cost a drafting
+        sequence adds to a plain step of n, less the held ones' decode call of their own,
+        ``split_cost``); where that would scale its noise more than twice, or plain
+        decoding has no measured cost here, its time is not kept."""
         p = self.policy(n)
         same_batch = self.last_same_batch = members == self.last_members and not arrivals
         if k > 0 and catch_up > 0 and n > 1:
@@ -842,7 +854,7 @@ class BatchDraftPolicy:
                 p.join_cost.add(joined)
                 seconds = None
             else:
-                seconds = t0 + max(seconds - t0, 0.0) * n / drafting
+                seconds = t0 + max(seconds - t0 - self.split_cost(bucket), 0.0) * n / drafting
         if seconds is not None:
             p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
         for a in n_accepted:
