@@ -741,7 +741,7 @@ class BatchDraftPolicy:
             # draft were accepted (a probe that cannot pay, say after a long prompt whose
             # tail the heads lack, waits for one that can)
             return left is None or cost < self._best_case_saving(p, left)
-        if stay is not None and p.costs.last_update(p.bucket, 0) < 0:
+        if stay is not None and self.plain_guessed(p):
             return False    # plain decoding's figure here is another class's, scaled: time it first
         rates = p.rates()
         if k not in rates or 0 not in rates:
