@@ -747,14 +747,21 @@ class BatchDraftPolicy:
         if k not in rates or 0 not in rates:
             return True
         e = p.expected_tokens(k)
-        horizons = []
-        if stay is not None:
-            horizons.append(max(stay, self.run_steps))   # a batch that has held longer than usual may hold on
-        if left is not None:
-            horizons.append(max(left / e, 1.0))          # steps until the longest-running sequence ends
         step = e / rates[k]                   # seconds of a drafting step
         plain = e / rates[0]                  # seconds for its tokens decoded plainly
-        return cost < min(horizons) * (plain - step)
+        return cost < self._steps_ahead(p, e, left) * (plain - step)
+
+    def _steps_ahead(self, p: DraftPolicy, e: float, left: int | None) -> float | None:
+        """Drafting steps (``e`` tokens each) a switch to drafting can count on: those the
+        batch usually stays in its size class (a batch that has held longer than usual may
+        hold on), and no more than until the longest-running sequence ends (``left`` tokens;
+        None: no limit). None where neither is known."""
+        horizons = []
+        if p.stay.value is not None:
+            horizons.append(max(p.stay.value, self.run_steps))
+        if left is not None:
+            horizons.append(max(left / e, 1.0))
+        return min(horizons) if horizons else None
 
     @staticmethod
     def _best_case_saving(p: DraftPolicy, left: int) -> float:
@@ -787,13 +794,11 @@ class BatchDraftPolicy:
         if cost is None or k not in rates or 0 not in rates:
             return True
         e = p.expected_tokens(k)
-        horizons = [] if p.stay.value is None else [max(p.stay.value, self.run_steps)]
-        if left is not None:
-            horizons.append(max(left / e, 1.0))
-        if not horizons:
+        steps = self._steps_ahead(p, e, left)
+        if steps is None:
             return True
         # held, it would cost the step a decode call of its own, every step (see split_cost)
-        return cost < min(horizons) * (e / rates[0] - e / rates[k] + self.split_cost(p.bucket))
+        return cost < steps * (e / rates[0] - e / rates[k] + self.split_cost(p.bucket))
 
     def split_cost(self, bucket: int) -> float:
         """Seconds a step adds when some of its sequences decode plainly beside drafting ones:

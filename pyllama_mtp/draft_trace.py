@@ -75,7 +75,8 @@ def step_record(policy, n: int, k: int, seconds: float, depth: int, timed: bool,
     p = policy.policy(n)
     return {
         "n": n, "cls": size_class(n), "depth": depth, "k": k, "s": _r(seconds), "acc": accepted,
-        "catch_up": _r(catch_up), "joined": _r(joined), "rows": list(rows_caught), "held": held, "timed": timed, "same": same_batch,
+        "catch_up": _r(catch_up), "joined": _r(joined), "rows": list(rows_caught), "held": held,
+        "timed": timed, "same": same_batch,
         "best": p._best, "probe": p.probing is not None or p.trial_left > 0 or k != p._best,
         "interval": p.interval,
         "rates": {str(j): round(r, 2) for j, r in p.rates().items()},

@@ -301,9 +301,10 @@ def _admit_newcomers(session, policy, p, k: int, auto: list[Sequence], n_running
     (``Sequence.held_plain``). Its heads must first take the rows they lack (a prompt's
     rows: a second or more for a few hundred at a long context), which pays only if
     drafting saves as much over the tokens it has left (``BatchDraftPolicy.admits``); the
-    other sequences need not wait for that. Returns the step's length: 0 where every "auto" sequence is held, where a probe
-    from plain decoding would run beside held ones (it waits until they are gone), or where
-    the batch's size class has no plain step timed yet (held ones wait for its figure)."""
+    other sequences need not wait for that. Returns the step's length: 0 where every "auto"
+    sequence is held, where a probe from plain decoding would run beside held ones (it
+    waits until they are gone), or where the batch's size class has no plain step timed
+    yet (held ones wait for its figure)."""
     for s in auto:
         if s.held_plain or (s.fresh and n_running > 1):
             rows = queued[s.seq] = session.seq_mtp_queued(s.seq)
@@ -339,7 +340,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             # sequence that decoded plainly (alone: or was just prefilled), and how many
             # tokens those sequences have left to win it back (a newcomer to a batch is
             # priced apart, see below)
-            switching = [s for s in auto if s.last_k == 0 and not s.held_plain and not (s.fresh and len(running) > 1)]
+            switching = [s for s in auto
+                         if s.last_k == 0 and not s.held_plain and not (s.fresh and len(running) > 1)]
             queued = {s.seq: session.seq_mtp_queued(s.seq) for s in switching}
             k_auto = policy.decide(p, depth, [(queued[s.seq], s.tokens_left) for s in switching])
             if k_auto > 0:
@@ -376,8 +378,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
-    accepted = ([res.n_accepted for s, res in zip(running, results) if s.draft == "auto" and not s.held_plain]
-                if p is not None else [])
+    if timed or (p is not None and policy.trace is not None):      # (not on a coasting step's hot path)
+        accepted = [res.n_accepted for s, res in zip(running, results) if s.draft == "auto" and not s.held_plain]
     if timed:
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
                       members=tuple(s.seq for s in running),
