@@ -394,7 +394,9 @@ int pmtp_seq_reset(pmtp_session * session, int32_t seq) {
 int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq) {
     return guarded([&] {
         need(session, "session");
-        mtp_catch_up(session, session->seq(seq));
+        seq_state & sq = session->seq(seq);
+        session_settle(session, sq);
+        mtp_catch_up(session, sq);
     });
 }
 
@@ -435,10 +437,11 @@ int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens
     });
 }
 
-int pmtp_logits(const pmtp_session * session, float * out, size_t cap) {
+int pmtp_logits(pmtp_session * session, float * out, size_t cap) {
     return guarded([&] {
         need(session, "session");
         need(out, "out");
+        session_settle(session, session->seqs[0]);   // a rollback's deferred decode gives them
         const seq_state & sq = session->seqs[0];
         if (sq.logits_row < 0 || sq.logits_decode != session->n_decodes) {
             fail(PMTP_ERR_INVALID_ARG, "no logits: prefill first");

@@ -109,6 +109,10 @@ struct seq_state {
     uint64_t            logits_decode = 0; // session decode count when logits_row was set
     std::vector<float>  last_h;          // target hidden state at n_past - 1, [n_embd]
     int32_t             n_last_decode = 0;  // tokens in the last target decode (whose snapshots are kept)
+    // The last n_deferred tokens of history are not in the target KV: a rollback with MTP
+    // heads dropped them to get their hidden states back from a decode, which the next
+    // prefill runs with its own rows (session_settle runs it alone for anything else).
+    int32_t             n_deferred = 0;
     sampler_ptr         sampler;
     pmtp_sampling       sampling{};
     std::mt19937_64     rng;             // draws of rejection-sampling steps
@@ -156,6 +160,9 @@ void session_set_sampling(pmtp_session * s, seq_state & sq, const pmtp_sampling 
 void session_reset(pmtp_session * s, seq_state & sq);
 void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep);
 void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n);
+// Decode the tokens a rollback deferred (seq_state::n_deferred) on their own, now: before
+// anything but a prefill, a reset or a rollback uses the sequence (no-op when none are).
+void session_settle(pmtp_session * s, seq_state & sq);
 // Sample the pending token into out->tokens[i] (with its logprobs when asked).
 llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i);
 // One target decode of several sequences' rows: rows of one sequence are contiguous,

@@ -463,7 +463,8 @@ int32_t mtp_queued(const pmtp_session * s, const seq_state & sq) {
     for (size_t j = 0; j < H.heads.size(); ++j) {
         most = std::max(most, m.queue_end() - m.n_clean[j]);
     }
-    return (int32_t) most;
+    // and the rows a rollback deferred (its first one is queued)
+    return (int32_t) most + std::max(0, sq.n_deferred - 1);
 }
 
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,

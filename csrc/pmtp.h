@@ -177,6 +177,7 @@ typedef struct pmtp_stats {
     uint64_t accepted_at_rejection[PMTP_MAX_DRAFT]; /* the same two, for steps that */
     uint64_t drafted_at_rejection[PMTP_MAX_DRAFT];  /* used rejection sampling      */
     uint64_t swa_recoveries;     /* guard violations repaired by re-prefill             */
+    uint64_t n_target_decodes;   /* target decode calls (prefill chunks, steps, redos)  */
     double   t_draft_s;
     double   t_verify_s;
     double   t_catchup_s;
@@ -222,7 +223,7 @@ PMTP_API int pmtp_rollback(pmtp_session * session, int32_t n_keep);
 /* Decode tokens at n_past (chunks of n_batch); logits of the last one are kept. */
 PMTP_API int pmtp_prefill(pmtp_session * session, const int32_t * tokens, size_t n);
 /* Copy the kept logits of the last decoded token: [n_vocab]. */
-PMTP_API int pmtp_logits(const pmtp_session * session, float * out, size_t cap);
+PMTP_API int pmtp_logits(pmtp_session * session, float * out, size_t cap);
 /* Sample from the kept logits with the session's sampler chain and remember the
  * token as pending (the next pmtp_step decodes it); out gets that one token. */
 PMTP_API int pmtp_sample(pmtp_session * session, pmtp_step_result * out);

@@ -252,6 +252,7 @@ void target_decode_rows(pmtp_session * s, const target_rows & rows, bool all_log
     }
     const int32_t rc = llama_process(s->ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
     s->n_decodes++;
+    s->stats.n_target_decodes++;
     if (rc != 0) {
         // Fatal errors can leave processed ubatches behind: drop them so n_past stays true.
         for (seq_state * sq : rows.seqs) {
@@ -324,6 +325,7 @@ void session_reset(pmtp_session * s, seq_state & sq) {
         llama_memory_seq_rm(s->mem(), sq.id, -1, -1);
     }
     sq.n_last_decode = 0;
+    sq.n_deferred = 0;
     sq.history.clear();
     sq.pending    = -1;
     sq.logits_row = -1;
@@ -347,25 +349,79 @@ void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * token
         mtp_rollback(s, sq, sq.n_past(), sq.n_past());  // forget the pending token's row
     }
     sq.pending = -1;
+    // Tokens a rollback deferred go first, in the same decode as the prompt's first rows
+    // (a few rows more in a batch cost less than a decode of their own). Their first row
+    // is queued for the heads already, and the sampler has seen them all.
+    const size_t n_redo = (size_t) sq.n_deferred;
+    std::vector<llama_token> joined;
+    if (n_redo > 0) {
+        joined.assign(sq.history.end() - (ptrdiff_t) n_redo, sq.history.end());
+        joined.insert(joined.end(), tokens, tokens + n);
+        tokens = joined.data();
+        n = joined.size();
+        sq.history.resize(sq.history.size() - n_redo);
+        sq.n_deferred = 0;
+    }
     const double t0 = now_s();
     for (size_t off = 0; off < n; off += s->n_batch) {
         const size_t m = std::min<size_t>(s->n_batch, n - off);
         const llama_pos pos0 = sq.n_past();
-        target_decode(s, sq, tokens + off, m, pos0, false);
+        try {
+            target_decode(s, sq, tokens + off, m, pos0, false);
+        } catch (...) {
+            if (off == 0 && n_redo > 0) {   // the deferred tokens stay deferred
+                sq.history.insert(sq.history.end(), tokens, tokens + n_redo);
+                sq.n_deferred = (int32_t) n_redo;
+            }
+            throw;
+        }
         sq.history.insert(sq.history.end(), tokens + off, tokens + off + m);
         if (s->heads) {
             const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [m, n_embd]
-            mtp_push_rows(s, sq, tokens + off, sq.last_h.data(), h, m, pos0);
+            if (off == 0 && n_redo > 0) {
+                if (m > 1) {   // row pos0 + i pairs tokens[i] with h[i - 1]
+                    mtp_push_rows(s, sq, tokens + 1, h, h + s->n_embd, m - 1, pos0 + 1);
+                }
+            } else {
+                mtp_push_rows(s, sq, tokens + off, sq.last_h.data(), h, m, pos0);
+            }
             std::memcpy(sq.last_h.data(), h + (m - 1) * (size_t) s->n_embd, sizeof(float) * (size_t) s->n_embd);
         }
-        for (size_t i = off; i < off + m; ++i) {
+        for (size_t i = std::max(off, n_redo); i < off + m; ++i) {
             llama_sampler_accept(sq.sampler.get(), tokens[i]);
         }
     }
     s->stats.t_prefill_s += now_s() - t0;
 }
 
+void session_settle(pmtp_session * s, seq_state & sq) {
+    if (sq.n_deferred == 0) {
+        return;
+    }
+    const size_t n_redo = (size_t) sq.n_deferred;
+    const llama_pos pos0 = sq.n_past() - (llama_pos) n_redo;
+    const std::vector<llama_token> redo(sq.history.end() - (ptrdiff_t) n_redo, sq.history.end());
+    sq.history.resize((size_t) pos0);
+    sq.n_deferred = 0;
+    try {
+        target_decode(s, sq, redo.data(), n_redo, pos0, false);
+    } catch (...) {
+        sq.history.insert(sq.history.end(), redo.begin(), redo.end());
+        sq.n_deferred = (int32_t) n_redo;
+        throw;
+    }
+    sq.history.insert(sq.history.end(), redo.begin(), redo.end());
+    const size_t n_embd = (size_t) s->n_embd;
+    const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n_redo, n_embd]
+    // rows pos0 + 1 .. pos0 + n_redo - 1: redo[i] pairs with h[i - 1] (row pos0 is queued)
+    if (n_redo > 1) {
+        mtp_push_rows(s, sq, redo.data() + 1, h, h + n_embd, n_redo - 1, pos0 + 1);
+    }
+    std::memcpy(sq.last_h.data(), h + (n_redo - 1) * n_embd, sizeof(float) * n_embd);
+}
+
 llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i) {
+    session_settle(s, sq);
     if (sq.logits_row < 0) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to sample from: prefill a prompt first");
     }
@@ -427,33 +483,31 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     }
     // With MTP the heads need the target's hidden states of the last tokens kept (h[n_keep - 1]
     // for the next row, and for chained heads the rows each head re-runs to feed the next),
-    // which only a decode gives back: drop that many more tokens and decode them again.
+    // which only a decode gives back: drop that many more tokens from the target, to be
+    // decoded again with the next prefill (or by session_settle).
+    session_settle(s, sq);        // (a rollback right after a rollback: the rows it deferred first)
     const int32_t n_redo   = s->heads ? std::min(n_keep, mtp_rollback_redo(s)) : 0;
     const int32_t n_target = n_keep - n_redo;
-    const std::vector<llama_token> redo(sq.history.begin() + n_target, sq.history.begin() + n_keep);
     const bool snapshots_ok = !s->recurrent || sq.n_past() - n_target <= rs_rollback_max(s, sq);
     if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), sq.id, n_target, -1)) {
         fail(PMTP_ERR_INVALID_ARG, "this model's state cannot be rolled back to " + std::to_string(n_keep) +
              " tokens (recurrent state); reset and prefill again");
     }
-    sq.history.resize((size_t) n_target);
+    sq.history.resize((size_t) n_keep);
+    sq.n_deferred = n_redo;
     sq.pending    = -1;
     sq.logits_row = -1;
-    check_swa_window(s, sq);
     if (s->heads) {
         mtp_rollback(s, sq, n_keep, n_target + 1);
         if (n_target == 0) {
             sq.last_h.assign((size_t) s->n_embd, 0.0f);
         }
-        target_decode(s, sq, redo.data(), redo.size(), n_target, false);
-        sq.history.insert(sq.history.end(), redo.begin(), redo.end());
-        const size_t n_embd = (size_t) s->n_embd;
-        const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n_redo, n_embd]
-        // rows n_target + 1 .. n_keep - 1: redo[i] pairs with h[i - 1]
-        if (n_redo > 1) {
-            mtp_push_rows(s, sq, redo.data() + 1, h, h + n_embd, (size_t) n_redo - 1, n_target + 1);
-        }
-        std::memcpy(sq.last_h.data(), h + (size_t) (n_redo - 1) * n_embd, sizeof(float) * n_embd);
+    }
+    check_swa_window(s, sq);
+    if (s->recurrent) {
+        // a recurrent state rolls back by snapshots of the last decode: decode now, so
+        // that what a later rollback can reach stays what it was
+        session_settle(s, sq);
     }
     rebuild_sampler_history(s, sq);
 }

@@ -241,7 +241,7 @@ class StepResult:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None   # per token: (token, logprob)
 
 
-_STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries")
+_STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries", "n_target_decodes")
 _STAT_TIMES = ("t_draft_s", "t_verify_s", "t_catchup_s", "t_sample_s", "t_prefill_s", "t_decode_s")
 
 

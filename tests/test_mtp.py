@@ -126,6 +126,65 @@ def test_heads_after_every_accept_pattern_and_rollback_equal_a_fresh_catch_up(tm
         assert {(3, 0), (3, 1), (3, 2), (3, 3), (2, 2)} <= patterns, patterns
 
 
+@pytest.mark.parametrize("n_batch", [64, 8])
+def test_a_rollback_decodes_its_rows_again_with_the_next_prompt(tmp_path, n_batch):
+    """The heads need the target's hidden states of the last tokens a rollback keeps, which
+    only a decode gives back: a server slot that reuses a shared context rolls back on every
+    request. Those tokens go in with the next prompt's rows, in its first decode (not a decode
+    of their own, at the full context's cost); what the heads and the target then hold equals
+    a fresh context's: the same drafts, the same logits, the same greedy continuation. A
+    second rollback before the prompt, or a sample or catch-up straight after one, decodes
+    them on their own first."""
+    import factories as testing
+    path = str(testing.write_step35(tmp_path / "m.gguf", seed=4, n_swa=8, oracle=True, acceptance=0.6))
+    with Model(ModelConfig(path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=512, threads=2, draft_max=3, n_batch=n_batch, n_ubatch=n_batch),
+                    mtp_model=model) as s:
+        history = prompt_of(model, 40)            # what the target's KV cache holds
+        s.prefill(history)
+        pending = s.sample()
+        turns = [(30, 12, None), (25, 3, "rollback"), (33, 20, None), (2, 5, None), (28, 1, "catch_up"),
+                 (35, 9, "sample")]
+        for turn, (n_keep, extra, before) in enumerate(turns):
+            for _ in range(4):                    # steps past the prompt, drafts accepted or not
+                r = s.step(3)
+                history += [pending, *r.tokens[:-1]]
+                pending = r.tokens[-1]
+            assert s.n_past == len(history)
+            s.rollback(n_keep)
+            history = history[:n_keep]
+            if before == "rollback":
+                n_keep -= 2
+                s.rollback(n_keep)
+                history = history[:n_keep]
+            elif before == "catch_up":
+                s.seq_mtp_catch_up(0)
+            elif before == "sample":
+                assert s.sample() == int(np.argmax(fresh_logits(model, history)))
+            assert s.n_past == len(history)
+            new = prompt_of(model, 100 + turn)[:extra]
+            decodes = s.stats()["n_target_decodes"]
+            s.prefill(new)
+            history += new
+            if before is None:                    # 3 chained heads: 3 tokens again, at most
+                assert s.stats()["n_target_decodes"] - decodes == -(-(extra + min(n_keep, 3)) // n_batch), turn
+            np.testing.assert_array_equal(s.logits(), fresh_logits(model, history), err_msg=f"turn {turn}")
+            pending = s.sample()
+            want_drafts, want_logits = _fresh_drafts(model, history)
+            assert s.draft(3) == want_drafts, turn
+            for j in range(3):
+                np.testing.assert_allclose(s.head_logits(j), want_logits[j], atol=1e-3,
+                                           err_msg=f"turn {turn} head {j}")
+            want = greedy_continuation(model, history, 12)
+            start = len(history)
+            while len(history) < start + 12:
+                r = s.step(3)
+                history += [pending, *r.tokens[:-1]]
+                pending = r.tokens[-1]
+            assert history[start:start + 12] == want[:12], \
+                f"turn {turn}: diverged at {first_diff(history[start:], want)}"
+
+
 @pytest.mark.parametrize("n_ubatch", [4, 16])
 def test_logits_equal_plain_bit_for_bit_after_the_sliding_window_ring_wraps(step35_path, n_ubatch):
     """The sliding-window cache is a ring of n_swa + n_ubatch cells (at least 256 here).
