@@ -218,6 +218,9 @@ PMTP_API void pmtp_session_stats_reset(pmtp_session * session);
 /* Forget everything: empty KV (target and MTP heads), n_past = 0. */
 PMTP_API int pmtp_reset(pmtp_session * session);
 /* Keep the first n_keep tokens, drop the rest (target, heads, recurrent state).
+ * With MTP heads the last kept tokens (1, or one per chained head) are decoded again for
+ * their hidden states: with the next prefill's rows, or alone before a sample, logits or
+ * catch-up that comes first (n_target_decodes counts either).
  * PMTP_ERR_SWA_GUARD if the sliding window no longer holds what n_keep needs. */
 PMTP_API int pmtp_rollback(pmtp_session * session, int32_t n_keep);
 /* Decode tokens at n_past (chunks of n_batch); logits of the last one are kept. */

@@ -292,16 +292,22 @@ void check_swa_window(pmtp_session * s, const seq_state & sq) {
     if (s->n_swa <= 0 || !s->params.swa_guard) {
         return;
     }
-    const llama_pos pos_max = llama_memory_seq_pos_max(s->mem(), sq.id);
-    if (pos_max < 0) {
+    // The next decode writes position `next` and attends to [next + 1 - n_swa, next]. The
+    // cache's own positions cannot stand in for `next`: after a rollback behind what the
+    // ring still holds, no cell of the sequence is left, and the window is gone all the same.
+    const llama_pos next = sq.n_past() - sq.n_deferred;
+    if (next == 0) {
         return;
     }
+    const llama_pos pos_max = llama_memory_seq_pos_max(s->mem(), sq.id);
     const llama_pos pos_min = llama_memory_seq_pos_min(s->mem(), sq.id);
-    // The next token at pos_max + 1 attends to [pos_max + 2 - n_swa, pos_max + 1].
-    const llama_pos need = std::max<llama_pos>(0, pos_max + 2 - s->n_swa);
-    if (pos_min > need) {
-        fail(PMTP_ERR_SWA_GUARD, "sliding-window cache lost positions [" + std::to_string(need) + ", " +
-             std::to_string(pos_min) + ") that the next token attends to (window " + std::to_string(s->n_swa) + ")");
+    const llama_pos need = std::max<llama_pos>(0, next + 1 - s->n_swa);
+    if (pos_max < next - 1 || pos_min > need) {
+        const std::string held = pos_max < 0 ? "none of them"
+                                             : "[" + std::to_string(pos_min) + ", " + std::to_string(pos_max) + "]";
+        fail(PMTP_ERR_SWA_GUARD, "sliding-window cache lost positions that the next token attends to: it needs [" +
+             std::to_string(need) + ", " + std::to_string(next - 1) + "] and holds " + held + " (window " +
+             std::to_string(s->n_swa) + ")");
     }
 }
 
@@ -336,22 +342,13 @@ void session_reset(pmtp_session * s, seq_state & sq) {
     rebuild_sampler_history(s, sq);
 }
 
-void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n) {
-    if (n == 0) {
-        return;
-    }
-    if ((size_t) sq.n_past() + n > s->n_ctx) {
-        fail(PMTP_ERR_CONTEXT_FULL, "prompt of " + std::to_string(n) + " tokens does not fit: " +
-             std::to_string(sq.n_past()) + " already in a context of " + std::to_string(s->n_ctx) +
-             "; shorten the prompt or create the model with a larger n_ctx");
-    }
-    if (sq.pending >= 0 && s->heads) {
-        mtp_rollback(s, sq, sq.n_past(), sq.n_past());  // forget the pending token's row
-    }
-    sq.pending = -1;
-    // Tokens a rollback deferred go first, in the same decode as the prompt's first rows
-    // (a few rows more in a batch cost less than a decode of their own). Their first row
-    // is queued for the heads already, and the sampler has seen them all.
+namespace {
+
+// Decode tokens at n_past, after the tokens a rollback deferred (in the same decode as the
+// first rows: a few rows more in a batch cost less than a decode of their own), in chunks
+// of n_batch; queue their rows for the heads. The deferred tokens' first row is queued
+// already, and the sampler has seen them.
+void decode_after_deferred(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n) {
     const size_t n_redo = (size_t) sq.n_deferred;
     std::vector<llama_token> joined;
     if (n_redo > 0) {
@@ -394,30 +391,28 @@ void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * token
     s->stats.t_prefill_s += now_s() - t0;
 }
 
-void session_settle(pmtp_session * s, seq_state & sq) {
-    if (sq.n_deferred == 0) {
+}  // namespace
+
+void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * tokens, size_t n) {
+    if (n == 0) {
         return;
     }
-    const size_t n_redo = (size_t) sq.n_deferred;
-    const llama_pos pos0 = sq.n_past() - (llama_pos) n_redo;
-    const std::vector<llama_token> redo(sq.history.end() - (ptrdiff_t) n_redo, sq.history.end());
-    sq.history.resize((size_t) pos0);
-    sq.n_deferred = 0;
-    try {
-        target_decode(s, sq, redo.data(), n_redo, pos0, false);
-    } catch (...) {
-        sq.history.insert(sq.history.end(), redo.begin(), redo.end());
-        sq.n_deferred = (int32_t) n_redo;
-        throw;
+    if ((size_t) sq.n_past() + n > s->n_ctx) {
+        fail(PMTP_ERR_CONTEXT_FULL, "prompt of " + std::to_string(n) + " tokens does not fit: " +
+             std::to_string(sq.n_past()) + " already in a context of " + std::to_string(s->n_ctx) +
+             "; shorten the prompt or create the model with a larger n_ctx");
     }
-    sq.history.insert(sq.history.end(), redo.begin(), redo.end());
-    const size_t n_embd = (size_t) s->n_embd;
-    const float * h = llama_get_embeddings_nextn(s->ctx.get());  // [n_redo, n_embd]
-    // rows pos0 + 1 .. pos0 + n_redo - 1: redo[i] pairs with h[i - 1] (row pos0 is queued)
-    if (n_redo > 1) {
-        mtp_push_rows(s, sq, redo.data() + 1, h, h + n_embd, n_redo - 1, pos0 + 1);
+    if (sq.pending >= 0 && s->heads) {
+        mtp_rollback(s, sq, sq.n_past(), sq.n_past());  // forget the pending token's row
     }
-    std::memcpy(sq.last_h.data(), h + (n_redo - 1) * n_embd, sizeof(float) * n_embd);
+    sq.pending = -1;
+    decode_after_deferred(s, sq, tokens, n);
+}
+
+void session_settle(pmtp_session * s, seq_state & sq) {
+    if (sq.n_deferred > 0) {
+        decode_after_deferred(s, sq, nullptr, 0);
+    }
 }
 
 llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i) {

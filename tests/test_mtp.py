@@ -371,3 +371,31 @@ def test_greedy_mtp_equals_plain_with_f16_weights(tmp_path):
     with Llama(path, n_ctx=1024, threads=2, mtp=True, draft=3) as llm:
         for draft in (1, 3):
             assert llm.generate(prompt, max_tokens=N_GEN, draft=draft).tokens == expected
+
+
+@pytest.mark.parametrize("mtp", [False, True])
+def test_a_rollback_behind_what_the_sliding_window_ring_still_holds_is_refused(step35_path, mtp):
+    """The sliding-window layers keep a ring of n_swa + n_ubatch cells: after a long
+    generation the ring no longer holds the positions just before an early rollback
+    point, so no cell of the sequence is left there at all. That rollback must be refused
+    (the window the next token attends to is gone), not pass as if nothing were missing;
+    a new prompt that shares the early prefix then goes in afresh, and its output equals a
+    fresh context's."""
+    from pyllama_mtp.errors import SwaGuardError
+    kw = dict(mtp=True, draft=3) if mtp else {}
+    with Model(ModelConfig(step35_path, load_mtp=mtp)) as model, \
+            Session(model, ContextConfig(n_ctx=1024, threads=2, draft_max=3 if mtp else 0, n_ubatch=64,
+                                         n_batch=64), mtp_model=model if mtp else None) as s:
+        s.prefill(prompt_of(model, 40))
+        s.sample()
+        while s.n_past < 40 + 400:               # far past the ring (8 + 64 cells, padded to 256)
+            s.step(3 if mtp else 0)
+        with pytest.raises(SwaGuardError, match="sliding-window"):
+            s.rollback(30)
+    first = prompt_of(model, 40)
+    second = first[:30] + prompt_of(model, 12)
+    with Llama(step35_path, n_ctx=1024, threads=2, n_ubatch=64, n_batch=64, **kw) as llm:
+        llm.generate(first, max_tokens=400)
+        reused = llm.generate(second, max_tokens=40).tokens
+    with Llama(step35_path, n_ctx=1024, threads=2, n_ubatch=64, n_batch=64, **kw) as fresh:
+        assert fresh.generate(second, max_tokens=40).tokens == reused
