@@ -400,6 +400,20 @@ int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq) {
     });
 }
 
+int pmtp_seq_mtp_window(pmtp_session * session, int32_t seq, int32_t n_rows) {
+    return guarded([&] {
+        need(session, "session");
+        if (n_rows < 0) {
+            fail(PMTP_ERR_INVALID_ARG, "n_rows must be >= 0 (0 feeds the MTP heads every row), got " +
+                 std::to_string(n_rows));
+        }
+        seq_state & sq = session->seq(seq);
+        if (session->heads) {
+            mtp_set_window(session, sq, n_rows);
+        }
+    });
+}
+
 int32_t pmtp_seq_mtp_queued(const pmtp_session * s, int32_t seq) {
     return s && seq >= 0 && seq < (int32_t) s->seqs.size() ? mtp_queued(s, s->seqs[(size_t) seq]) : 0;
 }

@@ -207,6 +207,8 @@ void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens,
 void mtp_catch_up(pmtp_session * s, seq_state & sq);
 // Rows of the sequence that some head has not taken yet (what a catch-up would run).
 int32_t mtp_queued(const pmtp_session * s, const seq_state & sq);
+// The heads may skip rows older than the newest n_rows (0: every row), see pmtp.h.
+void mtp_set_window(pmtp_session * s, const seq_state & sq, int32_t n_rows);
 // Draft k[i] tokens for each seqs[i] (all heads' decodes shared by the sequences) into
 // out[i * PMTP_MAX_DRAFT ..]; with rejection sampling the draft distributions stay in the heads.
 void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const std::vector<int32_t> & k,

@@ -79,6 +79,8 @@ struct mtp_seq {
     std::vector<llama_pos>                draft_pos;
     std::vector<std::vector<llama_token>> draft_tok;
 
+    int32_t window = 0;                      // the heads may skip rows older than the newest this many
+
     llama_pos queue_end() const { return queue_pos0 + (llama_pos) queue_tok.size(); }
 };
 
@@ -324,6 +326,32 @@ void queue_trim(mtp_heads & H, mtp_seq & m) {
     }
 }
 
+// The heads skip the queued rows before row b: head j's next row becomes b (chained: b + j,
+// whose input is head j - 1's output of row b + j - 1, which head j - 1 computes first).
+// Its KV keeps a gap before that row; positions stay the rows' own, so attention and RoPE
+// see the rows that are there where they belong. A head's uncommitted draft rows go first
+// (they would otherwise sit inside the gap).
+void mtp_skip_rows(pmtp_session * s, seq_state & sq, llama_pos b) {
+    mtp_heads & H = *s->heads;
+    mtp_seq & m = H.seqs[(size_t) sq.id];
+    for (size_t j = 0; j < H.heads.size(); ++j) {
+        const llama_pos start = b + (H.chained ? (llama_pos) j : 0);
+        if (m.n_clean[j] >= start) {
+            continue;
+        }
+        if (j == 0) {
+            s->stats.n_rows_skipped += (uint64_t) (start - std::max(m.n_clean[j], H.first_row(j)));
+        }
+        head_truncate(H, j, sq, m.n_clean[j]);
+        m.n_clean[j] = m.n_kv[j] = start;
+        if (H.keeps_outputs(j)) {               // outputs before the gap are never read again
+            m.out_pos0[j] = start;
+            m.out_h[j].clear();
+        }
+    }
+    queue_trim(H, m);
+}
+
 // Every head takes the sequence's queued rows now (long stretches without drafting).
 void mtp_flush(pmtp_session * s, seq_state & sq) {
     mtp_heads & H = *s->heads;
@@ -404,6 +432,13 @@ void mtp_reset(pmtp_session * s, const seq_state & sq) {
     m.queue_pos0 = 0;
     m.queue_tok.clear();
     m.queue_h.clear();
+    m.window = 0;
+}
+
+void mtp_set_window(pmtp_session * s, const seq_state & sq, int32_t n_rows) {
+    mtp_heads & H = *s->heads;
+    // head j (chained) starts again at row b + j <= the newest row: at least heads + 1 rows
+    H.seqs[(size_t) sq.id].window = n_rows > 0 ? std::max(n_rows, (int32_t) H.heads.size() + 1) : 0;
 }
 
 int32_t mtp_rollback_redo(const pmtp_session * s) {
@@ -441,8 +476,11 @@ void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens,
         m.queue_tok.push_back(tokens[i]);
         m.queue_h.insert(m.queue_h.end(), h, h + n_embd);
     }
-    // Long stretches without drafting (prefill, draft=0) are taken in large batches.
-    if (m.queue_tok.size() > s->n_batch) {
+    // Long stretches without drafting (prefill, draft=0) are taken in large batches, or
+    // skipped but for the newest rows while a policy decodes plainly (pmtp_seq_mtp_window).
+    if (m.window > 0 && m.queue_tok.size() >= 2 * (size_t) m.window) {
+        mtp_skip_rows(s, sq, m.queue_end() - m.window);
+    } else if (m.queue_tok.size() > s->n_batch) {
         mtp_flush(s, sq);
     }
 }

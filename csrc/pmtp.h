@@ -178,6 +178,7 @@ typedef struct pmtp_stats {
     uint64_t drafted_at_rejection[PMTP_MAX_DRAFT];  /* used rejection sampling      */
     uint64_t swa_recoveries;     /* guard violations repaired by re-prefill             */
     uint64_t n_target_decodes;   /* target decode calls (prefill chunks, steps, redos)  */
+    uint64_t n_rows_skipped;     /* rows the first MTP head skipped (mtp_window)        */
     double   t_draft_s;
     double   t_verify_s;
     double   t_catchup_s;
@@ -260,6 +261,16 @@ PMTP_API int pmtp_seq_mtp_catch_up(pmtp_session * session, int32_t seq);
  * lacks); 0 without heads or for an unknown sequence. A policy weighs what switching
  * from plain decoding to drafting costs by it. */
 PMTP_API int32_t pmtp_seq_mtp_queued(const pmtp_session * session, int32_t seq);
+/* While a sequence decodes plainly for long, feeding the MTP heads every row costs a
+ * batched decode of the heads per n_batch rows (on a small trunk with three chained heads
+ * about a tenth of plain decoding) for drafts nobody asks for. With n_rows > 0 the heads
+ * may skip rows older than the newest n_rows (at least the heads' count + 1) that they
+ * have not taken: the queue is cut back to n_rows whenever it reaches twice that, and
+ * the heads' KV keeps a gap there. Only drafts can change (their attention misses the
+ * skipped positions); the output never does. n_rows = 0 (the default, and again after
+ * a reset) feeds every row. It holds across prefills: the library's driver sets it for
+ * each prompt and each step (on while the sequence decodes plainly). No-op without heads. */
+PMTP_API int pmtp_seq_mtp_window(pmtp_session * session, int32_t seq, int32_t n_rows);
 PMTP_API int pmtp_seq_set_sampling(pmtp_session * session, int32_t seq, const pmtp_sampling * sampling);
 PMTP_API int pmtp_seq_prefill(pmtp_session * session, int32_t seq, const int32_t * tokens, size_t n);
 PMTP_API int pmtp_seq_sample(pmtp_session * session, int32_t seq, pmtp_step_result * out);

@@ -495,9 +495,10 @@ class DraftPolicy:
     def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0,
                     same_batch: bool = True, joined: float = 0.0) -> None:
         """A step's seconds, without the heads' catch-up before it (``catch_up`` seconds):
-        a drafting step's cost does not include it, plain decoding pays it too in the flush
-        that feeds the heads every n_batch rows; but a probe from plain decoding pays it
-        early, a part of the price of looking (``probe_cost``).
+        a drafting step's cost does not include it (plain decoding leaves the heads only
+        their newest rows, see ``sequence.PLAIN_HEADS_WINDOW``, so a switch catches up on a
+        bounded number of rows); a probe from plain decoding pays it, a part of the price of
+        looking (``probe_cost``).
 
         Several sequences (BatchDraftPolicy): a step right after the batch changed (a
         sequence joined or left: ``same_batch`` False) runs slow whatever its length (graphs

@@ -241,7 +241,8 @@ class StepResult:
     top_logprobs: tuple[tuple[tuple[int, float], ...], ...] | None = None   # per token: (token, logprob)
 
 
-_STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries", "n_target_decodes")
+_STAT_COUNTERS = ("n_steps", "n_drafted", "n_accepted", "n_emitted", "swa_recoveries", "n_target_decodes",
+                  "n_rows_skipped")
 _STAT_TIMES = ("t_draft_s", "t_verify_s", "t_catchup_s", "t_sample_s", "t_prefill_s", "t_decode_s")
 
 
@@ -380,6 +381,12 @@ class Session(_Handle):
         """Rows the MTP heads still lack for sequence ``seq``: what ``seq_mtp_catch_up``
         would run now (0 without heads)."""
         return lib.pmtp_seq_mtp_queued(self._check_open(), seq)
+
+    def seq_mtp_window(self, seq: int, n_rows: int) -> None:
+        """Let the MTP heads skip sequence ``seq``'s rows older than the newest ``n_rows``
+        while it decodes plainly (0: feed every row, the default after each prefill). Only
+        drafts can change, never the output; see ``pmtp_seq_mtp_window``."""
+        check(lib.pmtp_seq_mtp_window(self._check_open(), seq, n_rows))
 
     def mtp_catch_up(self) -> None:
         self.seq_mtp_catch_up(0)

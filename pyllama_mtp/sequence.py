@@ -28,6 +28,14 @@ from .speculative import GenerationStats, SequenceCounters
 from .text import StopMatcher, Utf8StreamDecoder
 
 
+# While a sequence decodes plainly the MTP heads may skip its rows but the newest this many
+# (Session.seq_mtp_window): feeding them every row costs a batched decode of the heads per
+# n_batch rows (about a tenth of plain decoding on a small trunk with three chained heads)
+# for drafts nobody asks for. The newest rows are the context a draft draws on most, and a
+# switch to drafting catches up on at most twice this many.
+PLAIN_HEADS_WINDOW = 128
+
+
 @dataclass(frozen=True)
 class Chunk:
     """What one decode step added to a stream."""
@@ -157,6 +165,7 @@ class Sequence:
         self.last_k = 0                   # drafts of its last step (0: the heads may have rows queued)
         self.fresh = True                 # no step ran since the prompt went in
         self.held_plain = False           # decodes plainly while its batch drafts (see _admit_newcomers)
+        self.heads_window: int | None = None   # what the heads may skip (see feed_heads); None: not set
         self.counters = SequenceCounters(rejection=call.rejection)
         self.collected = ChunkCollector()
         self.finish_reason: str | None = None
@@ -187,6 +196,16 @@ class Sequence:
             session.seq_reset(self.seq)
             keep = 0
         self.in_cache = self.reused = keep
+        self.feed_heads(session, plain=self.draft == 0)
+
+    def feed_heads(self, session, plain: bool) -> None:
+        """Whether the MTP heads take all of its rows (it drafts, or may draft soon) or may
+        skip all but the newest PLAIN_HEADS_WINDOW (it decodes plainly). Only drafts can
+        change, never the output."""
+        window = PLAIN_HEADS_WINDOW if plain else 0
+        if window != self.heads_window and session.config.draft_max > 0:
+            session.seq_mtp_window(self.seq, window)
+            self.heads_window = window
 
     def prefill(self, session, limit: int | None = None) -> bool:
         """Prefill the rest of the prompt (at most ``limit`` tokens of it); True once all of
@@ -350,6 +369,9 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
     drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
+    for s, k in zip(running, drafts):
+        if s.heads_window != (0 if k else PLAIN_HEADS_WINDOW):
+            s.feed_heads(session, plain=not k)
     held = sum(s.held_plain for s in auto) if k_auto > 0 else 0
     catch_up = joined = 0.0
     rows_caught = [0, 0]             # rows the heads took before the step: switching, joining

@@ -185,6 +185,96 @@ def test_a_rollback_decodes_its_rows_again_with_the_next_prompt(tmp_path, n_batc
                 f"turn {turn}: diverged at {first_diff(history[start:], want)}"
 
 
+def _plain_tokens(model, prompt, n):
+    """The target's greedy output after ``prompt``: n tokens, one plain step at a time."""
+    with Session(model, ContextConfig(n_ctx=1024, threads=2)) as s:
+        s.prefill(prompt)
+        out = [s.sample()]
+        while len(out) < n:
+            out += s.step(0).tokens
+        return out[:n]
+
+
+@pytest.mark.parametrize("n_mtp", [3, 1])
+def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tmp_path, n_mtp):
+    """With a window set (seq_mtp_window), plain decoding leaves the heads only the newest
+    rows: they skip the rest unprocessed (a gap in their KV, at the rows' own positions),
+    so switching to drafting catches up on fewer than twice the window. After the gap every
+    head still pairs each token with the right hidden state: on an oracle whose heads agree
+    with the trunk every draft is accepted, after rollbacks into, before and after the gap
+    too; and the output is the plain greedy output throughout."""
+    import factories as testing
+    path = str(testing.write_step35(tmp_path / "m.gguf", seed=5, n_swa=8, n_mtp=n_mtp, oracle=True,
+                                    acceptance=1.0))
+    k = 3
+    window = 8                                    # at least heads + 1: taken as it is
+    with Model(ModelConfig(path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=1024, threads=2, draft_max=k, n_batch=64, n_ubatch=64),
+                    mtp_model=model) as s:
+        prompt = prompt_of(model, 20)
+        s.prefill(prompt)
+        out = [s.sample()]                        # generated tokens; the last one is pending
+
+        def plain(n):
+            for _ in range(n):
+                out.extend(s.step(0).tokens)
+
+        def drafting(n):
+            for _ in range(n):
+                r = s.step(k)
+                assert r.n_accepted == k, f"after {len(out)} tokens: {r.n_accepted} of {k} drafts accepted"
+                out.extend(r.tokens)
+
+        s.seq_mtp_window(0, window)
+        plain(150)
+        skipped = s.stats()["n_rows_skipped"]
+        assert skipped >= len(prompt) + 150 - 2 * window - 1
+        assert window <= s.seq_mtp_queued(0) < 2 * window
+        s.seq_mtp_window(0, 0)                    # drafting again: every row from here on
+        drafting(5)
+        plain(40)                                 # no window: rows queue up and are taken
+        assert s.stats()["n_rows_skipped"] == skipped
+        drafting(3)
+        gap_start = s.n_past                      # the heads hold every row before this one
+        s.seq_mtp_window(0, window)
+        plain(60)
+        gap_end = s.n_past - s.seq_mtp_queued(0)  # and the newest ones from about here
+        drafting(3)
+        # after, inside and before the gap (within what the sliding-window ring still holds)
+        for n_keep in (gap_end + 10, gap_end - 20, gap_start - 5):
+            s.rollback(n_keep)                    # keeps prompt + out[:n_keep - len(prompt)]
+            del out[n_keep - len(prompt):]
+            out.append(s.sample())
+            drafting(3)
+            s.seq_mtp_window(0, window)
+            plain(40)
+            s.seq_mtp_window(0, 0)
+            drafting(2)
+        assert s.stats()["n_rows_skipped"] > skipped
+    with Model(ModelConfig(path)) as model:
+        want = _plain_tokens(model, prompt, len(out))
+    assert out == want, f"diverged at {first_diff(out, want)}"
+
+
+def test_a_window_of_rows_is_checked(step35_path):
+    """A negative window or an unknown sequence is refused with a clear error; without
+    heads a window is accepted and changes nothing."""
+    from pyllama_mtp.errors import InvalidArgumentError
+    with Model(ModelConfig(step35_path, load_mtp=True)) as model:
+        with Session(model, ContextConfig(n_ctx=256, threads=1, draft_max=3), mtp_model=model) as s:
+            with pytest.raises(InvalidArgumentError, match="n_rows must be >= 0"):
+                s.seq_mtp_window(0, -1)
+            with pytest.raises(InvalidArgumentError):
+                s.seq_mtp_window(5, 8)
+            s.prefill(prompt_of(model, 12))
+            s.sample()
+            assert s.step(3).n_drafted == 3      # the session still works
+        with Session(model, ContextConfig(n_ctx=256, threads=1)) as s:
+            s.seq_mtp_window(0, 8)
+            s.prefill(prompt_of(model, 12))
+            assert s.sample() == int(np.argmax(fresh_logits(model, prompt_of(model, 12))))
+
+
 @pytest.mark.parametrize("n_ubatch", [4, 16])
 def test_logits_equal_plain_bit_for_bit_after_the_sliding_window_ring_wraps(step35_path, n_ubatch):
     """The sliding-window cache is a ring of n_swa + n_ubatch cells (at least 256 here).

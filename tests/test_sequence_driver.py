@@ -293,6 +293,28 @@ def test_the_heads_take_the_tail_of_a_long_prompt_with_the_prompt(oracle_path):
         assert prefilled(100, 300, mtp=False) > 1
 
 
+def test_plain_decoding_leaves_the_heads_only_their_newest_rows(step35_path):
+    """While a sequence decodes plainly (draft=0 with the heads loaded, or "auto" settled on
+    plain decoding, as on this model whose heads are random) the driver lets the heads skip
+    all but the newest PLAIN_HEADS_WINDOW rows instead of feeding them every row; a call
+    that drafts feeds them every row again, and catches up on fewer than twice the window.
+    The output is plain greedy decoding's in every case."""
+    from pyllama_mtp.sequence import PLAIN_HEADS_WINDOW as W
+    prompt, n = "plain for long, then drafting", 600
+    with Llama(step35_path, n_ctx=2048, threads=1, mtp=True, draft=3) as llm:
+        want = llm.generate(prompt, max_tokens=n, mtp=False).tokens
+        skipped = lambda: llm.session.stats()["n_rows_skipped"]     # noqa: E731
+        n_prompt = len(llm.tokenize(prompt))
+        assert llm.generate(prompt, max_tokens=n, draft=0).tokens == want
+        assert skipped() >= n_prompt + n - 2 * W
+        assert llm.session.seq_mtp_queued(0) < 2 * W
+        before = skipped()
+        assert llm.generate(prompt, max_tokens=n, draft=3).tokens == want
+        assert skipped() == before
+        assert llm.generate(prompt, max_tokens=n, draft="auto").tokens == want
+        assert skipped() > before
+
+
 def test_the_draft_trace_records_every_auto_step_as_the_counters_saw_it(oracle_path, tmp_path, monkeypatch):
     """PYLLAMA_MTP_DRAFT_TRACE: one JSON line per step of "auto" sequences, whose drafts and
     acceptances add up to the sequences' own counters."""
