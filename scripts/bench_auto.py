@@ -2,7 +2,8 @@
 
 For each model, context depth and generation length, rounds run every mode once each
 (plain, draft 1..max, auto) in a rotating order, so that the machine's drift hits all
-modes alike; the figure of a mode is the median of its rounds' decode speeds. Ratios are
+modes alike; plain decoding runs in a context without the MTP heads (what ``mtp=False``
+decodes), the other modes in one with them; the figure of a mode is the median of its rounds' decode speeds. Ratios are
 paired: auto over plain (or over the best fixed length, the fixed length with the best
 median) is taken within each round, where the modes ran seconds apart, and the median of
 those per-round ratios is reported; on a shared machine whose speed drifts by 10-25%
@@ -51,11 +52,13 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
     with Model(ModelConfig(path, load_mtp=True)) as model:
         heads = model.info.n_layer_mtp
         draft_max = heads if heads > 1 else 4
-        with Session(model, ContextConfig(n_ctx=depth + n_gen + 64, threads=threads, draft_max=draft_max)) as s:
+        n_ctx = depth + n_gen + 64
+        with Session(model, ContextConfig(n_ctx=n_ctx, threads=threads, draft_max=draft_max)) as s, \
+                Session(model, ContextConfig(n_ctx=n_ctx, threads=threads)) as without_heads:
             rng = np.random.default_rng(seed)
             n_vocab = model.info.n_vocab
             prefix = [int(t) for t in rng.integers(3, n_vocab - 8, size=depth)]
-            held: list[int] = []                            # what sequence 0's KV cache holds
+            held: dict[int, list[int]] = {}                 # what each session's sequence 0 holds
             policy = BatchDraftPolicy(s.draft_max)
             modes: list = list(range(s.draft_max + 1)) + ["auto"]
             rates: dict = {m: [] for m in modes}
@@ -66,18 +69,20 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 for mode in order:
                     # the library's driver, one sequence, no text; the prefix stays in the cache;
                     # max_tokens as a generate call would pass it (auto weighs it)
-                    seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), mode, ()), None, held)
-                    seq.load(s)
-                    seq.prefill(s)
-                    seq.begin(s)
+                    sess = without_heads if mode == 0 else s
+                    seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), mode, ()), None,
+                                   held.get(id(sess), []))
+                    seq.load(sess)
+                    seq.prefill(sess)
+                    seq.begin(sess)
                     t0 = time.perf_counter()
                     while seq.n_generated < n_gen:
-                        step_sequences(s, [seq], policy if mode == "auto" else None)
+                        step_sequences(sess, [seq], policy if mode == "auto" else None)
                         if mode == "auto" and r:
                             chosen[seq.last_k] = chosen.get(seq.last_k, 0) + 1
                     if r:
                         rates[mode].append((seq.n_generated - 1) / (time.perf_counter() - t0))
-                    held = seq.cached(s.seq_n_past(0))
+                    held[id(sess)] = seq.cached(sess.seq_n_past(0))
     med = {str(m): statistics.median(v) for m, v in rates.items()}
     fixed = {m: v for m, v in med.items() if m not in ("0", "auto")}
     best_fixed = max(fixed, key=fixed.get)
