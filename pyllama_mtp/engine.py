@@ -384,8 +384,9 @@ class Session(_Handle):
 
     def seq_mtp_window(self, seq: int, n_rows: int) -> None:
         """Let the MTP heads skip sequence ``seq``'s rows older than the newest ``n_rows``
-        while it decodes plainly (0: feed every row, the default after each prefill). Only
-        drafts can change, never the output; see ``pmtp_seq_mtp_window``."""
+        while it decodes plainly (0: feed every row, the default after a reset; a window
+        holds across prefills). Only drafts can change, never the output; see
+        ``pmtp_seq_mtp_window``."""
         check(lib.pmtp_seq_mtp_window(self._check_open(), seq, n_rows))
 
     def mtp_catch_up(self) -> None:

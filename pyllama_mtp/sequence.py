@@ -34,7 +34,7 @@ from .text import StopMatcher, Utf8StreamDecoder
 # for drafts nobody asks for. The newest rows are the context a draft draws on most (the
 # target's hidden state, each row's other input, carries the rest), and a switch to
 # drafting, a probe of the "auto" policy included, catches up on at most twice this many
-# (128-256 of them took 0.35-0.8 s on that model at depths 0-2,048: 15-35 plain steps).
+# (64-128 of them took 0.17-0.31 s on that model at depths 0-2,048: 10-15 plain steps).
 PLAIN_HEADS_WINDOW = 64
 
 
@@ -205,8 +205,9 @@ class Sequence:
         skip all but the newest PLAIN_HEADS_WINDOW (it decodes plainly). Only drafts can
         change, never the output."""
         window = PLAIN_HEADS_WINDOW if plain else 0
-        if window != self.heads_window and session.config.draft_max > 0:
-            session.seq_mtp_window(self.seq, window)
+        if window != self.heads_window:
+            if session.config.draft_max > 0:    # (a session without heads has nothing to skip)
+                session.seq_mtp_window(self.seq, window)
             self.heads_window = window
 
     def prefill(self, session, limit: int | None = None) -> bool:
