@@ -195,17 +195,21 @@ def _plain_tokens(model, prompt, n):
         return out[:n]
 
 
-@pytest.mark.parametrize("n_mtp", [3, 1])
+@pytest.mark.parametrize("n_mtp", [3, 1, "qwen35"])
 def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tmp_path, n_mtp):
     """With a window set (seq_mtp_window), plain decoding leaves the heads only the newest
     rows: they skip the rest unprocessed (a gap in their KV, at the rows' own positions),
     so switching to drafting catches up on fewer than twice the window. After the gap every
     head still pairs each token with the right hidden state: on an oracle whose heads agree
     with the trunk every draft is accepted, after rollbacks into, before and after the gap
-    too; and the output is the plain greedy output throughout."""
+    too; and the output is the plain greedy output throughout. Chained heads (step35), one
+    head, and one head after a hybrid recurrent trunk (qwen35)."""
     import factories as testing
-    path = str(testing.write_step35(tmp_path / "m.gguf", seed=5, n_swa=8, n_mtp=n_mtp, oracle=True,
-                                    acceptance=1.0))
+    if n_mtp == "qwen35":                         # one head after a hybrid (recurrent) trunk
+        path = str(testing.write_qwen35(tmp_path / "m.gguf", seed=3, oracle=True, acceptance=1.0))
+    else:
+        path = str(testing.write_step35(tmp_path / "m.gguf", seed=5, n_swa=8, n_mtp=n_mtp, oracle=True,
+                                        acceptance=1.0))
     k = 3
     window = 8                                    # at least heads + 1: taken as it is
     with Model(ModelConfig(path, load_mtp=True)) as model, \
@@ -240,8 +244,9 @@ def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tm
         plain(60)
         gap_end = s.n_past - s.seq_mtp_queued(0)  # and the newest ones from about here
         drafting(3)
-        # after, inside and before the gap (within what the sliding-window ring still holds)
-        for n_keep in (gap_end + 10, gap_end - 20, gap_start - 5):
+        # after, inside and before the gap (within what the sliding-window ring still holds;
+        # a recurrent trunk rolls back no further than its snapshots)
+        for n_keep in () if n_mtp == "qwen35" else (gap_end + 10, gap_end - 20, gap_start - 5):
             s.rollback(n_keep)                    # keeps prompt + out[:n_keep - len(prompt)]
             del out[n_keep - len(prompt):]
             out.append(s.sample())
