@@ -334,13 +334,13 @@ void queue_trim(mtp_heads & H, mtp_seq & m) {
 void mtp_skip_rows(pmtp_session * s, seq_state & sq, llama_pos b) {
     mtp_heads & H = *s->heads;
     mtp_seq & m = H.seqs[(size_t) sq.id];
+    if (m.n_clean[0] < b) {
+        s->stats.n_rows_skipped += (uint64_t) (b - std::max(m.n_clean[0], H.first_row(0)));
+    }
     for (size_t j = 0; j < H.heads.size(); ++j) {
         const llama_pos start = b + (H.chained ? (llama_pos) j : 0);
         if (m.n_clean[j] >= start) {
             continue;
-        }
-        if (j == 0) {
-            s->stats.n_rows_skipped += (uint64_t) (start - std::max(m.n_clean[j], H.first_row(j)));
         }
         head_truncate(H, j, sq, m.n_clean[j]);
         m.n_clean[j] = m.n_kv[j] = start;

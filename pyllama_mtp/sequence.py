@@ -373,8 +373,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
                 p.coast = p.coast_budget(depth + 1)
     drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
     for s, k in zip(running, drafts):
-        if s.heads_window != (0 if k else PLAIN_HEADS_WINDOW):
-            s.feed_heads(session, plain=not k)
+        s.feed_heads(session, plain=not k)
     held = sum(s.held_plain for s in auto) if k_auto > 0 else 0
     catch_up = joined = 0.0
     rows_caught = [0, 0]             # rows the heads took before the step: switching, joining

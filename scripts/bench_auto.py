@@ -3,8 +3,8 @@
 For each model, context depth and generation length, rounds run every mode once each
 (plain, draft 1..max, auto) in a rotating order, so that the machine's drift hits all
 modes alike; plain decoding runs in a context without the MTP heads (what ``mtp=False``
-decodes), the other modes in one with them; the figure of a mode is the median of its rounds' decode speeds. Ratios are
-paired: auto over plain (or over the best fixed length, the fixed length with the best
+decodes), the other modes in one with them; the figure of a mode is the median of its
+rounds' decode speeds. Ratios are paired: auto over plain (or over the best fixed length, the fixed length with the best
 median) is taken within each round, where the modes ran seconds apart, and the median of
 those per-round ratios is reported; on a shared machine whose speed drifts by 10-25%
 between rounds, a ratio of two medians mixes that drift in. "noise" is the spread of plain
