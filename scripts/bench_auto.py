@@ -4,14 +4,14 @@ For each model, context depth and generation length, rounds run every mode once 
 (plain, draft 1..max, auto) in a rotating order, so that the machine's drift hits all
 modes alike; plain decoding runs in a context without the MTP heads (what ``mtp=False``
 decodes), the other modes in one with them; the figure of a mode is the median of its
-rounds' decode speeds. Ratios are paired: auto over plain (or over the best fixed length, the fixed length with the best
-median) is taken within each round, where the modes ran seconds apart, and the median of
-those per-round ratios is reported; on a shared machine whose speed drifts by 10-25%
-between rounds, a ratio of two medians mixes that drift in. "noise" is the spread of plain
-decoding's speed over the rounds ((max - min) / median). The auto
-policy lives across rounds, as it does across the calls of one Llama, and starts fresh
-for each (depth, length) cell. Greedy, random prompt tokens; the depth is a random prefix
-prefilled once and kept (rollback) under each round's prompt.
+rounds' decode speeds. Ratios are paired: auto over plain (or over the best fixed length,
+the fixed length with the best median) is taken within each round, where the modes ran
+seconds apart, and the median of those per-round ratios is reported; on a shared machine
+whose speed drifts by 10-25% between rounds, a ratio of two medians mixes that drift in.
+"noise" is the spread of plain decoding's speed over the rounds ((max - min) / median).
+The auto policy lives across rounds, as it does across the calls of one Llama, and starts
+fresh for each (depth, length) cell. Greedy, random prompt tokens; the depth is a random
+prefix prefilled once and kept (rollback) under each round's prompt.
 
 Targets (issue "draft='auto' never loses"): auto >= 0.97x plain in every cell, and
 >= 0.95x the best fixed draft wherever that beats plain by >= 10%.
