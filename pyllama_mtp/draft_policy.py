@@ -46,6 +46,8 @@ from .draft_trace import DraftTrace
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
+DOUBT_OBSERVATIONS = 8  # ... as long as the first draft has fewer observations than this (prior included)
+DOUBT_Z = 1.0           # drafting stays while acceptance's upper bound at this z says it may pay
 TIME_WINDOW = 8         # step cost: median of the last 8 steady steps per (depth bucket, k)
 PLAIN_SAMPLES = 6       # plain steps are timed until this many steady ones stand behind its cost
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
@@ -66,7 +68,7 @@ RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new
 UNCERTAINTY = 0.15      # a probe's pick: predicted rate x (1 + this / sqrt(steady samples))
 CLOSE_CALL = 0.9        # a probed length this close to the decision's rate is probed again soon
 LEARN_SAMPLES = 2       # steady samples of a length before learning it is done (one can be off)
-LEARN_BEYOND = 1.1      # while drafts are accepted, a length never timed here is timed at once if
+LEARN_BEYOND = 1.2      # while drafts are accepted, a length never timed here is timed at once if
 LEARN_BETWEEN = 1.03    # its predicted rate times this beats the decision's (predicted beyond the
                         # longest timed length, or between two timed ones: more or less sure)
 
@@ -115,6 +117,16 @@ class Acceptance:
             if m.value is None:                          # start from the prior, as one observation
                 m.value, m.weight = self.rate(i), 1
             m.add(1.0 if i < n_accepted else 0.0)
+
+    def upper_bound(self, i: int, z: float) -> float:
+        """A one-sided upper confidence bound of a_(i+1) (Wilson's score interval at ``z``),
+        from its observations so far (the prior counting as one)."""
+        n = max(self.observations(i), 1)
+        p = self.rate(i)
+        z2 = z * z
+        centre = p + z2 / (2 * n)
+        spread = z * (p * (1 - p) / n + z2 / (4 * n * n)) ** 0.5
+        return min(1.0, (centre + spread) / (1 + z2 / n))
 
     def expected_tokens(self, k: int) -> float:
         total, run = 1.0, 1.0
@@ -234,7 +246,10 @@ class StepCosts:
 
 
 def _line(pts: dict[int, float], k: int) -> float:
-    """Piecewise-linear through the measured points, extended by the nearest segment."""
+    """Piecewise-linear through the measured points, extended by the nearest segment, but
+    never falling beyond them: a step with more drafts does more work, so a segment that
+    falls (a slow spell while the shorter length was timed) is extended flat; followed
+    down, it would make a long draft look free."""
     if k in pts:
         return pts[k]
     xs = sorted(pts)
@@ -247,8 +262,11 @@ def _line(pts: dict[int, float], k: int) -> float:
     else:
         a = max(x for x in xs if x < k)
         b = min(x for x in xs if x > k)
-    t = pts[a] + (pts[b] - pts[a]) * (k - a) / (b - a)
-    return max(t, 1e-9)
+    slope = (pts[b] - pts[a]) / (b - a)
+    if a < k < b:
+        return max(pts[a] + slope * (k - a), 1e-9)
+    end = a if k < a else b                      # extended from the nearest measured point
+    return max(pts[end] + max(slope, 0.0) * (k - end), 1e-9)
 
 
 class DraftPolicy:
@@ -261,7 +279,7 @@ class DraftPolicy:
         self.costs = StepCosts()
         self.steps = 0
         self.interval = BASE_INTERVAL
-        self.next_probe = 2                # the first step decodes plainly, the second drafts once
+        self.next_probe = 3                # the first steps decode plainly (the second is timed), the third drafts once
         self.probing: int | None = None    # the decision a running probe departed from
         self.bucket = 0
         self.last_k = 0
@@ -269,6 +287,7 @@ class DraftPolicy:
         self.trial_k = 0
         self._surprised = False            # a probe's draft was accepted against the odds
         self._best = 0                     # the decision, recomputed every RECHECK(_PLAIN) steps
+        self.doubting = False              # it drafts only while acceptance is in doubt (in_doubt)
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps the driver takes without asking (step_sequences)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
@@ -320,6 +339,42 @@ class DraftPolicy:
             return current
         return top
 
+    def _decision(self) -> int:
+        """``best()``, except that a switch from drafting to plain decoding waits until the
+        first draft's acceptance is known well enough (``in_doubt``; ``doubting`` says so,
+        and the decision is then recomputed at every step)."""
+        best = self.best()
+        self.doubting = best == 0 and self.in_doubt()
+        return 1 if self.doubting else best
+
+    def in_doubt(self) -> bool:
+        """The last step drafted, and the first draft's acceptance rests on fewer than
+        ACCEPT_WINDOW observations, so few that its upper bound (DOUBT_Z) would still make
+        a step with one draft beat plain decoding. Then drafting one token goes on: each
+        step adds an observation where the heads are current and no graphs change, while
+        after a switch to plain decoding every look costs a probe (the heads' catch-up,
+        graphs rebuilt both ways) and, with its single observation a probe, backs off; a
+        drafting model whose first few drafts were rejected by chance (two or three in a
+        row happen often at an acceptance of 0.5) would stay plain for most of a
+        generation. Near the break-even acceptance a step drafting one costs about what a
+        plain one does, and far below it the bound drops within a few steps."""
+        if self.last_k <= 0 or self.draft_max < 1:
+            return False
+        n = self.acceptance.observations(0)
+        if n >= DOUBT_OBSERVATIONS:
+            return False
+        b = self.bucket
+        if not self.costs.steady(b, 0):
+            return False        # plain decoding's figure runs high (see StepCosts): no fair test
+        t0 = self.costs.predict(b, 0)
+        # a step with one draft: its steady cost, or, before one was timed (the steps after a
+        # switch run high), the lower of its figure so far and the prior shape's
+        if self.costs.steady(b, 1):
+            t1 = self.costs.predict(b, 1, steady_only=True)
+        else:
+            t1 = min(filter(None, (self.costs.predict(b, 1), t0 * (1 + DEFAULT_DRAFT_COST))))
+        return (1 + self.acceptance.upper_bound(0, DOUBT_Z)) / t1 > 1 / t0
+
     def hopeless(self) -> bool:
         """Drafting would not beat plain decoding here even if every draft were accepted
         (a length not timed steadily given LEARN_BEYOND's benefit of the doubt: a line
@@ -330,6 +385,8 @@ class DraftPolicy:
             return False
         if any(0 < self.costs.samples(self.bucket, k) < LEARN_SAMPLES for k in drafting):
             return False                    # one step is no proof: it may have been stalled
+        if self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES:
+            return False                    # nor are two plain ones: a lucky pair would rule drafting out
         def best_case(k: int) -> float:
             margin = 1.0 if self.costs.steady(self.bucket, k) else LEARN_BEYOND
             return margin * (k + 1) / self.costs.predict(self.bucket, k)
@@ -364,15 +421,16 @@ class DraftPolicy:
             self.timed = (self._best > 0 or self.last_k != 0 or self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES
                           or self.steps + 1 >= self.next_probe)
             return self._best
-        best = self._best = self.best()
-        self._recheck_at = self.steps + (RECHECK if best else RECHECK_PLAIN)
+        best = self._best = self._decision()
+        self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best else RECHECK_PLAIN)
         if self.steps >= self.next_probe:
             self.probing = best
             if self.guessed_plain and best > 0 and not self.costs.steady(self.bucket, 0):
-                # plain decoding's figure is another batch size's, scaled: a guess. Time it
-                # before the guess decides anything more (a plain step's cost grows much
-                # less than its rows, so the scaled guess runs high and would keep a large
-                # batch drafting where plain decoding is faster)
+                # plain decoding's figure is a guess: another batch size's, scaled, or a
+                # step right after a prefill or a change of length, which runs slow. Time
+                # it before the guess decides anything more (it runs high, and would keep
+                # drafting where plain decoding is faster: a scaled one because a plain
+                # step's cost grows much less than its rows)
                 learning, k = False, 0
             else:
                 learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
@@ -542,14 +600,15 @@ class DraftPolicy:
             return
         before, self.probing = self.probing, None
         self._recheck_at = 0
-        after = self.best()
+        after = self._decision()
         learning = self.still_learning(after)
         if self.hopeless():                 # only the costs could change that: the slowest pace
             self.interval = max(MAX_INTERVAL, min(self.interval * BACKOFF, HOPELESS_INTERVAL))
         elif after != before or self._surprised or learning:
             self.interval = BASE_INTERVAL
             if learning:
-                # a length that may win has too few steady samples here: time it at the next step, not
+                # a length that may win has too few steady samples here, or the decision
+                # drafts against a guess of plain decoding's cost: time it at the next step, not
                 # an interval later (a cold start would otherwise climb one length per
                 # interval, and a short generation end before it reaches the best one)
                 self._surprised = False

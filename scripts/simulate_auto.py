@@ -36,6 +36,9 @@ CASES = {
     "2 GB Q4_K_M oracle, Intel AMX": ({0: 1.0, 1: 1.58, 2: 1.89, 3: 2.33}, [1.0, 1.0, 1.0]),
     "drafts never accepted": ({0: 1.0, 1: 1.6, 2: 2.2, 3: 2.8}, [0.0, 0.0, 0.0]),
     "drafting barely pays": ({0: 1.0, 1: 1.45, 2: 1.9, 3: 2.4}, [0.55, 0.5, 0.5]),
+    "drafting barely loses": ({0: 1.0, 1: 1.45, 2: 1.9, 3: 2.4}, [0.38, 0.4, 0.4]),
+    "cheap drafts, acceptance 0.3": ({0: 4.41, 1: 5.54, 2: 6.56, 3: 8.07}, [0.3, 0.3, 0.3]),
+    "cheap drafts, acceptance 0.1": ({0: 4.41, 1: 5.54, 2: 6.56, 3: 8.07}, [0.1, 0.1, 0.1]),
 }
 
 
@@ -51,17 +54,19 @@ class Fixed:
     def choose(self, depth: int = 0) -> int:
         return self.k
 
-    def update(self, *args) -> None:
+    def update(self, *args, **kwargs) -> None:
         pass
 
 
 def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_gen: int, rng,
                       noise: float, stall: float, switch: float, drift: float = 0.0,
-                      cold: bool = False) -> float:
+                      cold: bool = False, catch_up: float = 0.0) -> float:
     """A warm-up generation, then the measured one, of n_gen tokens each (``cold``: the
     measured one only, the policy new: a Llama's first call). ``drift``: the
     machine's speed changes now and then (every ~100 steps on average) by a log-normal
-    factor of this sigma, as a shared VM's does when its neighbours get busy."""
+    factor of this sigma, as a shared VM's does when its neighbours get busy. ``catch_up``:
+    plain steps' worth of time the MTP heads take before a step that drafts right after
+    plain decoding (the rows kept while decoding plainly, sequence.PLAIN_HEADS_WINDOW)."""
     speed = 1.0
     for measured in ((True,) if cold else (False, True)):
         policy.start_sequence()
@@ -77,9 +82,10 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
             t = speed * costs[k] * float(np.exp(rng.normal(0.0, noise))) * (1.8 if rng.random() < stall else 1.0)
             if k != last:
                 t += switch * costs[0]         # graphs rebuilt, caches cold
-            policy.update(k, n_acc, t, int(tokens))
+            heads = speed * catch_up * costs[0] if k > 0 and last == 0 else 0.0
+            policy.update(k, n_acc, t, int(tokens), heads)
             tokens += n_acc + 1
-            seconds += t
+            seconds += t + heads
             last = k
     return tokens / seconds
 
@@ -94,6 +100,8 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", type=float, default=0.15,
                     help="sigma of the machine's speed changes, every ~100 steps (default 0.15)")
     ap.add_argument("--cold", action="store_true", help="no warm-up generation: the policy starts new")
+    ap.add_argument("--catch-up", type=float, default=4.0,
+                    help="the heads' catch-up before drafting after plain decoding, in plain steps (default 4)")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.n_gen.split(",")]
     print("| case | tokens | best fixed / plain | auto / plain | auto / best fixed |")
@@ -103,7 +111,7 @@ def main(argv=None) -> int:
             def mean_rate(make) -> float:
                 return float(np.mean([tokens_per_second(make(), costs, accept, n_gen, np.random.default_rng(s),
                                                         args.noise, args.stall, args.switch, args.drift,
-                                                        args.cold)
+                                                        args.cold, args.catch_up)
                                       for s in range(args.seeds)]))
             fixed = [mean_rate(lambda k=k: Fixed(k)) for k in range(4)]
             auto = mean_rate(lambda: DraftPolicy(3))
