@@ -20,6 +20,10 @@ probes:
   a few steps instead of one length per probe interval;
 - a probe from plain decoding counts the heads' catch-up before it in its price
   (``probe_cost``), which sets how often plain decoding may afford to look;
+- drafting does not turn plain on a few rejected drafts: while the first draft's
+  acceptance rests on so few observations that it may still pay (``in_doubt``), one
+  draft a step goes on, where each observation is cheap (after a switch to plain
+  decoding each look costs a probe);
 - probes back off exponentially (x4) while they do not change the decision, except where
   the probed length came close (CLOSE_CALL) and deserves another look; so a model
   whose drafts do not pay costs ever less; when drafting could not pay even if every
@@ -46,8 +50,8 @@ from .draft_trace import DraftTrace
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
-DOUBT_OBSERVATIONS = 8  # ... as long as the first draft has fewer observations than this (prior included)
-DOUBT_Z = 1.0           # drafting stays while acceptance's upper bound at this z says it may pay
+DOUBT_OBSERVATIONS = 8  # drafting stays while the first draft has fewer observations (prior included)
+DOUBT_Z = 1.0           # ... and its acceptance's upper bound at this z says drafting may pay
 TIME_WINDOW = 8         # step cost: median of the last 8 steady steps per (depth bucket, k)
 PLAIN_SAMPLES = 6       # plain steps are timed until this many steady ones stand behind its cost
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
@@ -349,8 +353,8 @@ class DraftPolicy:
 
     def in_doubt(self) -> bool:
         """The last step drafted, and the first draft's acceptance rests on fewer than
-        ACCEPT_WINDOW observations, so few that its upper bound (DOUBT_Z) would still make
-        a step with one draft beat plain decoding. Then drafting one token goes on: each
+        DOUBT_OBSERVATIONS observations, so few that its upper bound (DOUBT_Z) would still
+        make a step with one draft beat plain decoding. Then drafting one token goes on: each
         step adds an observation where the heads are current and no graphs change, while
         after a switch to plain decoding every look costs a probe (the heads' catch-up,
         graphs rebuilt both ways) and, with its single observation a probe, backs off; a
@@ -374,6 +378,20 @@ class DraftPolicy:
         else:
             t1 = min(filter(None, (self.costs.predict(b, 1), t0 * (1 + DEFAULT_DRAFT_COST))))
         return (1 + self.acceptance.upper_bound(0, DOUBT_Z)) / t1 > 1 / t0
+
+    def _acceptance_rules_out(self, bucket: int) -> bool:
+        """At ``bucket``'s costs no draft length would beat plain decoding even if every
+        draft position were accepted as often as the first draft's upper bound (DOUBT_Z)
+        allows, after at least THIN_EVIDENCE observations of it."""
+        t0 = self.costs.predict(bucket, 0)
+        if not t0 or self.acceptance.observations(0) < THIN_EVIDENCE:
+            return False
+        a = self.acceptance.upper_bound(0, DOUBT_Z)
+        for k in range(1, self.draft_max + 1):
+            t = self.costs.predict(bucket, k)
+            if not t or sum(a ** i for i in range(k + 1)) / t >= 1 / t0:
+                return False
+        return True
 
     def hopeless(self) -> bool:
         """Drafting would not beat plain decoding here even if every draft were accepted
@@ -399,12 +417,15 @@ class DraftPolicy:
         self.timed = True
         bucket = depth_bucket(depth)
         if bucket != self.bucket:
-            deeper, self.bucket = bucket > self.bucket, bucket
+            shallower, deeper, self.bucket = self.bucket, bucket > self.bucket, bucket
             self._recheck_at = 0
             # a depth not measured yet: its costs differ, probe now; unless plain decoding
-            # has won long enough to probe at the slowest pace (a verify's cost relative to
-            # a decode's grows with depth: what did not pay above does not pay deeper)
-            settled_plain = self._best == 0 and self.interval >= MAX_INTERVAL
+            # has won long enough to probe at the slowest pace, or the drafts' acceptance
+            # alone rules drafting out (a verify's cost relative to a decode's grows with
+            # depth: what did not pay above does not pay deeper; and a probe from plain
+            # decoding costs the heads' catch-up, a dozen plain steps' worth on some models)
+            settled_plain = self._best == 0 and (self.interval >= MAX_INTERVAL
+                                                 or self._acceptance_rules_out(shallower))
             if not self.costs.points(bucket) and not (deeper and settled_plain):
                 self.next_probe = min(self.next_probe, self.steps)
             self.costs.seed_bucket(bucket)
