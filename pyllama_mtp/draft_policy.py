@@ -447,11 +447,10 @@ class DraftPolicy:
         if self.steps >= self.next_probe:
             self.probing = best
             if self.guessed_plain and best > 0 and not self.costs.steady(self.bucket, 0):
-                # plain decoding's figure is a guess: another batch size's, scaled, or a
-                # step right after a prefill or a change of length, which runs slow. Time
-                # it before the guess decides anything more (it runs high, and would keep
-                # drafting where plain decoding is faster: a scaled one because a plain
-                # step's cost grows much less than its rows)
+                # plain decoding's figure is another batch size's, scaled: a guess. Time it
+                # before the guess decides anything more (a plain step's cost grows much
+                # less than its rows, so the scaled guess runs high and would keep a large
+                # batch drafting where plain decoding is faster)
                 learning, k = False, 0
             else:
                 learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
@@ -628,8 +627,7 @@ class DraftPolicy:
         elif after != before or self._surprised or learning:
             self.interval = BASE_INTERVAL
             if learning:
-                # a length that may win has too few steady samples here, or the decision
-                # drafts against a guess of plain decoding's cost: time it at the next step, not
+                # a length that may win has too few steady samples here: time it at the next step, not
                 # an interval later (a cold start would otherwise climb one length per
                 # interval, and a short generation end before it reaches the best one)
                 self._surprised = False
