@@ -478,7 +478,11 @@ void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens,
     }
     // Long stretches without drafting (prefill, draft=0) are taken in large batches, or
     // skipped but for the newest rows while a policy decodes plainly (pmtp_seq_mtp_window).
-    if (m.window > 0 && m.queue_tok.size() >= 2 * (size_t) m.window) {
+    // The queue is cut back to the window once it holds a quarter more (at least two rows
+    // more): a switch to drafting catches up on little beyond the window, and the cut, a
+    // move of the kept rows, runs only every few steps.
+    const size_t slack = std::max<size_t>(2, (size_t) m.window / 4);
+    if (m.window > 0 && m.queue_tok.size() >= (size_t) m.window + slack) {
         mtp_skip_rows(s, sq, m.queue_end() - m.window);
     } else if (m.queue_tok.size() > s->n_batch) {
         mtp_flush(s, sq);

@@ -265,8 +265,8 @@ PMTP_API int32_t pmtp_seq_mtp_queued(const pmtp_session * session, int32_t seq);
  * batched decode of the heads per n_batch rows (on a small trunk with three chained heads
  * about a tenth of plain decoding) for drafts nobody asks for. With n_rows > 0 the heads
  * may skip rows older than the newest n_rows (at least the heads' count + 1) that they
- * have not taken: the queue is cut back to n_rows whenever it reaches twice that, and
- * the heads' KV keeps a gap there. Only drafts can change (their attention misses the
+ * have not taken: the queue is cut back to n_rows whenever it holds a quarter more (at
+ * least 2 rows more), and the heads' KV keeps a gap there. Only drafts can change (their attention misses the
  * skipped positions); the output never does. n_rows = 0 (the default, and again after
  * a reset) feeds every row. It holds across prefills: the library's driver sets it for
  * each prompt and each step (on while the sequence decodes plainly). No-op without heads. */

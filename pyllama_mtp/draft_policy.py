@@ -65,6 +65,9 @@ SWITCH_MARGIN = 1.05    # a new decision must promise 5% more tokens per second
 SWITCH_HORIZON = 64     # a switch's cost is spread over at least this many steps
 SEED_WEIGHT = 1         # a new depth bucket starts from its neighbour's costs, as this many samples
 JOIN_WINDOW = 64        # arrivals' head catch-up: mean over about this many drafting steps
+HEADS_WINDOW = 64       # rows the heads keep while sequences decode plainly: at most this many,
+HEADS_WINDOW_MIN = 8    # at least this many, as many as they take in about one plain step
+HEADS_WINDOW_SLACK = 1.25  # the heads' queue runs a quarter past its window before it is cut
 CATCH_UP_SAMPLES = 16   # the heads' catch-up cost: fitted to this many recent catch-ups per depth
 RECHECK = 8             # steps between recomputing the decision when nothing else changed
 RECHECK_PLAIN = 64      # the same while decoding plainly (only a probe or a new depth changes
@@ -685,13 +688,19 @@ class CatchUpCost:
         if rows > 0:
             self.buckets.setdefault(bucket, deque(maxlen=CATCH_UP_SAMPLES)).append((rows, seconds))
 
-    def predict(self, bucket: int, rows: list[int]) -> float | None:
-        """Seconds for catch-ups of these row counts (one per sequence); None before any."""
+    def line(self, bucket: int) -> tuple[float, float] | None:
+        """(a, b): seconds a + b r for a catch-up of r rows here; None before any."""
         if not self.buckets:
             return None
         near = min(self.buckets, key=lambda b: (abs(b - bucket), -b))
-        pts = self.buckets[near]
-        a, b = _cost_line(pts)
+        return _cost_line(self.buckets[near])
+
+    def predict(self, bucket: int, rows: list[int]) -> float | None:
+        """Seconds for catch-ups of these row counts (one per sequence); None before any."""
+        line = self.line(bucket)
+        if line is None:
+            return None
+        a, b = line
         return sum(a + b * r for r in rows if r > 0)
 
 
@@ -752,6 +761,7 @@ class BatchDraftPolicy:
         self.last_k = -1                               # the length of the last step that asked
         self.switch_in_cost = RunningMean(TIME_WINDOW)  # heads' catch-up when drafting starts after plain
         self.catch_up = CatchUpCost()                  # the same, per sequence, by rows queued
+        self.plain_window = HEADS_WINDOW               # the heads' window while decoding plainly (heads_window)
 
     def policy(self, n: int) -> DraftPolicy:
         c = size_class(n)
@@ -775,7 +785,8 @@ class BatchDraftPolicy:
             if self.current_class in self.by_size and self.run_steps:
                 self.by_size[self.current_class].stay.add(self.run_steps)
             self.current_class, self.run_steps = c, 1
-        return self.policy(n)
+        p = self.by_size.get(c)          # (every step: on a tiny model each lookup shows)
+        return p if p is not None else self.policy(n)
 
     def decide(self, p: DraftPolicy, depth: int = 0, switch_in: list[tuple[int, int | None]] | None = None) -> int:
         """``p``'s length for this step, unless it would start drafting after plain
@@ -899,6 +910,26 @@ class BatchDraftPolicy:
         """The step decodes plainly after all (see ``sequence._admit_newcomers``)."""
         self.last_k = 0
         return 0
+
+    def heads_window(self, p: DraftPolicy, n: int) -> int:
+        """How many of their newest rows the heads keep while the n sequences of a step of
+        policy ``p`` decode plainly (``Session.seq_mtp_window``): as many as they take, at a
+        switch to drafting, in about one plain step of the batch, so that a probe from
+        plain decoding costs about one step more than a drafting step, not a dozen (on a
+        small trunk with three dense chained heads a catch-up row cost a tenth of a plain
+        step; on a large trunk the heads are a small part of it and keep the most). A power
+        of two from HEADS_WINDOW_MIN to HEADS_WINDOW (fewer rows: less context for the first
+        drafts after the switch; the output never changes); HEADS_WINDOW until plain
+        decoding and a catch-up are timed at this depth."""
+        line = self.catch_up.line(p.bucket)
+        if line is None or not p.costs.steady(p.bucket, 0):
+            return HEADS_WINDOW
+        a, b = line
+        budget = p.costs.predict(p.bucket, 0) / n - a       # one sequence's share of a plain step
+        window = HEADS_WINDOW
+        while window > HEADS_WINDOW_MIN and b * window * HEADS_WINDOW_SLACK > budget:
+            window //= 2
+        return window
 
     def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
         """One sequence's heads took ``rows`` queued rows in ``seconds`` (``CatchUpCost``)."""

@@ -20,6 +20,7 @@ import dataclasses
 import time
 from dataclasses import dataclass, field
 
+from .draft_policy import HEADS_WINDOW
 from .draft_trace import step_record
 from .engine import StepResult
 from .errors import PmtpError
@@ -33,9 +34,11 @@ from .text import StopMatcher, Utf8StreamDecoder
 # n_batch rows (about a tenth of plain decoding on a small trunk with three chained heads)
 # for drafts nobody asks for. The newest rows are the context a draft draws on most (the
 # target's hidden state, each row's other input, carries the rest), and a switch to
-# drafting, a probe of the "auto" policy included, catches up on at most twice this many
-# (64-128 of them took 0.17-0.31 s on that model at depths 0-2,048: 10-15 plain steps).
-PLAIN_HEADS_WINDOW = 64
+# drafting catches up on at most a quarter more than this many (64-128 of them took
+# 0.17-0.31 s on that model at depths 0-2,048: 10-15 plain steps). Under "auto" the policy
+# keeps fewer where catching up on them would cost more than a plain step
+# (BatchDraftPolicy.heads_window), since each of its probes from plain decoding pays it.
+PLAIN_HEADS_WINDOW = HEADS_WINDOW
 
 
 @dataclass(frozen=True)
@@ -198,13 +201,12 @@ class Sequence:
             session.seq_reset(self.seq)
             keep = 0
         self.in_cache = self.reused = keep
-        self.feed_heads(session, plain=self.draft == 0)
+        self.feed_heads(session, PLAIN_HEADS_WINDOW if self.draft == 0 else 0)
 
-    def feed_heads(self, session, plain: bool) -> None:
-        """Whether the MTP heads take all of its rows (it drafts, or may draft soon) or may
-        skip all but the newest PLAIN_HEADS_WINDOW (it decodes plainly). Only drafts can
-        change, never the output."""
-        window = PLAIN_HEADS_WINDOW if plain else 0
+    def feed_heads(self, session, window: int) -> None:
+        """Whether the MTP heads take all of its rows (``window`` 0: it drafts, or may draft
+        soon) or may skip all but the newest ``window`` (it decodes plainly). Only drafts
+        can change, never the output."""
         if window != self.heads_window:
             if session.config.draft_max > 0:    # (a session without heads has nothing to skip)
                 session.seq_mtp_window(self.seq, window)
@@ -368,12 +370,14 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             k_auto = policy.decide(p, depth, [(queued[s.seq], s.tokens_left) for s in switching])
             if k_auto > 0:
                 k_auto = _admit_newcomers(session, policy, p, k_auto, auto, len(running), queued)
+            if k_auto == 0:
+                policy.plain_window = policy.heads_window(p, len(running))
             timed = p.timed
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
     drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
     for s, k in zip(running, drafts):
-        s.feed_heads(session, plain=not k)
+        s.feed_heads(session, 0 if k else policy.plain_window if s in auto else PLAIN_HEADS_WINDOW)
     held = sum(s.held_plain for s in auto) if k_auto > 0 else 0
     catch_up = joined = 0.0
     rows_caught = [0, 0]             # rows the heads took before the step: switching, joining

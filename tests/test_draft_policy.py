@@ -314,6 +314,33 @@ def test_catch_up_comes_before_the_first_drafting_step_after_plain_decoding():
     assert policy.catch_up_first(3)
 
 
+def test_the_heads_keep_as_many_plain_rows_as_they_catch_up_on_in_about_one_plain_step():
+    """While plain decoding goes on, the heads keep their newest rows for the next switch to
+    drafting: the most (HEADS_WINDOW) until costs are timed, and where a catch-up row is
+    cheap beside a plain step (a large trunk); fewer, down to HEADS_WINDOW_MIN, where
+    catching up on them would cost more than a plain step (a small trunk with dense heads:
+    a probe from plain decoding would pay a dozen plain steps); fewer per sequence in a
+    batch, whose plain step is shared."""
+    from pyllama_mtp.draft_policy import HEADS_WINDOW, HEADS_WINDOW_MIN
+
+    def window(plain_s, row_s, fixed_s=0.0, n=1):
+        policy = BatchDraftPolicy(3)
+        p = policy.enter(n)
+        assert policy.heads_window(p, n) == HEADS_WINDOW          # nothing timed yet
+        for _ in range(3):
+            policy.update(n, 0, [0] * n, plain_s, 100)
+        assert policy.heads_window(p, n) == HEADS_WINDOW          # no catch-up timed yet
+        for rows in (8, 40, 130):
+            policy.observe_catch_up(100, rows, fixed_s + row_s * rows)
+        return policy.heads_window(p, n)
+
+    assert window(0.090, 0.0010) == HEADS_WINDOW                    # 80 rows fit in a plain step
+    assert window(0.022, 0.0023) == HEADS_WINDOW_MIN                # 8-9 rows are a plain step
+    assert window(0.022, 0.0023 / 4) == 16
+    assert window(0.022, 0.0001, fixed_s=0.030) == HEADS_WINDOW_MIN  # the call alone costs more
+    assert window(0.090, 0.0010, n=4) == 16 < window(0.090, 0.0010, n=2) == 32
+
+
 def accepted_drafts(rng, n: int, k: int, p_accept: float) -> list[int]:
     """How many of k drafts each of n sequences accepts, each draft in turn with p_accept."""
     out = []

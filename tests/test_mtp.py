@@ -201,7 +201,8 @@ def _plain_tokens(model, prompt, n):
 def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tmp_path, n_mtp):
     """With a window set (seq_mtp_window), plain decoding leaves the heads only the newest
     rows: they skip the rest unprocessed (a gap in their KV, at the rows' own positions),
-    so switching to drafting catches up on fewer than twice the window. After the gap every
+    so switching to drafting catches up on little more than the window (a quarter more, at
+    least 2 rows). After the gap every
     head still pairs each token with the right hidden state: on an oracle whose heads agree
     with the trunk every draft is accepted, after rollbacks into, before and after the gap
     too; and the output is the plain greedy output throughout. Chained heads (step35), one
@@ -235,7 +236,7 @@ def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tm
         plain(150)
         skipped = s.stats()["n_rows_skipped"]
         assert skipped >= len(prompt) + 150 - 2 * window - 1
-        assert window <= s.seq_mtp_queued(0) < 2 * window
+        assert window <= s.seq_mtp_queued(0) < window + max(2, window // 4)
         s.seq_mtp_window(0, 0)                    # drafting again: every row from here on
         drafting(5)
         plain(40)                                 # no window: rows queue up and are taken

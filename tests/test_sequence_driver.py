@@ -153,6 +153,7 @@ class ReportedSteps:
     """Stands where the driver expects a BatchDraftPolicy; keeps what each step reported."""
 
     trace = None
+    plain_window = 64
 
     def __init__(self, k: int, admit: bool = True):
         self.p, self.steps, self.switch_in, self.catch_ups = DraftsAlways(k), [], [], []
@@ -167,6 +168,9 @@ class ReportedSteps:
 
     def observe_catch_up(self, depth: int, rows: int, seconds: float) -> None:
         self.catch_ups.append((rows, seconds))
+
+    def heads_window(self, p: DraftPolicy, n: int) -> int:
+        return self.plain_window
 
     def admits(self, p: DraftPolicy, k: int, rows: int, left) -> bool:
         self.admissions.append((rows, left))
