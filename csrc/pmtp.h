@@ -266,8 +266,8 @@ PMTP_API int32_t pmtp_seq_mtp_queued(const pmtp_session * session, int32_t seq);
  * about a tenth of plain decoding) for drafts nobody asks for. With n_rows > 0 the heads
  * may skip rows older than the newest n_rows (at least the heads' count + 1) that they
  * have not taken: the queue is cut back to n_rows whenever it holds a quarter more (at
- * least 2 rows more), and the heads' KV keeps a gap there. Only drafts can change (their attention misses the
- * skipped positions); the output never does. n_rows = 0 (the default, and again after
+ * least 2 rows more), and the heads' KV keeps a gap there. Only drafts can change (their
+ * attention misses the skipped positions); the output never does. n_rows = 0 (the default, and again after
  * a reset) feeds every row. It holds across prefills: the library's driver sets it for
  * each prompt and each step (on while the sequence decodes plainly). No-op without heads. */
 PMTP_API int pmtp_seq_mtp_window(pmtp_session * session, int32_t seq, int32_t n_rows);
