@@ -376,8 +376,9 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             if not timed:            # a plain step among plain steps: nothing to learn
                 p.coast = p.coast_budget(depth + 1)
     drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
+    auto_window = policy.plain_window if auto else PLAIN_HEADS_WINDOW
     for s, k in zip(running, drafts):
-        s.feed_heads(session, 0 if k else policy.plain_window if s in auto else PLAIN_HEADS_WINDOW)
+        s.feed_heads(session, 0 if k else auto_window if s.draft == "auto" else PLAIN_HEADS_WINDOW)
     held = sum(s.held_plain for s in auto) if k_auto > 0 else 0
     catch_up = joined = 0.0
     rows_caught = [0, 0]             # rows the heads took before the step: switching, joining

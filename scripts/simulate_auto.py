@@ -66,7 +66,7 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
     machine's speed changes now and then (every ~100 steps on average) by a log-normal
     factor of this sigma, as a shared VM's does when its neighbours get busy. ``catch_up``:
     plain steps' worth of time the MTP heads take before a step that drafts right after
-    plain decoding (the rows kept while decoding plainly, sequence.PLAIN_HEADS_WINDOW)."""
+    plain decoding (the rows kept while decoding plainly, BatchDraftPolicy.heads_window)."""
     speed = 1.0
     for measured in ((True,) if cold else (False, True)):
         policy.start_sequence()
