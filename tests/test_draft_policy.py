@@ -812,3 +812,34 @@ def test_a_step_where_some_sequences_were_held_is_taken_by_the_rows_it_added():
     before = p.costs.samples(bucket, 3)
     policy.update(4, 3, [3], 0.070, 2048, members=members, drafting=1)
     assert p.costs.samples(bucket, 3) == before
+
+
+def test_probes_the_heads_catch_up_would_not_pay_for_back_off_too():
+    """A tiny model at depth 2,048 whose drafts are never accepted (Zen 3 figures): a step
+    drafting one costs 2.4 plain steps, so the batch policy declines every probe from plain
+    decoding (even all accepted, drafting could not win back the heads' catch-up). Each
+    declined probe times the plain steps around it; the pace must back off as after a probe
+    that ran, not ask again every BASE_INTERVAL steps (it did: 3 timed steps in 16)."""
+    step = {0: 0.00052, 1: 0.00125, 2: 0.0019, 3: 0.0024}
+    policy = BatchDraftPolicy(3)
+    rng = np.random.default_rng(4)
+    timed_per_generation = []
+    for _ in range(10):                        # ten 192-token calls of one Llama
+        p = policy.policy(1)
+        p.start_sequence()
+        queued, left, timed = 8, 192, 0
+        while left:
+            k = policy.choose(1, 2048, [(queued, left)] if queued else [])
+            catch_up = 0.0
+            if k > 0:
+                catch_up = 0.0005 * queued
+                policy.observe_catch_up(2048, queued, catch_up)
+                queued = 0
+            else:
+                queued = min(queued + 1, 10)
+            timed += p.timed
+            policy.update(1, k, [0] * (k > 0), step[k] * rng.uniform(0.97, 1.03), 2048, catch_up, members=(0,))
+            left -= 1
+        timed_per_generation.append(timed)
+    assert sum(timed_per_generation[1:]) <= 9 * 6, timed_per_generation   # (324 before)
+    assert policy.policy(1).interval >= 256
