@@ -547,12 +547,15 @@ class DraftPolicy:
     def coast_budget(self, depth: int) -> int:
         """Plain steps to come (from ``depth``, one token each) before the policy has anything
         to decide, time or probe: up to the next recheck, the step before a probe (timed), or
-        the next depth bucket."""
+        the next depth bucket; 0 while plain decoding's cost here has fewer than
+        PLAIN_SAMPLES steady samples (its steps are timed)."""
         if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left:
+            return 0
+        if self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES:
             return 0
         next_bucket_at = 1 << (self.bucket + 7)
         until = min(self._recheck_at, self.next_probe - 1) - self.steps - 1
-        return max(0, min(until, next_bucket_at - depth - 1))
+        return max(0, min(until, next_bucket_at - depth))
 
     def start_sequence(self) -> None:
         """A new generation begins (after a prompt was prefilled): its first step is not

@@ -346,7 +346,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
     policy learns from the step's time and acceptance. Returns each sequence's chunk."""
     auto = [s for s in running if s.draft == "auto"] if policy is not None else []
     p = policy.enter(len(running)) if auto else None
-    k_auto, timed, depth = 0, False, 0
+    k_auto, timed, depth, decided = 0, False, 0, False
     queued: dict[int, int] = {}      # rows the heads lack, of the sequences that would switch in
     if p is not None:
         if len(running) == 1 and running[0].fresh:
@@ -359,6 +359,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             p.coast -= 1             # takes ~0.1 ms: bookkeeping would show)
             p.steps += 1
         else:
+            decided = True
             depth = max(session.seq_n_past(s.seq) for s in auto)
             # what switching to drafting would cost first: the rows the heads lack of each
             # sequence that decoded plainly (alone: or was just prefilled), and how many
@@ -373,8 +374,6 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             if k_auto == 0:
                 policy.plain_window = policy.heads_window(p, len(running))
             timed = p.timed
-            if not timed:            # a plain step among plain steps: nothing to learn
-                p.coast = p.coast_budget(depth + 1)
     drafts = [(0 if s.held_plain else k_auto) if s.draft == "auto" else s.draft for s in running]
     auto_window = policy.plain_window if auto else PLAIN_HEADS_WINDOW
     for s, k in zip(running, drafts):
@@ -414,6 +413,10 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
                       members=tuple(s.seq for s in running),
                       arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined,
                       drafting=len(running) - held if held else None)
+    if decided:
+        # plain steps to come with nothing to decide: set after the step, so that one the
+        # policy timed (a recheck, a generation's first) is not followed by another decision
+        p.coast = p.coast_budget(depth + 1)
     if p is not None and policy.trace is not None:
         if not timed:                # a coasting step did not look up the depth
             depth = max(session.seq_n_past(s.seq) for s in auto) - 1

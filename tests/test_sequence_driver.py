@@ -383,3 +383,27 @@ def test_server_answers_and_metrics_do_not_depend_on_parallel(step35_path, paral
     finally:
         proc.terminate()
         proc.wait(timeout=20)
+
+
+def test_settled_plain_decoding_asks_the_policy_only_at_its_rechecks(step35_path):
+    """On a model whose heads are random "auto" settles on plain decoding; then a 192-token
+    call asks the policy (``decide``: the depth, the heads' queue, the cost figures) at its
+    first step, at the plain rechecks (every RECHECK_PLAIN steps) and where the context
+    enters a new depth bucket (128 tokens), and not at the step after each of those (it
+    did: 9 asks a call instead of 4; on a tiny model each ask costs a few plain steps'
+    worth of Python over a call)."""
+    with Llama(step35_path, n_ctx=512, threads=1, mtp=True, draft="auto") as llm:
+        want = llm.generate("settled", max_tokens=192, mtp=False).tokens
+        policy = llm._policy
+        asks = []
+        decide = policy.decide
+
+        def counted(*args, **kwargs):
+            asks[-1] += 1
+            return decide(*args, **kwargs)
+        policy.decide = counted
+        for _ in range(5):
+            asks.append(0)
+            assert llm.generate("settled", max_tokens=192).tokens == want
+        assert policy.policy(1).decision == 0
+        assert min(asks[1:]) <= 5, asks        # (9 before)
