@@ -24,7 +24,8 @@ probes:
   acceptance rests on so few observations that it may still pay (``in_doubt``), one
   draft a step goes on, where each observation is cheap (after a switch to plain
   decoding each look costs a probe);
-- probes back off exponentially (x4) while they do not change the decision, except where
+- probes back off exponentially (x4) while they do not change the decision (or are
+  declined: the heads' catch-up before them could not pay, ``decline_probe``), except where
   the probed length came close (CLOSE_CALL) and deserves another look; so a model
   whose drafts do not pay costs ever less; when drafting could not pay even if every
   draft were accepted, probing drops to its slowest pace at once; a probe whose outcome
