@@ -42,6 +42,12 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
+def accelerators() -> str:
+    """This build's GPUs (every layer goes there: ModelConfig's n_gpu_layers=-1), or ''."""
+    from pyllama_mtp.engine import local_devices
+    return ", ".join(f"{d.name} ({d.description})" for d in local_devices() if d.type in ("gpu", "igpu"))
+
+
 def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int) -> dict:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
     from pyllama_mtp.draft_policy import BatchDraftPolicy
@@ -121,8 +127,9 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from pyllama_mtp.bench.builtin import resolve
 
-    out = {"cpu": cpu_name(), "threads": args.threads, "rounds": args.rounds, "cells": []}
-    print(f"CPU: {out['cpu']}, {args.threads} threads, median of {args.rounds} interleaved rounds; ratios paired within rounds\n")
+    out = {"cpu": cpu_name(), "gpu": accelerators(), "threads": args.threads, "rounds": args.rounds, "cells": []}
+    where = f"every layer on {out['gpu']}, host CPU {out['cpu']}" if out["gpu"] else f"CPU: {out['cpu']}"
+    print(f"{where}, {args.threads} threads, median of {args.rounds} interleaved rounds; ratios paired within rounds\n")
     print("| model | depth | tokens | plain tok/s | noise | best fixed | auto tok/s | auto / plain | auto / best fixed | auto chose |")
     print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
     failed = 0
