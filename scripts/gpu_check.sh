@@ -21,9 +21,10 @@ cd "$out"    # the installed package, not the source tree's (which has no compil
 "$py" -c "from pyllama_mtp.engine import build_info; d = [x['name'] for x in build_info()['devices']]; \
 assert any(n.startswith('CUDA') for n in d), f'no CUDA device in this build: {d}'" || exit 1
 
-f16=$("$py" -c "from pyllama_mtp.bench import builtin; print(builtin.resolve('tiny:step35-1g'))")
-q4="$out/tiny-step35-1g-q4_k_m.gguf"
-one_gb_q4() {
+# the built-in 1 GB oracle (F16) and its Q4_K_M, written when a part first needs them
+f16="" q4="$out/tiny-step35-1g-q4_k_m.gguf"
+one_gb_models() {
+    [ -n "$f16" ] || f16=$("$py" -c "from pyllama_mtp.bench import builtin; print(builtin.resolve('tiny:step35-1g'))")
     [ -f "$q4" ] || "$py" -c "from pyllama_mtp.tools.quantize import quantize; quantize('$f16', '$q4', 'Q4_K_M')" >/dev/null
 }
 
@@ -34,14 +35,14 @@ for part in $parts; do
         (cd "$root/tests" && timeout "$limit" "$py" -m pytest -q -p no:cacheprovider -m gpu -rfE --tb=short \
             --durations=5 test_gpu.py) 2>&1 | tee "$out/tests_gpu.log" | tail -25 ;;
     auto)
-        one_gb_q4
+        one_gb_models
         (timeout "$limit" bash -c "
             '$py' '$root/scripts/bench_auto.py' -m tiny:step35 -m tiny:step35-random -m tiny:step35-a0.6 \
                 -n 64,192 -d 0,2048 -t 4 --rounds 5 --json '$out/auto_tiny.json'
             '$py' '$root/scripts/bench_auto.py' -m '$f16' -m '$q4' -n 64,192,1024 -d 0,2048 -t 4 --rounds 3 \
                 --json '$out/auto_1g.json'") 2>&1 | tee "$out/auto.md" ;;
     kernels)
-        one_gb_q4
+        one_gb_models
         for m in "$f16" "$q4"; do
             timeout "$limit" "$py" -m pyllama_mtp.bench.cli -m "$m" -ngl 99 --draft 0,1,2,3,auto -n 128 -d 0,2048 -r 3 \
                 -o md --no-progress 2>&1 | tee -a "$out/bench.md"
