@@ -11,8 +11,8 @@ pure-Python parts (tiny models, chat templates, bench parsing) import without it
 from __future__ import annotations
 
 from .errors import (AbortedError, ClosedError, ConcurrentUseError, ContextFullError, DecodeError, InternalError,
-                     InvalidArgumentError, ModelLoadError, MtpError, OutOfMemoryError, PmtpError,
-                     RpcError, SwaGuardError)
+                     InexactVerifyError, InvalidArgumentError, ModelLoadError, MtpError, OutOfMemoryError,
+                     PmtpError, RpcError, SwaGuardError)
 
 __version__ = "0.1.0"
 
@@ -31,7 +31,7 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "PmtpError", "ModelLoadError", "InvalidArgumentError", "ContextFullError",
-           "DecodeError", "MtpError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError",
+           "DecodeError", "MtpError", "InexactVerifyError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError",
            "ConcurrentUseError", "RpcError",
            "InternalError", *_LAZY]
 

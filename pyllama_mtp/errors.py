@@ -28,6 +28,13 @@ class MtpError(PmtpError, ValueError):
     """The model (or MTP file) cannot do Multi-Token Prediction as asked."""
 
 
+class InexactVerifyError(MtpError):
+    """A verify batch on this model and these devices does not compute what one-token
+    decoding computes (a backend or RPC worker whose kernels depend on the batch size), so
+    MTP could change the greedy output. The message says where the first difference showed
+    and what to do."""
+
+
 class SwaGuardError(PmtpError, RuntimeError):
     """The sliding-window cache lost positions the next token still attends to."""
 

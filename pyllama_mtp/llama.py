@@ -21,6 +21,7 @@ from .chat import DEFAULT_CHAT_TEMPLATE, render_chat
 from .config import ContextConfig, ModelConfig, SamplingParams
 from .engine import Model, Session, build_info
 from .errors import ClosedError, ContextFullError, InvalidArgumentError, PmtpError
+from .exactness import check_session, raise_if_inexact
 from .draft_policy import BatchDraftPolicy
 from .batch import generate_batch
 from .options import GenerationOptions, PreparedCall
@@ -93,6 +94,12 @@ class Llama:
     its first chunk until it ends or is closed), so other threads wait; a thread that starts
     a call while it holds an open stream of the same Llama gets ``ConcurrentUseError``.
     ``close()`` from any thread is safe: waiting calls and open streams raise ``ClosedError``.
+
+    With MTP on, the constructor first checks on the session itself that a verify batch
+    computes what one-token decoding computes, bit for bit (``exactness``): where it does
+    not (a device or RPC worker whose kernels depend on the batch size) it raises
+    ``InexactVerifyError`` rather than let drafts change the output; ``check_exact=False``
+    skips the check.
     """
 
     def __init__(self, model_path: str | os.PathLike, *, mtp: bool | str | os.PathLike = False, draft: int | str | None = None,
@@ -103,7 +110,7 @@ class Llama:
                  tensor_split: SequenceType[float] | None = None, chat_template: str | None = None,
                  swa_guard: bool = True, unsafe_split_verify: bool = False, accept: str | None = None,
                  rpc: str | SequenceType[str] | None = None, mtp_placement: str = "local", rpc_timeout: float = 120.0,
-                 parallel: int = 1, verbose: bool = False, progress=None):
+                 parallel: int = 1, check_exact: bool = True, verbose: bool = False, progress=None):
         self._gate = CallGate("Llama")
         if verbose:
             _llama_log.setLevel(logging.INFO)
@@ -137,6 +144,10 @@ class Llama:
                                 swa_guard=swa_guard, unsafe_split_verify=unsafe_split_verify,
                                 n_seq_max=parallel)
             self.session = Session(self.model, ctx, mtp_model=self.mtp_model)
+            self.exactness = None
+            if self.session.draft_max and check_exact:
+                self.exactness = check_session(self.session)
+                raise_if_inexact(self.exactness, self.model.devices)
         except BaseException:
             self.close()
             raise

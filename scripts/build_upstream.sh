@@ -2,7 +2,9 @@
 # Build upstream llama.cpp's own tools (llama-bench, llama-server) from the same pinned
 # tree, without our patches (the reference: upstream's own batched kernels), for
 # side-by-side benchmarks. Output: $UPSTREAM_BUILD/bin (default build/upstream); the
-# benchmark scripts read the same variable. Extra arguments go to cmake.
+# benchmark scripts read the same variable. Extra arguments go to cmake. UPSTREAM_TARGETS
+# names what to build (default "llama-bench llama-server"; tests/test_exactness_check.py
+# builds "ggml-rpc-server", upstream's RPC worker).
 #
 # On a CPU with AMX the native build's AMX matmul crashes (SIGSEGV in
 # ggml_backend_amx_mul_mat) on quantized weights once a batch has more than one row (the
@@ -20,4 +22,5 @@ fi
 out="${UPSTREAM_BUILD:-build/upstream}"
 cmake -S build/upstream-src -B "$out" -G Ninja -DCMAKE_BUILD_TYPE=Release -DGGML_RPC=ON \
     -DLLAMA_CURL=OFF -DLLAMA_BUILD_TESTS=OFF -DBUILD_SHARED_LIBS=ON "${launcher[@]}" "$@"
-cmake --build "$out" --target llama-bench llama-server
+read -r -a targets <<< "${UPSTREAM_TARGETS:-llama-bench llama-server}"
+cmake --build "$out" --target "${targets[@]}"

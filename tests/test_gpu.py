@@ -112,3 +112,32 @@ def test_gpu_greedy_mtp_equals_plain_after_a_long_prompt_with_wrapped_windows(gp
 
 def test_gpu_eight_sequences_together_equal_each_alone(gpu_model):
     assert_eight_sequences_together_equal_each_alone(gpu_model)
+
+
+_CHECK_SCRIPT = """
+import sys
+from pyllama_mtp import InexactVerifyError, Llama
+try:
+    with Llama(sys.argv[1], mtp=True, draft=3, n_gpu_layers=-1, n_ctx=256) as llm:
+        print("exact" if llm.exactness.exact else "not exact")
+except InexactVerifyError as e:
+    print("refused:", e)
+"""
+
+
+def test_the_load_time_check_passes_on_the_gpu_and_refuses_upstreams_kernels(tmp_path):
+    """pyllama_mtp.exactness on the GPU: with patch 0019's batch-invariant paths the check
+    passes; with them off (GGML_CUDA_BATCH_INVARIANT=0: upstream's batched kernels, read
+    once per process) Llama refuses to draft."""
+    import os
+    import subprocess
+    import sys
+    path = write_model(tmp_path, "F16", "random")
+    outputs = {}
+    for invariant in ("1", "0"):
+        run = subprocess.run([sys.executable, "-c", _CHECK_SCRIPT, str(path)], capture_output=True, text=True,
+                             timeout=600, env={**os.environ, "GGML_CUDA_BATCH_INVARIANT": invariant})
+        assert run.returncode == 0, run.stderr[-3000:]
+        outputs[invariant] = run.stdout.strip()
+    assert outputs["1"] == "exact"
+    assert outputs["0"].startswith("refused:") and DEVICE in outputs["0"], outputs["0"]

@@ -88,6 +88,11 @@ def run(args) -> list[dict]:
         draft_max = max(fixed + ([builtin.max_draft(path)] if "auto" in drafts else []), default=0)
         runner = InstanceRunner(path, inst, n_ctx, draft_max, args.seed)
         try:
+            check = runner.check_exactness()
+            if check is not None and not check.exact:
+                print(f"{os.path.basename(inst.model)}: warning: MTP is not exact on these devices "
+                      f"({check.difference}): the draft rows time output that may differ from plain decoding "
+                      "(a Llama refuses to draft here; see InexactVerifyError)", file=sys.stderr, flush=True)
             for j, test in enumerate(tests):
                 _progress(show, f"[{i + 1}/{len(instances)}] {os.path.basename(inst.model)} t={inst.threads} "
                                 f"test {j + 1}/{len(tests)}: {test.label} draft={test.n_draft}")

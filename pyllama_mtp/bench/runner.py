@@ -13,6 +13,7 @@ import numpy as np
 from ..config import MAX_DRAFT, ContextConfig, ModelConfig, SamplingParams
 from ..engine import Model, Session, build_info
 from ..draft_policy import BatchDraftPolicy
+from ..exactness import ExactnessCheck, check_session
 from ..options import PreparedCall
 from ..sequence import Sequence, step_sequences
 from .params import Instance, BenchTest
@@ -72,6 +73,13 @@ class InstanceRunner:
         self.rng = np.random.default_rng(seed)
         self.policy: BatchDraftPolicy | None = None
         self.n_vocab = self.model.info.n_vocab
+
+    def check_exactness(self) -> ExactnessCheck | None:
+        """The load-time check a Llama runs (None without MTP): the bench times a device
+        that fails it, but says so."""
+        if not self.session.draft_max:
+            return None
+        return check_session(self.session)
 
     def close(self) -> None:
         self.session.close()

@@ -22,6 +22,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="MTP draft length, or 'auto' to pick it every step from measured costs and acceptance "
                          "(default: auto for a model on this CPU, 3 with layers on a GPU or RPC workers); "
                          "requests may ask for another")
+    ap.add_argument("--no-check-exact", dest="check_exact", action="store_false",
+                    help="skip the start-up check that a verify batch computes what one-token decoding computes "
+                         "on these devices (without it, a device or RPC worker that fails it is refused)")
     ap.add_argument("--host", default="127.0.0.1", help="bind address (default 127.0.0.1)")
     ap.add_argument("--port", type=int, default=8080, help="port (default 8080; 0 = any free port)")
     ap.add_argument("--n-ctx", type=int, default=4096, help="context size in tokens (default 4096)")
@@ -94,7 +97,7 @@ def main(argv=None) -> int:
         llm = Llama(args.model, mtp=mtp, draft=draft, n_ctx=args.n_ctx, n_batch=args.n_batch,
                     n_gpu_layers=args.n_gpu_layers, tensor_split=split, threads=args.threads,
                     rpc=args.rpc, mtp_placement=args.mtp_placement, rpc_timeout=args.rpc_timeout,
-                    parallel=args.parallel, verbose=args.verbose)
+                    parallel=args.parallel, check_exact=args.check_exact, verbose=args.verbose)
     except PmtpError as e:
         print(f"pyllama-mtp-server: error: {e}", file=sys.stderr)
         return 1

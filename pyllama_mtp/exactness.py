@@ -1,0 +1,133 @@
+"""The load-time check that MTP cannot change the output on this model and these devices.
+
+Greedy MTP output equals plain greedy output only if a verify batch of k+1 rows computes,
+for every row, the bits a one-token decode computes (and sequences decoded together the
+bits each gets alone). The patches make that true for the CPU backend and CUDA as tested
+here; other devices (Metal, Vulkan, GPUs of other architectures) and RPC workers that run
+another build (upstream's ``rpc-server`` speaks the same protocol) may pick their kernels
+by batch size and sum in another order. Such a difference is a few ulps in the logits, so
+the output changes only where two tokens nearly tie: rare on test models, common enough on
+real ones, and invisible until it happens.
+
+``check_session`` runs the comparison on the session itself, before anything else uses it:
+a short greedy continuation decoded one token at a time, then the same tokens given as
+drafts to one verify batch of ``draft_max + 1`` rows, then (with several sequences) the
+same prompt in up to four sequences decoded together. Every row's token, logprob and
+top-20 logprobs (derived from the whole logit row) must be bit-identical. It costs two
+prefills of six tokens, ``draft_max + 1`` one-token decodes and one verify batch (and a
+prefill per sequence plus one batch with several), and leaves the session empty.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .config import SamplingParams
+from .engine import Session, StepResult
+from .errors import InexactVerifyError
+
+_PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
+_PROBE_PROMPT_TOKENS = 6
+_TOP = 20                       # logprobs of the 20 likeliest tokens: a wide slice of each logit row
+_MAX_SEQUENCES_CHECKED = 4
+
+
+@dataclass(frozen=True)
+class ExactnessCheck:
+    """What the load-time check compared and found (``Llama.exactness``)."""
+    verify_rows: int            # rows of the verify batch compared with one-token decodes
+    sequences: int              # sequences decoded together and compared with one alone (1: none)
+    exact: bool
+    difference: str | None      # where the first difference showed (None when exact)
+
+
+def probe_prompt(tokenize, n_ctx: int, draft_max: int) -> list[int]:
+    """A few ordinary tokens to start the probe from (what the text gives with this vocab)."""
+    tokens = list(tokenize(_PROBE_TEXT))[:_PROBE_PROMPT_TOKENS]
+    room = max(n_ctx - (draft_max + 2), 1)
+    return tokens[:room] or [0]
+
+
+def _describe(row: int, plain: tuple, other: tuple) -> str:
+    token_p, logprob_p, top_p = plain
+    token_o, logprob_o, top_o = other
+    if token_p != token_o:
+        return f"row {row}: token {token_o} where one-token decoding gives {token_p}"
+    if logprob_p != logprob_o:
+        return f"row {row}: logprob {logprob_o!r} where one-token decoding gives {logprob_p!r}"
+    other_top = dict(top_o)
+    gap = max((abs(lp - other_top[t]) for t, lp in top_p if t in other_top), default=0.0)
+    return f"row {row}: top-{_TOP} logprobs differ" + (f" (by up to {gap:.2g})" if gap else "")
+
+
+def _rows(results: list[StepResult]) -> list[tuple]:
+    out = []
+    for r in results:
+        for i, token in enumerate(r.tokens):
+            out.append((token, r.logprobs[i], r.top_logprobs[i]))
+    return out
+
+
+def _first_difference(plain: list[tuple], other: list[tuple]) -> str | None:
+    for row, (p, o) in enumerate(zip(plain, other)):
+        if p != o:
+            return _describe(row, p, o)
+    if len(other) != len(plain):
+        return f"{len(other)} rows where one-token decoding gives {len(plain)}"
+    return None
+
+
+def check_session(session: Session, prompt: list[int] | None = None) -> ExactnessCheck:
+    """Compare the session's verify batch (and, with several sequences, a batch of sequences)
+    with one-token decoding, bit for bit, from ``prompt`` (default: a few tokens of an
+    English sentence); the session is empty afterwards."""
+    k = session.draft_max
+    if prompt is None:
+        prompt = probe_prompt(session.model.tokenize, session.n_ctx, k)
+    n_seq = min(session.n_seq_max, _MAX_SEQUENCES_CHECKED)
+    greedy = SamplingParams(temperature=0.0, n_logprobs=_TOP)
+    for seq in range(n_seq):
+        session.seq_set_sampling(seq, greedy)
+    try:
+        session.reset()
+        session.seq_prefill(0, prompt)
+        session.seq_sample(0)
+        plain = _rows([session.step(0) for _ in range(k + 1)])        # row i: what token i's decode gives
+        session.reset()
+        session.seq_prefill(0, prompt)
+        session.seq_sample(0)
+        verified = _rows([session.verify([token for token, _, _ in plain[:k]])])
+        difference = _first_difference(plain, verified)
+        if difference is not None:
+            difference = f"verify of {k + 1} rows, {difference}"
+        elif n_seq > 1:
+            session.seq_reset(0)
+            for seq in range(n_seq):
+                session.seq_prefill(seq, prompt)
+                session.seq_sample(seq)
+            together = session.step_batch(range(n_seq), [0] * n_seq)
+            for seq, result in enumerate(together):
+                d = _first_difference(plain[:1], _rows([result]))
+                if d is not None:
+                    difference = f"sequence {seq} of {n_seq} decoded together, {d}"
+                    break
+    finally:
+        for seq in range(n_seq):
+            session.seq_reset(seq)
+            session.seq_set_sampling(seq, SamplingParams())
+        session.reset_stats()
+    return ExactnessCheck(verify_rows=k + 1, sequences=n_seq, exact=difference is None, difference=difference)
+
+
+def raise_if_inexact(check: ExactnessCheck, devices) -> None:
+    """InexactVerifyError naming the devices, the difference and the ways on."""
+    if check.exact:
+        return
+    names = ", ".join(f"{d.name} ({d.endpoint})" if d.endpoint else d.name for d in devices) or "?"
+    raise InexactVerifyError(
+        f"MTP is not exact on this model and these devices ({names}): {check.difference}. A verify "
+        "batch does not compute what one-token decoding computes (a backend or RPC worker that picks "
+        "its kernels by batch size), so MTP could change the greedy output where two tokens nearly "
+        "tie. Use pyllama-mtp-rpc-worker (not another build's rpc-server) on RPC hosts, keep the "
+        "layers on devices this build makes exact (CPU, CUDA), use mtp=False, or pass "
+        "check_exact=False (pyllama-mtp-server: --no-check-exact) to draft anyway and accept output that may "
+        "differ from plain decoding.")
