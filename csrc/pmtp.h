@@ -80,7 +80,9 @@ typedef struct pmtp_model_params {
     const char * const * rpc_servers; /* [n_rpc_servers] "host:port" RPC workers whose  */
     size_t           n_rpc_servers;   /* devices join the layer split (before local GPUs)*/
     int32_t          mtp_placement;   /* 0: MTP layers + output layer on the local device */
-                                      /* when rpc_servers are given; 1: by the layer split */
+                                      /* when rpc_servers are given (the output layer    */
+                                      /* also without load_mtp, for a model with MTP     */
+                                      /* layers); 1: by the layer split                  */
 } pmtp_model_params;
 
 PMTP_API pmtp_model_params pmtp_model_default_params(void);

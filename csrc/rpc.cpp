@@ -105,7 +105,10 @@ void rpc_prepare(pmtp_model * m, const pmtp_model_params & p) {
     }
     m->devices.push_back(nullptr);
     // Drafting on this host: each drafted token would otherwise cost network round trips.
-    if (p.mtp_placement == 0 && p.load_mtp && m->n_layer_mtp > 0) {
+    // A model with MTP layers loaded without them (mtp=False) places its output layer the
+    // same way, so that its logits have the bits the MTP configuration's have (another
+    // device sums the output layer in another order) and plain and MTP output stay equal.
+    if (p.mtp_placement == 0 && m->n_layer_mtp > 0) {
         m->mtp_device = local_gpu ? local_gpu : ggml_backend_dev_by_type(GGML_BACKEND_DEVICE_TYPE_CPU);
     }
     for (const auto & ep : m->rpc_endpoints) {

@@ -81,7 +81,9 @@ class Llama:
     on each host): with ``n_gpu_layers=N`` the last N layers go to the workers' devices (and
     local GPUs), split by ``tensor_split``; the first layers stay on this CPU. With
     ``mtp_placement="local"`` (the default) the MTP layers and the output layer stay on this
-    host, so drafting costs no network round trips; ``"split"`` places them like any layer.
+    host, so drafting costs no network round trips (and a model with MTP layers keeps its
+    output layer here with ``mtp=False`` too, so plain and MTP logits have the same bits);
+    ``"split"`` places them like any layer.
     A worker that does not answer within ``rpc_timeout`` seconds counts as lost: the call
     raises ``RpcError`` and the Llama must be closed and created again.
 

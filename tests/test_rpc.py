@@ -64,6 +64,20 @@ def test_mtp_layers_placed_by_the_split_are_lossless(step35_path, step35_referen
     assert out == step35_reference, f"first difference at token {first_diff(out, step35_reference)}"
 
 
+def test_plain_and_mtp_over_workers_place_the_output_layer_alike(step35_path, workers):
+    """Tokens equal across devices only by luck of wide logit margins (the tests above); the
+    bits must be equal between a plain and an MTP Llama of one placement. The output layer
+    stays on this host for both (mtp_placement="local"): before, a plain Llama left it on the
+    last worker, whose plain-layout kernel sums it in another order than this host's."""
+    remote = dict(rpc=[w.endpoint for w in workers], n_gpu_layers=99)
+    outputs = []
+    for kw in ({}, dict(mtp=True, draft=3)):
+        with Llama(step35_path, threads=1, n_ctx=512, **remote, **kw) as llm:
+            r = llm.generate(PROMPT, max_tokens=N_TOKENS, logprobs=5)
+            outputs.append((r.tokens, r.logprobs, r.top_logprobs))
+    assert outputs[0] == outputs[1]
+
+
 @pytest.mark.parametrize("draft", [0, 3])
 def test_pair_split_over_workers_is_lossless(step35_pair, workers, draft):
     trunk, mtp = step35_pair
