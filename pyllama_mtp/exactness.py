@@ -12,10 +12,11 @@ real ones, and invisible until it happens.
 ``check_session`` runs the comparison on the session itself, before anything else uses it:
 a short greedy continuation decoded one token at a time, then the same tokens given as
 drafts to one verify batch of ``draft_max + 1`` rows, then (with several sequences) the
-same prompt in up to four sequences decoded together. Every row's token, logprob and
-top-20 logprobs (derived from the whole logit row) must be bit-identical. It costs two
-prefills of six tokens, ``draft_max + 1`` one-token decodes and one verify batch (and a
-prefill per sequence plus one batch with several), and leaves the session empty.
+same prompt in up to eight sequences that draft and verify together, one batch of up to
+``8 * (draft_max + 1)`` rows. Every row's token, logprob and top-20 logprobs (derived from
+the whole logit row) must be bit-identical to the one-token decode's. It costs two
+prefills of six tokens, ``draft_max + 1`` one-token decodes and one verify batch (and with
+several sequences a prefill each and one batched step), and leaves the session empty.
 """
 from __future__ import annotations
 
@@ -28,14 +29,14 @@ from .errors import InexactVerifyError
 _PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
 _PROBE_PROMPT_TOKENS = 6
 _TOP = 20                       # logprobs of the 20 likeliest tokens: a wide slice of each logit row
-_MAX_SEQUENCES_CHECKED = 4
+_MAX_SEQUENCES_CHECKED = 8       # with draft 3: a batch of 32 rows, where BLAS backends take over
 
 
 @dataclass(frozen=True)
 class ExactnessCheck:
     """What the load-time check compared and found (``Llama.exactness``)."""
     verify_rows: int            # rows of the verify batch compared with one-token decodes
-    sequences: int              # sequences decoded together and compared with one alone (1: none)
+    sequences: int              # sequences verified together and compared with one alone (1: none)
     exact: bool
     difference: str | None      # where the first difference showed (None when exact)
 
@@ -104,11 +105,14 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
             for seq in range(n_seq):
                 session.seq_prefill(seq, prompt)
                 session.seq_sample(seq)
-            together = session.step_batch(range(n_seq), [0] * n_seq)
+            # every sequence drafts k: one target batch of n_seq * (k + 1) rows; whatever the
+            # heads drafted, each token that comes back must carry the plain row's bits
+            together = session.step_batch(range(n_seq), [k] * n_seq)
             for seq, result in enumerate(together):
-                d = _first_difference(plain[:1], _rows([result]))
+                rows = _rows([result])
+                d = _first_difference(plain[:len(rows)], rows)
                 if d is not None:
-                    difference = f"sequence {seq} of {n_seq} decoded together, {d}"
+                    difference = f"sequence {seq} of {n_seq} verified together ({n_seq * (k + 1)} rows), {d}"
                     break
     finally:
         for seq in range(n_seq):

@@ -43,10 +43,10 @@ def test_a_cpu_session_passes_and_is_left_empty(step35_path):
 
 
 def test_several_sequences_are_checked_together(step35_path):
-    with Llama(step35_path, mtp=True, draft="auto", n_ctx=256, threads=1, parallel=6) as llm:
-        assert llm.exactness.exact and llm.exactness.sequences == 4
+    with Llama(step35_path, mtp=True, draft="auto", n_ctx=256, threads=1, parallel=10) as llm:
+        assert llm.exactness.exact and llm.exactness.sequences == 8
         assert llm.exactness.verify_rows == llm.draft_max + 1
-        assert all(llm.session.seq_n_past(seq) == 0 for seq in range(6))
+        assert all(llm.session.seq_n_past(seq) == 0 for seq in range(10))
 
 
 def test_check_exact_false_skips_the_check(step35_path):
