@@ -132,6 +132,6 @@ def raise_if_inexact(check: ExactnessCheck, devices) -> None:
         "batch does not compute what one-token decoding computes (a backend or RPC worker that picks "
         "its kernels by batch size), so MTP could change the greedy output where two tokens nearly "
         "tie. Use pyllama-mtp-rpc-worker (not another build's rpc-server) on RPC hosts, keep the "
-        "layers on devices this build makes exact (CPU, CUDA), use mtp=False, or pass "
+        "layers on devices this build makes exact (the CPU; CUDA with an F16 KV cache), use mtp=False, or pass "
         "check_exact=False (pyllama-mtp-server: --no-check-exact) to draft anyway and accept output that may "
         "differ from plain decoding.")
