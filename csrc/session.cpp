@@ -151,7 +151,7 @@ void session_create(pmtp_session * s, pmtp_model * model, const pmtp_session_par
         }
         // llama.cpp refuses some KV cache types for some models (a quantized type whose block
         // does not divide the head size, K and V types that must match): a bad argument, not memory
-        for (const char * refusal : {"cache type", "cache types", "requires flash_attn"}) {
+        for (const char * refusal : {"cache type", "requires flash_attn"}) {
             if (why.find(refusal) != std::string::npos) {
                 fail(PMTP_ERR_INVALID_ARG, "this model cannot use these KV cache settings: " + why +
                      "; choose another type_k / type_v (f16, bf16 and f32 fit every model)");

@@ -31,9 +31,8 @@ _LAZY = {
 }
 
 __all__ = ["__version__", "PmtpError", "ModelLoadError", "InvalidArgumentError", "ContextFullError",
-           "DecodeError", "MtpError", "InexactVerifyError", "SwaGuardError", "OutOfMemoryError", "AbortedError", "ClosedError",
-           "ConcurrentUseError", "RpcError",
-           "InternalError", *_LAZY]
+           "DecodeError", "MtpError", "InexactVerifyError", "SwaGuardError", "OutOfMemoryError", "AbortedError",
+           "ClosedError", "ConcurrentUseError", "RpcError", "InternalError", *_LAZY]
 
 
 def __getattr__(name):

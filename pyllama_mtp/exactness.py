@@ -41,7 +41,7 @@ class ExactnessCheck:
     difference: str | None      # where the first difference showed (None when exact)
 
 
-def probe_prompt(tokenize, n_ctx: int, draft_max: int) -> list[int]:
+def _probe_prompt(tokenize, n_ctx: int, draft_max: int) -> list[int]:
     """A few ordinary tokens to start the probe from (what the text gives with this vocab)."""
     tokens = list(tokenize(_PROBE_TEXT))[:_PROBE_PROMPT_TOKENS]
     room = max(n_ctx - (draft_max + 2), 1)
@@ -83,28 +83,28 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
     English sentence); the session is empty afterwards."""
     k = session.draft_max
     if prompt is None:
-        prompt = probe_prompt(session.model.tokenize, session.n_ctx, k)
+        prompt = _probe_prompt(session.model.tokenize, session.n_ctx, k)
     n_seq = min(session.n_seq_max, _MAX_SEQUENCES_CHECKED)
     greedy = SamplingParams(temperature=0.0, n_logprobs=_TOP)
     for seq in range(n_seq):
         session.seq_set_sampling(seq, greedy)
+
+    def start(seq: int) -> None:            # the prompt, and its first token pending
+        session.seq_reset(seq)
+        session.seq_prefill(seq, prompt)
+        session.seq_sample(seq)
+
     try:
-        session.reset()
-        session.seq_prefill(0, prompt)
-        session.seq_sample(0)
+        start(0)
         plain = _rows([session.step(0) for _ in range(k + 1)])        # row i: what token i's decode gives
-        session.reset()
-        session.seq_prefill(0, prompt)
-        session.seq_sample(0)
+        start(0)
         verified = _rows([session.verify([token for token, _, _ in plain[:k]])])
         difference = _first_difference(plain, verified)
         if difference is not None:
             difference = f"verify of {k + 1} rows, {difference}"
         elif n_seq > 1:
-            session.seq_reset(0)
             for seq in range(n_seq):
-                session.seq_prefill(seq, prompt)
-                session.seq_sample(seq)
+                start(seq)
             # every sequence drafts k: one target batch of n_seq * (k + 1) rows; whatever the
             # heads drafted, each token that comes back must carry the plain row's bits
             together = session.step_batch(range(n_seq), [k] * n_seq)
@@ -132,6 +132,6 @@ def raise_if_inexact(check: ExactnessCheck, devices) -> None:
         "batch does not compute what one-token decoding computes (a backend or RPC worker that picks "
         "its kernels by batch size), so MTP could change the greedy output where two tokens nearly "
         "tie. Use pyllama-mtp-rpc-worker (not another build's rpc-server) on RPC hosts, keep the "
-        "layers on devices this build makes exact (the CPU; CUDA with an F16 KV cache), use mtp=False, or pass "
-        "check_exact=False (pyllama-mtp-server: --no-check-exact) to draft anyway and accept output that may "
-        "differ from plain decoding.")
+        "layers on devices this build makes exact (the CPU; CUDA with an F16 KV cache), use "
+        "mtp=False, or pass check_exact=False (pyllama-mtp-server: --no-check-exact) to draft "
+        "anyway and accept output that may differ from plain decoding.")

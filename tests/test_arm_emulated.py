@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import os
 import platform
-import shutil
 import subprocess
 from pathlib import Path
 
 import pytest
+
+from source_build import build_blocker
 
 ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = ROOT / "scripts" / "arm_check.sh"
@@ -25,11 +26,10 @@ SYSROOT = Path(os.environ.get("ARM_SYSROOT", ROOT / "build" / "arm64-sysroot"))
 def missing() -> str | None:
     if platform.machine().lower() not in ("x86_64", "amd64"):
         return "emulates ARM on an x86-64 host"
-    if not (ROOT / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        return "the patched llama.cpp tree is not here (an installed package without its source)"
-    for tool in ("aarch64-linux-gnu-g++", "qemu-aarch64-static", "cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"no {tool} (bash scripts/arm_check.sh setup installs what it needs)"
+    blocker = build_blocker(("aarch64-linux-gnu-g++", "qemu-aarch64-static", "cmake", "ninja"),
+                            hint="bash scripts/arm_check.sh setup installs what it needs")
+    if blocker is not None:
+        return blocker
     if not (SYSROOT / "usr" / "bin" / "python3").exists():
         return f"no arm64 Python in {SYSROOT} (bash scripts/arm_check.sh setup)"
     return None

@@ -17,16 +17,16 @@ from pathlib import Path
 
 import pytest
 
+from source_build import build_blocker
+
 ROOT = Path(__file__).resolve().parent.parent
 BUILD = ROOT / "build" / "blas"
 
 
 def missing() -> str | None:
-    if not (ROOT / "vendor" / "llama.cpp" / "CMakeLists.txt").exists():
-        return "the patched llama.cpp tree is not here (an installed package without its source)"
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"no {tool}"
+    blocker = build_blocker()
+    if blocker is not None:
+        return blocker
     if not any(Path(d, "cblas.h").exists() for d in ("/usr/include/x86_64-linux-gnu/openblas-pthread",
                                                       "/usr/include/aarch64-linux-gnu/openblas-pthread",
                                                       "/usr/include/openblas", "/usr/include")):

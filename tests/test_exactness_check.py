@@ -10,13 +10,13 @@ it with scripts/build_upstream.sh (into build/upstream, which the benchmarks sha
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
+from source_build import build_blocker
 from factories.rpc_local import LocalWorker, free_port, wait_listening
 from pyllama_mtp import InexactVerifyError, Llama, MtpError, build_info
 from pyllama_mtp.config import ContextConfig, ModelConfig
@@ -90,11 +90,9 @@ def _upstream_rpc_server() -> Path | str:
     binary = UPSTREAM / "bin" / "ggml-rpc-server"
     if binary.exists():
         return binary
-    for tool in ("cmake", "ninja"):
-        if shutil.which(tool) is None:
-            return f"no {tool} to build upstream's rpc-server"
-    if not (ROOT / "scripts" / "build_upstream.sh").exists():
-        return "scripts/build_upstream.sh is not here (an installed package without its source)"
+    blocker = build_blocker(needs=ROOT / "scripts" / "build_upstream.sh", hint="to build upstream's rpc-server")
+    if blocker is not None:
+        return blocker
     build = subprocess.run(["bash", "scripts/build_upstream.sh"], cwd=ROOT, capture_output=True, text=True,
                            timeout=3600, env={**os.environ, "UPSTREAM_BUILD": str(UPSTREAM),
                                               "UPSTREAM_TARGETS": "ggml-rpc-server"})
