@@ -192,13 +192,15 @@ void session_verify(pmtp_session * s, seq_state & sq, const llama_token * drafts
 // mtp.cpp
 void mtp_heads_create(pmtp_session * s, const pmtp_model * mtp_model, int32_t draft_max);
 void mtp_reset(pmtp_session * s, const seq_state & sq);
-// The heads keep rows < n_keep, and the queue rows < first (<= n_keep): the caller
-// queues rows first .. n_keep - 1 again from a new target decode (chained head j then
-// re-runs from row first + j, to give head j + 1 its hidden outputs again).
-void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first);
+// The heads keep rows < n_keep, and the queue rows < first (<= n_keep). redecoded: the
+// caller queues rows first .. n_keep - 1 again from a new target decode (chained head j
+// then re-runs from row first + j, to give head j + 1 its hidden outputs again; a head
+// that would need a row before first starts after a gap); else (a pending token
+// forgotten, first = n_keep) the heads keep the hidden outputs the next rows need.
+void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first, bool redecoded);
 // Tokens a rollback decodes again so that the heads get the hidden states they need:
-// 1, or one per chained head.
-int32_t mtp_rollback_redo(const pmtp_session * s);
+// 1, or one per chained head unless the sequence decodes plainly (a window set).
+int32_t mtp_rollback_redo(const pmtp_session * s, const seq_state & sq);
 // Queue rows [pos0, pos0 + n) for the heads: tokens[i] pairs with the target's hidden
 // state of the row before it (h_prev_first for i = 0, then h_rows[i - 1]).
 void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens, const float * h_prev_first,

@@ -278,7 +278,7 @@ void add_head_rows(mtp_heads & H, size_t j, seq_state & sq, llama_pos end, int32
         rows.push_back({&sq, m.queue_tok[(size_t) (pos - m.queue_pos0)], pos, H.input_row(m, j, pos), false});
     }
     for (int32_t i = 0; i < extra; ++i) {
-        if (end + i >= H.first_row(j)) {
+        if (end + i >= std::max(H.first_row(j), m.n_clean[j])) {  // (rows in a gap: none)
             rows.push_back({&sq, m.d[(size_t) i], end + i, H.input_row(m, j, end + i), false});
         }
     }
@@ -331,7 +331,7 @@ void queue_trim(mtp_heads & H, mtp_seq & m) {
 // Its KV keeps a gap before that row; positions stay the rows' own, so attention and RoPE
 // see the rows that are there where they belong. A head's uncommitted draft rows go first
 // (they would otherwise sit inside the gap).
-void mtp_skip_rows(pmtp_session * s, seq_state & sq, llama_pos b) {
+void mtp_skip_rows(pmtp_session * s, const seq_state & sq, llama_pos b) {
     mtp_heads & H = *s->heads;
     mtp_seq & m = H.seqs[(size_t) sq.id];
     if (m.n_clean[0] < b) {
@@ -441,11 +441,18 @@ void mtp_set_window(pmtp_session * s, const seq_state & sq, int32_t n_rows) {
     H.seqs[(size_t) sq.id].window = n_rows > 0 ? std::max(n_rows, (int32_t) H.heads.size() + 1) : 0;
 }
 
-int32_t mtp_rollback_redo(const pmtp_session * s) {
-    return s->heads->chained ? (int32_t) s->heads->heads.size() : 1;
+int32_t mtp_rollback_redo(const pmtp_session * s, const seq_state & sq) {
+    const mtp_heads & H = *s->heads;
+    // While the sequence decodes plainly its heads skip old rows anyway: one token (the
+    // next row's hidden state), and chained heads start again after a gap (mtp_rollback)
+    // rather than the target decoding a token per head again.
+    if (!H.chained || H.seqs[(size_t) sq.id].window > 0) {
+        return 1;
+    }
+    return (int32_t) H.heads.size();
 }
 
-void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first) {
+void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first, bool redecoded) {
     mtp_heads & H = *s->heads;
     mtp_seq & m = H.seqs[(size_t) sq.id];
     for (size_t j = 0; j < H.heads.size(); ++j) {
@@ -459,6 +466,12 @@ void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_
         m.queue_tok.resize(keep);
         m.queue_h.resize(keep * H.n_embd);
         m.queue_pos0 = std::min(m.queue_pos0, first);
+    }
+    if (redecoded && H.chained && first + (llama_pos) H.heads.size() - 1 > n_keep) {
+        // Fewer rows come again than the chain re-runs: head j's row n_keep would need head
+        // j - 1's output of row n_keep - 1, which no head computes again. Head j starts
+        // again at row first + j instead, after a gap in its rows.
+        mtp_skip_rows(s, sq, first);
     }
 }
 
@@ -522,7 +535,10 @@ void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const st
         }
         m.n_clean[0] = std::min(m.n_clean[0], P);  // row P always runs: its output is d1
         for (size_t j = 1; j < m.n_clean.size(); ++j) {
-            m.n_clean[j] = std::min(m.n_clean[j], P + 1);
+            // chained head j's last row, P + j, always runs (its output is d_{j+1}); rows
+            // past P + 1 are clean only after a gap (mtp_skip_rows): the head then starts
+            // at its first row after the gap, among the draft rows
+            m.n_clean[j] = std::min(m.n_clean[j], P + (llama_pos) j);
         }
         k_max = std::max(k_max, k[r]);
     }
@@ -551,7 +567,7 @@ void mtp_draft(pmtp_session * s, const std::vector<seq_state *> & seqs, const st
         for (size_t r = 0; r < seqs.size() && (H.chained || j == 0); ++r) {
             if (k[r] > j) {
                 mtp_seq & m = H.seqs[(size_t) seqs[r]->id];
-                m.n_clean[head] = seqs[r]->n_past() + 1;
+                m.n_clean[head] = std::max(m.n_clean[head], seqs[r]->n_past() + 1);  // (a gap stays)
                 if (H.chained) {
                     m.draft_pos[head] = seqs[r]->n_past();
                     m.draft_tok[head].assign(m.d.begin(), m.d.begin() + j);

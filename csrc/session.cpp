@@ -411,7 +411,7 @@ void session_prefill(pmtp_session * s, seq_state & sq, const llama_token * token
              "; shorten the prompt or create the model with a larger n_ctx");
     }
     if (sq.pending >= 0 && s->heads) {
-        mtp_rollback(s, sq, sq.n_past(), sq.n_past());  // forget the pending token's row
+        mtp_rollback(s, sq, sq.n_past(), sq.n_past(), false);  // forget the pending token's row
     }
     sq.pending = -1;
     decode_after_deferred(s, sq, tokens, n);
@@ -479,7 +479,7 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     }
     if (n_keep == sq.n_past()) {
         if (sq.pending >= 0 && s->heads) {
-            mtp_rollback(s, sq, n_keep, n_keep);
+            mtp_rollback(s, sq, n_keep, n_keep, false);
         }
         sq.pending = -1;
         return;
@@ -489,7 +489,7 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     // which only a decode gives back: drop that many more tokens from the target, to be
     // decoded again with the next prefill (or by session_settle).
     session_settle(s, sq);        // (a rollback right after a rollback: the rows it deferred first)
-    const int32_t n_redo   = s->heads ? std::min(n_keep, mtp_rollback_redo(s)) : 0;
+    const int32_t n_redo   = s->heads ? std::min(n_keep, mtp_rollback_redo(s, sq)) : 0;
     const int32_t n_target = n_keep - n_redo;
     const bool snapshots_ok = !s->recurrent || sq.n_past() - n_target <= rs_rollback_max(s, sq);
     if (!snapshots_ok || !llama_memory_seq_rm(s->mem(), sq.id, n_target, -1)) {
@@ -501,7 +501,7 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     sq.pending    = -1;
     sq.logits_row = -1;
     if (s->heads) {
-        mtp_rollback(s, sq, n_keep, n_target + 1);
+        mtp_rollback(s, sq, n_keep, n_target + 1, true);
         if (n_target == 0) {
             sq.last_h.assign((size_t) s->n_embd, 0.0f);
         }

@@ -264,6 +264,53 @@ def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tm
     assert out == want, f"diverged at {first_diff(out, want)}"
 
 
+@pytest.mark.parametrize("then", ["prefill", "prefill 1", "sample"])
+def test_a_rollback_while_decoding_plainly_decodes_one_token_again(tmp_path, then):
+    """A server slot rolls back to the shared context on every request. While its sequence
+    decodes plainly (a window set) the heads skip old rows anyway, so the rollback has the
+    target decode one kept token again (the next row's hidden state), not one per chained
+    head: the next prompt's first decode holds one row more, not three. Each chained head
+    then starts after a gap of up to two rows; drafting right after (a 1-token prompt, or a
+    sample straight after the rollback) still finds every head's input, every draft of the
+    oracle is accepted, and the output is the plain greedy output."""
+    import factories as testing
+    path = str(testing.write_step35(tmp_path / "m.gguf", seed=5, n_swa=8, oracle=True, acceptance=1.0))
+    n_batch = 8
+    with Model(ModelConfig(path, load_mtp=True)) as model, \
+            Session(model, ContextConfig(n_ctx=512, threads=2, draft_max=3, n_batch=n_batch, n_ubatch=n_batch),
+                    mtp_model=model) as s:
+        history = prompt_of(model, 30)            # what the target holds, then the pending token
+        s.prefill(history)
+        pending = s.sample()
+        for turn, n_keep in enumerate((40, 25, 52)):
+            s.seq_mtp_window(0, 8)                # decoding plainly
+            while len(history) < n_keep + 12:
+                r = s.step(0)
+                history += [pending, *r.tokens[:-1]]
+                pending = r.tokens[-1]
+            s.rollback(n_keep)
+            history = history[:n_keep]
+            decodes = s.stats()["n_target_decodes"]
+            if then == "sample":                  # the kept token again, on its own
+                pending = s.sample()
+                assert s.stats()["n_target_decodes"] - decodes == 1
+            else:
+                new = prompt_of(model, 100 + turn)[:n_batch - 1 if then == "prefill" else 1]
+                s.prefill(new)
+                history += new
+                assert s.stats()["n_target_decodes"] - decodes == 1, "one decode: the prompt and one kept token"
+                pending = s.sample()
+            s.seq_mtp_window(0, 0)                # drafting again, straight away
+            want = greedy_continuation(model, history, 16)
+            start = len(history)
+            while len(history) < start + 16:
+                r = s.step(3)
+                assert r.n_accepted == 3, f"turn {turn}: {r.n_accepted} of 3 drafts accepted"
+                history += [pending, *r.tokens[:-1]]
+                pending = r.tokens[-1]
+            assert history[start:start + 16] == want[:16], f"turn {turn}: diverged at {first_diff(history[start:], want)}"
+
+
 def test_a_window_of_rows_is_checked(step35_path):
     """A negative window or an unknown sequence is refused with a clear error; without
     heads a window is accepted and changes nothing."""
