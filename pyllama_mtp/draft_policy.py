@@ -781,6 +781,23 @@ class BatchDraftPolicy:
         self.catch_up = CatchUpCost()                  # the same, per sequence, by rows queued
         self.plain_window = HEADS_WINDOW               # the heads' window while decoding plainly (heads_window)
 
+    def seed(self, seed) -> None:
+        """Start from what the load-time check measured (``exactness.StepSeed``): one
+        sequence's steady plain steps and a steady step of ``seed.draft`` drafts near the
+        start of a context, and how many of its drafts were accepted. They are this
+        session's own figures, so the first generation drafts at the length they favour
+        from its first step instead of decoding plainly, probing one draft and climbing
+        (several steps of a short generation); its own steps refine them as any others.
+        The first probe comes at the base pace: the early one a cold start makes (to see
+        whether drafts are accepted at all) would only re-measure what the check did."""
+        p = self.policy(1)
+        for t in seed.plain_s:
+            p.costs.add(0, 0, t, step=0)
+        p.costs.add(0, seed.draft, seed.draft_s, step=0)
+        for n in seed.accepted:
+            self.acceptance.observe(seed.draft, n)
+        p.next_probe = max(p.next_probe, BASE_INTERVAL)
+
     def policy(self, n: int) -> DraftPolicy:
         c = size_class(n)
         if c not in self.by_size:

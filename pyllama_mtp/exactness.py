@@ -14,12 +14,22 @@ a short greedy continuation decoded one token at a time, then the same tokens gi
 drafts to one verify batch of ``draft_max + 1`` rows, then (with several sequences) the
 same prompt in up to eight sequences that draft and verify together, one batch of up to
 ``8 * (draft_max + 1)`` rows. Every row's token, logprob and top-20 logprobs (derived from
-the whole logit row) must be bit-identical to the one-token decode's. It costs two
-prefills of six tokens, ``draft_max + 1`` one-token decodes and one verify batch (and with
-several sequences a prefill each and one batched step), and leaves the session empty.
+the whole logit row) must be bit-identical to the one-token decode's.
+
+On the way, from the same prompt, two real MTP steps of ``draft_max`` drafts (the heads'
+own drafts, verified and accepted as a generation's would be): their rows are compared
+too, and they give ``draft="auto"`` a start (``StepSeed``): this session's measured cost
+of a plain step and of a drafting step, with graphs built and caches warm, and whether
+the heads' drafts were accepted. Without it the policy first decodes plainly, probes one
+draft and climbs length by length, which costs a short generation several steps.
+
+It costs three prefills of six tokens, ``draft_max + 1`` one-token decodes, one verify
+batch and two MTP steps (and with several sequences a prefill each and one batched step),
+and leaves the session empty.
 """
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 
 from .config import SamplingParams
@@ -33,18 +43,29 @@ _MAX_SEQUENCES_CHECKED = 8       # with draft 3: a batch of 32 rows, where BLAS 
 
 
 @dataclass(frozen=True)
+class StepSeed:
+    """What the check measured of one sequence's steps near the start of a context, for
+    ``draft="auto"`` (``BatchDraftPolicy.seed``)."""
+    plain_s: tuple[float, ...]      # one-token decodes after the first (whose graphs were new)
+    draft: int                      # drafts per MTP step
+    draft_s: float                  # an MTP step after one of the same length: drafting, verify, accept
+    accepted: tuple[int, ...]       # drafts accepted in each MTP step
+
+
+@dataclass(frozen=True)
 class ExactnessCheck:
     """What the load-time check compared and found (``Llama.exactness``)."""
     verify_rows: int            # rows of the verify batch compared with one-token decodes
     sequences: int              # sequences verified together and compared with one alone (1: none)
     exact: bool
     difference: str | None      # where the first difference showed (None when exact)
+    seed: StepSeed | None = None  # step costs and acceptance measured on the way (None: not exact)
 
 
 def _probe_prompt(tokenize, n_ctx: int, draft_max: int) -> list[int]:
     """A few ordinary tokens to start the probe from (what the text gives with this vocab)."""
     tokens = list(tokenize(_PROBE_TEXT))[:_PROBE_PROMPT_TOKENS]
-    room = max(n_ctx - (draft_max + 2), 1)
+    room = max(n_ctx - 2 * (draft_max + 1) - 1, 1)     # and two MTP steps after it
     return tokens[:room] or [0]
 
 
@@ -94,15 +115,35 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
         session.seq_prefill(seq, prompt)
         session.seq_sample(seq)
 
+    def timed(call):
+        t0 = time.perf_counter()
+        result = call()
+        return result, time.perf_counter() - t0
+
+    seed = None
     try:
         start(0)
-        plain = _rows([session.step(0) for _ in range(k + 1)])        # row i: what token i's decode gives
+        steps = [timed(lambda: session.step(0)) for _ in range(k + 1)]
+        plain = _rows([r for r, _ in steps])                          # row i: what token i's decode gives
         start(0)
         verified = _rows([session.verify([token for token, _, _ in plain[:k]])])
         difference = _first_difference(plain, verified)
         if difference is not None:
             difference = f"verify of {k + 1} rows, {difference}"
-        elif n_seq > 1:
+        else:
+            # two MTP steps with the heads' drafts; the second, after one of its length, is
+            # timed as a steady step. The rows they return are rows of the plain decode.
+            start(0)
+            first, _ = timed(lambda: session.step(k))
+            second, t_second = timed(lambda: session.step(k))
+            rows = _rows([first, second])[:len(plain)]
+            d = _first_difference(plain[:len(rows)], rows)
+            if d is not None:
+                difference = f"MTP steps of {k} drafts, {d}"
+            else:
+                seed = StepSeed(plain_s=tuple(t for _, t in steps[1:]), draft=k, draft_s=t_second,
+                                accepted=(first.n_accepted, second.n_accepted))
+        if difference is None and n_seq > 1:
             for seq in range(n_seq):
                 start(seq)
             # every sequence drafts k: one target batch of n_seq * (k + 1) rows; whatever the
@@ -119,7 +160,8 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
             session.seq_reset(seq)
             session.seq_set_sampling(seq, SamplingParams())
         session.reset_stats()
-    return ExactnessCheck(verify_rows=k + 1, sequences=n_seq, exact=difference is None, difference=difference)
+    return ExactnessCheck(verify_rows=k + 1, sequences=n_seq, exact=difference is None, difference=difference,
+                          seed=seed if difference is None else None)
 
 
 def raise_if_inexact(check: ExactnessCheck, devices) -> None:

@@ -52,6 +52,7 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
     from pyllama_mtp.draft_policy import BatchDraftPolicy
     from pyllama_mtp.engine import Model, Session
+    from pyllama_mtp.exactness import check_session
     from pyllama_mtp.options import PreparedCall
     from pyllama_mtp.sequence import Sequence, step_sequences
 
@@ -66,6 +67,9 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
             prefix = [int(t) for t in rng.integers(3, n_vocab - 8, size=depth)]
             held: dict[int, list[int]] = {}                 # what each session's sequence 0 holds
             policy = BatchDraftPolicy(s.draft_max)
+            check = check_session(s)                        # as a Llama does at load: its figures seed "auto"
+            if check.seed is not None:
+                policy.seed(check.seed)
             modes: list = list(range(s.draft_max + 1)) + ["auto"]
             rates: dict = {m: [] for m in modes}
             chosen: dict[int, int] = {}

@@ -843,3 +843,48 @@ def test_probes_the_heads_catch_up_would_not_pay_for_back_off_too():
         timed_per_generation.append(timed)
     assert sum(timed_per_generation[1:]) <= 9 * 6, timed_per_generation   # (324 before)
     assert policy.policy(1).interval >= 256
+
+
+def _seeded(plain_s: float, draft_s: float, accepted: tuple[int, ...], draft: int = 3) -> BatchDraftPolicy:
+    """A policy started from a load-time check's figures (exactness.StepSeed)."""
+    from pyllama_mtp.exactness import StepSeed
+    policy = BatchDraftPolicy(draft)
+    policy.seed(StepSeed(plain_s=(plain_s,) * draft, draft=draft, draft_s=draft_s, accepted=accepted))
+    return policy
+
+
+def test_a_start_from_the_checks_figures_drafts_the_best_length_from_the_first_step():
+    # the step times (ms) of the test above; the check saw both steps' drafts accepted and
+    # timed plain decoding and a step of 3 drafts: a 64-token generation drafts 3 from its
+    # first step (a cold start spent 5-6 steps getting there); its first probe comes at the
+    # base pace (16 steps), not at the third step
+    steps = {0: 22.0, 1: 33.0, 2: 42.5, 3: 49.0}
+    policy = _seeded(steps[0], steps[3], (3, 3)).policy(1)
+    policy.start_sequence()
+    trace = Trace(policy, const(1.0), lambda k, d: steps[k], switch_cost=3.0)
+    while trace.tokens < 64:
+        trace.run(1)
+    assert trace.chosen[:15] == [3] * 15, trace.chosen
+    assert trace.rate > 0.97 * expected_rate([1.0] * 3, steps[3], 3)
+
+
+def test_a_start_from_rejected_drafts_decodes_plainly_and_probes_at_the_base_pace():
+    steps = {0: 22.0, 1: 33.0, 2: 42.5, 3: 49.0}
+    policy = _seeded(steps[0], steps[3], (0, 0)).policy(1)
+    policy.start_sequence()
+    trace = Trace(policy, const(0.0), lambda k, d: steps[k]).run(400)
+    assert trace.chosen[:15] == [0] * 15, trace.chosen[:20]
+    assert sum(k > 0 for k in trace.chosen) <= 6, probe_starts(trace.chosen)
+    assert trace.rate > 0.98 / steps[0]
+
+
+def test_a_start_whose_drafts_the_content_then_rejects_turns_plain_within_a_few_steps():
+    # the check's prompt was predictable and the user's text is not: drafts of 3 rejected
+    # from the first step on; plain decoding takes over within a few steps and stays
+    steps = {0: 22.0, 1: 33.0, 2: 42.5, 3: 49.0}
+    policy = _seeded(steps[0], steps[3], (3, 3)).policy(1)
+    policy.start_sequence()
+    trace = Trace(policy, const(0.0), lambda k, d: steps[k]).run(300)
+    assert trace.chosen.index(0) <= 10, trace.chosen[:20]
+    assert sum(k > 0 for k in trace.chosen[20:]) <= 8, trace.chosen
+    assert trace.rate > 0.95 / steps[0]

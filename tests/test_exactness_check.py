@@ -21,7 +21,7 @@ from factories.rpc_local import LocalWorker, free_port, wait_listening
 from pyllama_mtp import InexactVerifyError, Llama, MtpError, build_info
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
-from pyllama_mtp.exactness import ExactnessCheck, _first_difference, check_session
+from pyllama_mtp.exactness import _first_difference, check_session
 
 ROOT = Path(__file__).resolve().parent.parent
 UPSTREAM = Path(os.environ.get("UPSTREAM_BUILD", ROOT / "build" / "upstream"))
@@ -30,7 +30,8 @@ PROMPT = "the quick brown fox"
 
 def test_a_cpu_session_passes_and_is_left_empty(step35_path):
     with Llama(step35_path, mtp=True, draft=3, n_ctx=256, threads=1) as llm:
-        assert llm.exactness == ExactnessCheck(verify_rows=4, sequences=1, exact=True, difference=None)
+        check = llm.exactness
+        assert (check.verify_rows, check.sequences, check.exact, check.difference) == (4, 1, True, None)
         assert llm.session.n_past == 0
         stats = llm.session.stats()
         assert stats["n_steps"] == 0 and stats["n_target_decodes"] == 0
@@ -60,7 +61,38 @@ def test_a_bare_session_gives_the_same_verdict_every_time(step35_path):
             first = check_session(session, [1, 2, 3])
             again = check_session(session, [1, 2, 3])
             assert session.n_past == 0
-    assert first == again == ExactnessCheck(verify_rows=2, sequences=1, exact=True, difference=None)
+    verdict = lambda c: (c.verify_rows, c.sequences, c.exact, c.difference, c.seed.accepted)   # noqa: E731
+    assert verdict(first) == verdict(again) == (2, 1, True, None, first.seed.accepted)
+
+
+def test_the_checks_mtp_steps_give_draft_auto_its_start(tmp_path):
+    """On the way the check runs two real MTP steps (the heads' drafts): their rows must be
+    the plain rows too, and their figures start draft="auto" (StepSeed): the plain steps'
+    and the second MTP step's seconds, the drafts accepted. On an oracle whose heads agree
+    with the trunk every draft is accepted, with heads that never agree none is; a Llama's
+    policy for one sequence starts from those figures (which length they favour depends on
+    this machine's timings: see test_draft_policy for the decisions)."""
+    import factories as testing
+    for acceptance, accepted in ((1.0, (3, 3)), (0.0, (0, 0))):
+        path = str(testing.write_step35(tmp_path / f"a{acceptance}.gguf", seed=5, oracle=True,
+                                        acceptance=acceptance))
+        with Llama(path, mtp=True, draft="auto", n_ctx=256, threads=1) as llm:
+            seed = llm.exactness.seed
+            assert seed.draft == 3 and seed.accepted == accepted
+            assert len(seed.plain_s) == 3 and min(seed.plain_s) > 0 and seed.draft_s > 0
+            assert llm.session.n_past == 0 and llm.session.stats()["n_steps"] == 0
+            policy = llm._policy.policy(1)
+            assert policy.costs.samples(0, 0) == 3 and policy.costs.samples(0, 3) == 1
+            assert (policy.acceptance.rate(0) > 0.5) == (acceptance > 0.5)
+            assert llm.generate(PROMPT, max_tokens=24).tokens == _plain_tokens(path)
+        with Llama(path, mtp=True, draft="auto", n_ctx=256, threads=1, check_exact=False) as unchecked:
+            assert unchecked.exactness is None       # nothing measured: a cold start
+            assert not unchecked._policy.policy(1).costs.points(0)
+
+
+def _plain_tokens(path):
+    with Llama(path, n_ctx=256, threads=1) as plain:
+        return plain.generate(PROMPT, max_tokens=24).tokens
 
 
 def test_the_first_differing_row_is_named():
@@ -143,10 +175,10 @@ def test_the_bench_runs_the_same_check(step35_path):
     from pyllama_mtp.bench.runner import InstanceRunner
     inst = Instance(model=step35_path, threads=1, n_gpu_layers=0, n_batch=512, n_ubatch=512, type_k="f16",
                     type_v="f16", flash_attn=-1)
-    for draft_max, verdict in ((2, ExactnessCheck(verify_rows=3, sequences=1, exact=True, difference=None)),
-                               (0, None)):
+    for draft_max, verdict in ((2, (3, 1, True, None)), (0, None)):
         runner = InstanceRunner(step35_path, inst, 128, draft_max, seed=0)
         try:
-            assert runner.check_exactness() == verdict
+            check = runner.check_exactness()
+            assert (check and (check.verify_rows, check.sequences, check.exact, check.difference)) == verdict
         finally:
             runner.close()

@@ -73,13 +73,16 @@ class InstanceRunner:
         self.rng = np.random.default_rng(seed)
         self.policy: BatchDraftPolicy | None = None
         self.n_vocab = self.model.info.n_vocab
+        self.exactness: ExactnessCheck | None = None
 
     def check_exactness(self) -> ExactnessCheck | None:
         """The load-time check a Llama runs (None without MTP): the bench times a device
-        that fails it, but says so."""
+        that fails it, but says so. Like a Llama's, each "auto" test's policy starts from
+        what it measured."""
         if not self.session.draft_max:
             return None
-        return check_session(self.session)
+        self.exactness = check_session(self.session)
+        return self.exactness
 
     def close(self) -> None:
         self.session.close()
@@ -122,6 +125,8 @@ class InstanceRunner:
         # draft="auto" learns across the warm-up and the repetitions, as it does across the
         # calls of one Llama
         self.policy = BatchDraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
+        if self.policy is not None and self.exactness is not None and self.exactness.seed is not None:
+            self.policy.seed(self.exactness.seed)
         self._run_once(test, None, sampling)  # warm-up
         for _ in range(repetitions):
             m.samples_ns.append(self._run_once(test, m, sampling))
