@@ -19,6 +19,7 @@ import pytest
 from source_build import build_blocker
 from factories.rpc_local import LocalWorker, free_port, wait_listening
 from pyllama_mtp import InexactVerifyError, Llama, MtpError, build_info
+from pyllama_mtp.errors import InvalidArgumentError
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
 from pyllama_mtp.exactness import _first_difference, check_session
@@ -182,3 +183,39 @@ def test_the_bench_runs_the_same_check(step35_path):
             assert (check and (check.verify_rows, check.sequences, check.exact, check.difference)) == verdict
         finally:
             runner.close()
+
+
+def test_the_check_decodes_on_a_thread_of_its_own(step35_path):
+    """The CPU backend's OpenMP runtime keeps a pool of workers for each thread that ran a
+    decode while that thread lives; with more pool threads than cores they sleep between
+    the graph's steps instead of spinning. A server loads on its main thread and decodes
+    on another, so the check must leave no decoding behind on the caller's thread."""
+    import threading
+
+    class Recording:
+        def __init__(self, session):
+            self.session, self.threads = session, set()
+
+        def __getattr__(self, name):
+            attr = getattr(self.session, name)
+            if not callable(attr):
+                return attr
+
+            def call(*args, **kwargs):
+                self.threads.add(threading.get_ident())
+                return attr(*args, **kwargs)
+            return call
+
+    with Model(ModelConfig(step35_path, load_mtp=True)) as model:
+        with Session(model, ContextConfig(n_ctx=64, draft_max=2, threads=1)) as session:
+            recording = Recording(session)
+            assert check_session(recording, [1, 2, 3]).exact
+    assert recording.threads and threading.get_ident() not in recording.threads
+
+
+def test_a_failing_check_raises_on_the_callers_thread(step35_path):
+    with Model(ModelConfig(step35_path, load_mtp=True)) as model:
+        with Session(model, ContextConfig(n_ctx=64, draft_max=2, threads=1)) as session:
+            with pytest.raises(InvalidArgumentError):
+                check_session(session, [10 ** 9])          # a token id outside the vocabulary
+            assert session.n_past == 0
