@@ -789,11 +789,16 @@ class BatchDraftPolicy:
         from its first step instead of decoding plainly, probing one draft and climbing
         (several steps of a short generation); its own steps refine them as any others.
         The first probe comes at the base pace: the early one a cold start makes (to see
-        whether drafts are accepted at all) would only re-measure what the check did."""
+        whether drafts are accepted at all) would only re-measure what the check did.
+
+        The times count as provisional (``StepTime.add_provisional``: they stand until the
+        first steady step of their length replaces them): the check decodes on a thread of
+        its own, and where the caller's thread has decoded before, the OpenMP runtime holds
+        more worker threads than cores while it runs and its steps can take several times
+        what they take later (a tiny model's 0.15 ms plain step took 5 ms there)."""
         p = self.policy(1)
-        for t in seed.plain_s:
-            p.costs.add(0, 0, t, step=0)
-        p.costs.add(0, seed.draft, seed.draft_s, step=0)
+        p.costs.add(0, 0, min(seed.plain_s), step=0, steady=False)
+        p.costs.add(0, seed.draft, seed.draft_s, step=0, steady=False)
         for n in seed.accepted:
             self.acceptance.observe(seed.draft, n)
         p.next_probe = max(p.next_probe, BASE_INTERVAL)

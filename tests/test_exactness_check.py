@@ -83,7 +83,7 @@ def test_the_checks_mtp_steps_give_draft_auto_its_start(tmp_path):
             assert len(seed.plain_s) == 3 and min(seed.plain_s) > 0 and seed.draft_s > 0
             assert llm.session.n_past == 0 and llm.session.stats()["n_steps"] == 0
             policy = llm._policy.policy(1)
-            assert policy.costs.samples(0, 0) == 3 and policy.costs.samples(0, 3) == 1
+            assert set(policy.costs.points(0)) == {0, 3}       # provisional: the first steady steps replace them
             assert (policy.acceptance.rate(0) > 0.5) == (acceptance > 0.5)
             assert llm.generate(PROMPT, max_tokens=24).tokens == _plain_tokens(path)
         with Llama(path, mtp=True, draft="auto", n_ctx=256, threads=1, check_exact=False) as unchecked:
