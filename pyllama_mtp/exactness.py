@@ -121,7 +121,11 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
 
     worker = threading.Thread(target=run, name="pyllama-mtp-exactness-check")
     worker.start()
-    worker.join()
+    try:
+        worker.join()
+    except BaseException:       # (Ctrl-C): the session is in use until the check's thread ends
+        worker.join()
+        raise
     if isinstance(outcome[0], BaseException):
         raise outcome[0]
     return outcome[0]
