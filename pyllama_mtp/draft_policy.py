@@ -782,7 +782,8 @@ class BatchDraftPolicy:
         self.plain_window = HEADS_WINDOW               # the heads' window while decoding plainly (heads_window)
 
     def seed(self, seed) -> None:
-        """Start from what the load-time check measured (``exactness.StepSeed``): one
+        """Start from what the load-time check measured (``exactness.StepSeed``; None, as
+        where the check did not run or found a difference: nothing to start from): one
         sequence's steady plain steps and a steady step of ``seed.draft`` drafts near the
         start of a context, and how many of its drafts were accepted. They are this
         session's own figures, so the first generation drafts at the length they favour
@@ -796,6 +797,8 @@ class BatchDraftPolicy:
         its own, and where the caller's thread has decoded before, the OpenMP runtime holds
         more worker threads than cores while it runs and its steps can take several times
         what they take later (a tiny model's 0.15 ms plain step took 5 ms there)."""
+        if seed is None:
+            return
         p = self.policy(1)
         p.costs.add(0, 0, min(seed.plain_s), step=0, steady=False)
         p.costs.add(0, seed.draft, seed.draft_s, step=0, steady=False)

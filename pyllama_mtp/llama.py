@@ -163,7 +163,7 @@ class Llama:
         # one policy per Llama (every batch size, one sequence included): what it learns about
         # acceptance and costs carries over calls
         self._policy = BatchDraftPolicy(self.draft_max) if self.draft_max else None
-        if self._policy is not None and self.exactness is not None and self.exactness.seed is not None:
+        if self._policy is not None and self.exactness is not None:
             self._policy.seed(self.exactness.seed)      # the check's step costs and acceptance
         self._stats_base = GenerationStats()
         self._wall = _WallTotals()

@@ -67,9 +67,7 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
             prefix = [int(t) for t in rng.integers(3, n_vocab - 8, size=depth)]
             held: dict[int, list[int]] = {}                 # what each session's sequence 0 holds
             policy = BatchDraftPolicy(s.draft_max)
-            check = check_session(s)                        # as a Llama does at load: its figures seed "auto"
-            if check.seed is not None:
-                policy.seed(check.seed)
+            policy.seed(check_session(s).seed)               # as a Llama does at load: "auto" starts from it
             modes: list = list(range(s.draft_max + 1)) + ["auto"]
             rates: dict = {m: [] for m in modes}
             chosen: dict[int, int] = {}

@@ -125,7 +125,7 @@ class InstanceRunner:
         # draft="auto" learns across the warm-up and the repetitions, as it does across the
         # calls of one Llama
         self.policy = BatchDraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
-        if self.policy is not None and self.exactness is not None and self.exactness.seed is not None:
+        if self.policy is not None and self.exactness is not None:
             self.policy.seed(self.exactness.seed)
         self._run_once(test, None, sampling)  # warm-up
         for _ in range(repetitions):
