@@ -448,13 +448,15 @@ class DraftPolicy:
             return self._best
         best = self._best = self._decision()
         self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best else RECHECK_PLAIN)
+        if self.plain_unproven(best):
+            self.next_probe = min(self.next_probe, self.steps)
         if self.steps >= self.next_probe:
             self.probing = best
-            if self.guessed_plain and best > 0 and not self.costs.steady(self.bucket, 0):
-                # plain decoding's figure is another batch size's, scaled: a guess. Time it
-                # before the guess decides anything more (a plain step's cost grows much
-                # less than its rows, so the scaled guess runs high and would keep a large
-                # batch drafting where plain decoding is faster)
+            if best > 0 and not self.costs.steady(self.bucket, 0) and (self.guessed_plain or not self.promising()):
+                # plain decoding's figure is a guess: time it before it decides anything
+                # more (see plain_unproven; with drafts accepted, another batch size's
+                # figure scaled runs high and would keep a large batch drafting where
+                # plain decoding is faster)
                 learning, k = False, 0
             else:
                 learn = self.to_learn(best)     # drafts are accepted: a length that may win, not timed yet
@@ -470,6 +472,16 @@ class DraftPolicy:
                     self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))
             return k
         return best
+
+    def plain_unproven(self, best: int) -> bool:
+        """The decision drafts, its drafts are accepted no more often than not, and plain
+        decoding has no steady step at this depth behind its figure (the load-time check's,
+        see ``BatchDraftPolicy.seed``, or another batch size's): so thin a margin may be the
+        guess's alone (a check that ran while the machine was busy timed a 23 ms plain step
+        at 36 ms, and a 64-token call then drafted one rejected token a step at 0.85x plain),
+        so plain decoding is timed at once rather than at the next probe."""
+        return (best > 0 and self.probing is None and not self.trial_left and not self.promising()
+                and not self.costs.steady(self.bucket, 0))
 
     def _probe_length(self, best: int) -> int:
         """The length of a probe that is not learning (see ``to_learn``)."""

@@ -888,3 +888,17 @@ def test_a_start_whose_drafts_the_content_then_rejects_turns_plain_within_a_few_
     assert trace.chosen.index(0) <= 10, trace.chosen[:20]
     assert sum(k > 0 for k in trace.chosen[20:]) <= 8, trace.chosen
     assert trace.rate > 0.95 / steps[0]
+
+
+def test_a_start_whose_plain_figure_ran_high_does_not_keep_drafting_rejected_drafts():
+    # the check's plain steps ran slow (a busy machine at load: 36 ms for a step that takes
+    # 23 ms) and its drafts were rejected; a long prompt's first step probes its new depth,
+    # where one draft looked dearer than the check's plain step only by a little: drafting
+    # one on the check's figure alone, a 64-token call ran at 0.85x plain. Plain decoding
+    # is timed before a draft with so little hope of acceptance is kept on
+    steps = {0: 23.0, 1: 35.0, 2: 42.0, 3: 50.0}
+    policy = _seeded(36.0, 66.0, (0, 0)).policy(1)
+    policy.start_sequence()
+    trace = Trace(policy, const(0.0), lambda k, d: steps[k], depth=2048, switch_cost=5.0).run(64)
+    assert sum(k > 0 for k in trace.chosen) <= 2, trace.chosen
+    assert trace.rate > 0.97 / steps[0]
