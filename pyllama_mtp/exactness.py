@@ -107,10 +107,11 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
     It runs in a thread of its own that ends with it. The CPU backend's OpenMP runtime
     (libgomp) keeps a pool of worker threads for every thread that has run a decode, for as
     long as that thread lives, and once its pools hold more threads than there are cores
-    its workers stop spin-waiting between the graph's steps and sleep instead. A server
-    loads its model on the main thread and decodes on another: a check run on the main
-    thread left a second pool behind, and every later decode ran that slower (plain steps
-    of 8 sequences at a 2,048-token context on 2 cores: 67 ms instead of 51)."""
+    its barriers sleep instead of spinning. A server loads its model on the main thread and
+    decodes on another: a check run on the main thread left a second pool behind, and every
+    later decode ran slower (plain steps of 8 sequences at a 2,048-token context on 2
+    cores: 67 ms instead of 51). Vendor patch 0025 took the barriers between a graph's
+    nodes out of libgomp's hands; those at the start and end of each graph remain."""
     outcome: list = []
 
     def run() -> None:
