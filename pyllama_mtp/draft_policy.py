@@ -805,10 +805,11 @@ class BatchDraftPolicy:
         whether drafts are accepted at all) would only re-measure what the check did.
 
         The times count as provisional (``StepTime.add_provisional``: they stand until the
-        first steady step of their length replaces them): the check decodes on a thread of
-        its own, and where the caller's thread has decoded before, the OpenMP runtime holds
-        more worker threads than cores while it runs and its steps can take several times
-        what they take later (a tiny model's 0.15 ms plain step took 5 ms there)."""
+        first steady step of their length replaces them): a busy machine at load, or, before
+        vendor patch 0025, the OpenMP runtime throttled while the check's own thread ran
+        beside a caller's thread that had decoded, can make its steps take several times what
+        they take later (a tiny model's 0.15 ms plain step took 5 ms there); and drafting
+        that such a plain figure alone favours is checked at once (``plain_unproven``)."""
         if seed is None:
             return
         p = self.policy(1)
