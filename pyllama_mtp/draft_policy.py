@@ -477,9 +477,10 @@ class DraftPolicy:
         """The decision drafts, its drafts are accepted no more often than not, and plain
         decoding has no steady step at this depth behind its figure (the load-time check's,
         see ``BatchDraftPolicy.seed``, or another batch size's): so thin a margin may be the
-        guess's alone (a check that ran while the machine was busy timed a 23 ms plain step
-        at 36 ms, and a 64-token call then drafted one rejected token a step at 0.85x plain),
-        so plain decoding is timed at once rather than at the next probe."""
+        guess's alone (a check whose steps ran slow, there beside a thread that had decoded
+        before vendor patch 0025, timed a 23 ms plain step at 36 ms, and a 64-token call then
+        drafted one rejected token a step at 0.85x plain), so plain decoding is timed at
+        once rather than at the next probe."""
         return (best > 0 and self.probing is None and not self.trial_left and not self.promising()
                 and not self.costs.steady(self.bucket, 0))
 

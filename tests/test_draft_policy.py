@@ -891,8 +891,9 @@ def test_a_start_whose_drafts_the_content_then_rejects_turns_plain_within_a_few_
 
 
 def test_a_start_whose_plain_figure_ran_high_does_not_keep_drafting_rejected_drafts():
-    # the check's plain steps ran slow (a busy machine at load: 36 ms for a step that takes
-    # 23 ms) and its drafts were rejected; a long prompt's first step probes its new depth,
+    # the check's plain steps ran slow (36 ms for a step that takes 23 ms: before vendor
+    # patch 0025, beside a thread that had decoded; a busy machine can do the same) and its
+    # drafts were rejected; a long prompt's first step probes its new depth,
     # where one draft looked dearer than the check's plain step only by a little: drafting
     # one on the check's figure alone, a 64-token call ran at 0.85x plain. Plain decoding
     # is timed before a draft with so little hope of acceptance is kept on
