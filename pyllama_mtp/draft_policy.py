@@ -448,11 +448,12 @@ class DraftPolicy:
             return self._best
         best = self._best = self._decision()
         self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best else RECHECK_PLAIN)
-        if self.plain_unproven(best):
+        unproven = self.plain_unproven(best)
+        if unproven:
             self.next_probe = min(self.next_probe, self.steps)
         if self.steps >= self.next_probe:
             self.probing = best
-            if best > 0 and not self.costs.steady(self.bucket, 0) and (self.guessed_plain or not self.promising()):
+            if unproven or (self.guessed_plain and best > 0 and not self.costs.steady(self.bucket, 0)):
                 # plain decoding's figure is a guess: time it before it decides anything
                 # more (see plain_unproven; with drafts accepted, another batch size's
                 # figure scaled runs high and would keep a large batch drafting where

@@ -20,6 +20,7 @@ import statistics
 import sys
 from pathlib import Path
 
+from bench_auto import cpu_name        # (this directory is on the path of a script run from it)
 from pyllama_mtp import Llama
 from pyllama_mtp.bench.builtin import resolve
 
@@ -51,6 +52,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("-t", "--threads", type=int, default=2)
     args = ap.parse_args(argv)
+    print(f"CPU: {cpu_name()}, {args.threads} threads, {args.n_gen} tokens, {args.rounds} rounds (paired medians)\n")
     print("| model | depth | plain tok/s | best fixed / plain | auto / plain | auto / best | unseeded / plain | unseeded / best |")
     print("|---|---:|---:|---|---:|---:|---:|---:|")
     for name in args.model:

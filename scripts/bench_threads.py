@@ -28,6 +28,7 @@ import threading
 import time
 from pathlib import Path
 
+from bench_auto import cpu_name        # (this directory is on the path of a script run from it)
 from pyllama_mtp.bench.builtin import resolve
 from pyllama_mtp.config import ContextConfig, ModelConfig
 from pyllama_mtp.engine import Model, Session
@@ -87,6 +88,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=40)
     ap.add_argument("--rounds", type=int, default=3)
     args = ap.parse_args(argv)
+    print(f"CPU: {cpu_name()}, {args.threads} threads, {args.steps} steps x {args.rounds} rounds (medians)\n")
     print("| model | first thread (ms/step) | other thread (ms/step) | other / first | two sessions at once (tok/s) |")
     print("|---|---:|---:|---:|---:|")
     for name in args.model:
