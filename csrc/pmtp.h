@@ -372,6 +372,26 @@ PMTP_API int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, in
                                    const float * k, const float * v, const float * mask,
                                    float scale, int32_t n_threads, float * out, const char * device);
 
+/* A per-token op of a model's graph other than the matrix products and attention, on
+ * x [n, ne0] f32, n rows at once: out [n, out_ne0]. Ops (enum pmtp_row_op): rms_norm (eps
+ * 1e-6), norm (1e-5), l2_norm (1e-6), soft_max (scale 0.125, `mask` [n, ne0] f32 stored as
+ * F16 as a model's, or NULL), sum_rows (out_ne0 1), top_k (the MoE router's
+ * argsort_top_k, k = `param`; out holds the int32 indices' bits), swiglu (x's halves are
+ * gate and value: out_ne0 ne0 / 2), rope_neox (head size `param`, row i at position
+ * pos[i]). Tests compare an n-row call with n one-row calls. */
+enum pmtp_row_op {
+    PMTP_ROW_RMS_NORM = 0,
+    PMTP_ROW_NORM = 1,
+    PMTP_ROW_L2_NORM = 2,
+    PMTP_ROW_SOFT_MAX = 3,
+    PMTP_ROW_SUM_ROWS = 4,
+    PMTP_ROW_TOP_K = 5,
+    PMTP_ROW_SWIGLU = 6,
+    PMTP_ROW_ROPE_NEOX = 7
+};
+PMTP_API int pmtp_probe_row_op(int32_t op, int64_t ne0, int64_t n, const float * x, const float * mask,
+                               const int32_t * pos, int32_t param, int32_t n_threads, float * out);
+
 /* --- cffi cdef end --- */
 
 #ifdef __cplusplus

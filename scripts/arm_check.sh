@@ -84,7 +84,7 @@ case "${1:-}" in
     test)
         shift
         cd "$root/tests"
-        [ "$#" -gt 0 ] || set -- test_kernels_matmul.py test_kernels_attention.py
+        [ "$#" -gt 0 ] || set -- test_kernels_matmul.py test_kernels_attention.py test_kernels_rows.py
         emulated_python -m pytest -q -p no:cacheprovider "$@" ;;
     *) echo "usage: $0 setup | build | test [pytest args] | python [args]" >&2; exit 2 ;;
 esac

@@ -1,6 +1,6 @@
-"""Python side of the kernel probes (pmtp_probe_mul_mat, pmtp_probe_flash_attn): one op, set
-up as a model runs it, on the CPU or on a named device ("CUDA0"), for the batch-invariance
-tests of the CPU kernels and the GPU ones."""
+"""Python side of the kernel probes (pmtp_probe_mul_mat, pmtp_probe_flash_attn,
+pmtp_probe_row_op): one op, set up as a model runs it, on the CPU or on a named device
+("CUDA0"), for the batch-invariance tests of the CPU kernels and the GPU ones."""
 from __future__ import annotations
 
 import numpy as np
@@ -49,6 +49,31 @@ def attend(q, k, v, mask, *, n_head_kv, n_threads, kv_type=F16, scale=None, devi
         kv_type, d_k, d_v, n_head, n_head_kv, n_kv, n_q, fp(q), fp(k), fp(v),
         fp(mask) if mask is not None else ffi.NULL, float(scale), n_threads, fp(out), _device_arg(device))
     _native.check(status, "pmtp_probe_flash_attn")
+    return out
+
+
+ROW_OPS = {"rms_norm": 0, "norm": 1, "l2_norm": 2, "soft_max": 3, "sum_rows": 4, "top_k": 5, "swiglu": 6,
+           "rope_neox": 7}
+
+
+def row_op(name: str, x: np.ndarray, *, threads: int, mask=None, pos=None, param: int = 0) -> np.ndarray:
+    """One of the graph's per-token ops (pmtp_probe_row_op) on x [n, ne0], as [n, out_ne0]
+    (top_k: int32 indices; the others float32)."""
+    ffi = _native.ffi
+    x = np.ascontiguousarray(x, np.float32)
+    n, ne0 = x.shape
+    out_ne0 = {"sum_rows": 1, "top_k": param, "swiglu": ne0 // 2}.get(name, ne0)
+    out = np.empty((n, out_ne0), np.int32 if name == "top_k" else np.float32)
+    if mask is not None:
+        mask = np.ascontiguousarray(mask, np.float32)
+        assert mask.shape == x.shape
+    if pos is not None:
+        pos = np.ascontiguousarray(pos, np.int32)
+        assert pos.shape == (n,)
+    ptr = lambda a, t: ffi.cast(t, a.ctypes.data) if a is not None else ffi.NULL  # noqa: E731
+    status = _native.lib.pmtp_probe_row_op(ROW_OPS[name], ne0, n, ptr(x, "float *"), ptr(mask, "float *"),
+                                           ptr(pos, "int32_t *"), param, threads, ptr(out, "float *"))
+    _native.check(status, "pmtp_probe_row_op")
     return out
 
 

@@ -41,7 +41,7 @@ def test_kernels_on_emulated_arm_with_i8mm_equal_one_row_results_bit_for_bit():
     build = subprocess.run(["bash", str(SCRIPT), "build"], capture_output=True, text=True, timeout=3600)
     assert build.returncode == 0, f"the aarch64 build failed:\n{build.stdout[-3000:]}\n{build.stderr[-3000:]}"
     run = subprocess.run(["bash", str(SCRIPT), "test", "test_kernels_matmul.py", "test_kernels_attention.py",
-                          "-x", "--tb=short"],
+                          "test_kernels_rows.py", "-x", "--tb=short"],
                          capture_output=True, text=True, timeout=3600, env={**os.environ, "QEMU_CPU": "max"})
     assert run.returncode == 0, f"kernel tests under qemu-aarch64:\n{run.stdout[-6000:]}\n{run.stderr[-2000:]}"
     assert " passed" in run.stdout
