@@ -511,13 +511,19 @@ class DraftPolicy:
         of the others, times LEARN_BEYOND (LEARN_BETWEEN between two measured lengths);
         before any drafting length has a steady sample, the more hopeful of a probe's step
         (which ran high: graphs rebuilt) and the prior shape (DEFAULT_DRAFT_COST) --
-        optimism that costs a few steps to correct."""
+        optimism that costs a few steps to correct. Where the decision itself drafts a length
+        with no steady sample here, that length: timing it costs nothing beyond the decision."""
         if not self.promising():
             return None
         rates = self.rates()
         if best not in rates:
             return None
         b = self.bucket
+        if best > 0 and not self.costs.steady(b, best):
+            # the decision drafts on figures from elsewhere (the load-time check's, a
+            # shallower depth's): its own steps time it here at no detour, where a climb from
+            # one draft would spend a short generation's first steps on lengths it ruled out
+            return best
         measured = [k for k in range(self.draft_max + 1) if self.costs.steady(b, k)]
         t0 = self.costs.predict(b, 0)
         candidates = {}

@@ -868,6 +868,21 @@ def test_a_start_from_the_checks_figures_drafts_the_best_length_from_the_first_s
     assert trace.rate > 0.97 * expected_rate([1.0] * 3, steps[3], 3)
 
 
+def test_a_start_from_the_checks_figures_drafts_the_best_length_at_a_new_depth_too():
+    # the check ran near the start of a context; a generation after a 2,048-token prompt
+    # probes its new depth at once. The check's figures already say draft 3: it times draft
+    # 3 there first, where a climb from one draft (learning 1, then 3) spent three of the
+    # ~17 steps of a 64-token call on one draft at 0.92x draft 3
+    steps = {0: 22.0, 1: 33.0, 2: 42.5, 3: 49.0}
+    policy = _seeded(steps[0], steps[3], (3, 3)).policy(1)
+    policy.start_sequence()
+    trace = Trace(policy, const(1.0), lambda k, d: steps[k], depth=2048, switch_cost=3.0)
+    while trace.tokens < 64:
+        trace.run(1)
+    assert trace.chosen[:15] == [3] * 15, trace.chosen
+    assert trace.rate > 0.97 * expected_rate([1.0] * 3, steps[3], 3)
+
+
 def test_a_start_from_rejected_drafts_decodes_plainly_and_probes_at_the_base_pace():
     steps = {0: 22.0, 1: 33.0, 2: 42.5, 3: 49.0}
     policy = _seeded(steps[0], steps[3], (0, 0)).policy(1)
