@@ -512,7 +512,8 @@ class DraftPolicy:
         before any drafting length has a steady sample, the more hopeful of a probe's step
         (which ran high: graphs rebuilt) and the prior shape (DEFAULT_DRAFT_COST) --
         optimism that costs a few steps to correct. Where the decision itself drafts a length
-        with no steady sample here, that length: timing it costs nothing beyond the decision."""
+        that has no steady sample here, that length comes first: its steps cost nothing
+        beyond the decision's."""
         if not self.promising():
             return None
         rates = self.rates()
