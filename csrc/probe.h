@@ -24,6 +24,12 @@ using ctx_ptr     = std::unique_ptr<ggml_context, ctx_deleter>;
 using buffer_ptr  = std::unique_ptr<ggml_backend_buffer, buffer_deleter>;
 using backend_ptr = std::unique_ptr<ggml_backend, backend_deleter>;
 
+// A context for a probe's tensor and graph metadata (the data lives in backend buffers).
+inline ctx_ptr meta_ctx(size_t n_tensors) {
+    ggml_init_params ip = { ggml_tensor_overhead() * n_tensors + ggml_graph_overhead(), nullptr, true };
+    return ctx_ptr(ggml_init(ip));
+}
+
 inline void need(const void * p, const char * what) {
     if (!p) {
         fail(PMTP_ERR_INVALID_ARG, std::string(what) + " is NULL");

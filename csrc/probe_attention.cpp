@@ -72,8 +72,7 @@ int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_h
         backend_ptr backend = device_backend(device, n_threads, &dev);
 
         // q, the K/V "cache" and the mask, plus the views, the op and the graph
-        ggml_init_params ip = { ggml_tensor_overhead() * 16 + ggml_graph_overhead(), nullptr, true };
-        ctx_ptr ctx(ggml_init(ip));
+        ctx_ptr ctx = meta_ctx(16);
         if (!ctx) {
             fail(PMTP_ERR_OUT_OF_MEMORY, "cannot create the probe's graph context");
         }

@@ -17,11 +17,6 @@ namespace {
 
 using namespace probe;
 
-ggml_context * new_meta_ctx(size_t n_tensors) {
-    ggml_init_params ip = { ggml_tensor_overhead() * n_tensors + ggml_graph_overhead(), nullptr, true };
-    return ggml_init(ip);
-}
-
 // The CPU's repacking buffer type ("CPU_REPACK"), or null where this build has none.
 ggml_backend_buffer_type_t repack_buffer_type(ggml_backend_dev_t dev) {
     auto reg = ggml_backend_dev_backend_reg(dev);
@@ -78,7 +73,7 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
 
         // The weight: in the repacking buffer when asked for and the type has a layout there
         // (its init gives the tensor the repacked traits), else in a plain CPU buffer.
-        ctx_ptr wctx(new_meta_ctx(1));
+        ctx_ptr wctx = meta_ctx(1);
         ggml_tensor * wt = ggml_new_tensor_2d(wctx.get(), wtype, k, m);
         buffer_ptr wbuf;
         ggml_backend_buffer_type_t rbt = repack && on_cpu ? repack_buffer_type(dev) : nullptr;
@@ -100,7 +95,7 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
         std::vector<uint8_t> wdata = convert_rows(wtype, w, m, k);
         ggml_backend_tensor_set(wt, wdata.data(), 0, wdata.size());
 
-        ctx_ptr gctx(new_meta_ctx(3));
+        ctx_ptr gctx = meta_ctx(3);
         ggml_tensor * xt = ggml_new_tensor_2d(gctx.get(), GGML_TYPE_F32, k, n);
         ggml_tensor * yt = ggml_mul_mat(gctx.get(), wt, xt); // [m, n]
         ggml_cgraph * gf = ggml_new_graph(gctx.get());

@@ -67,8 +67,7 @@ int pmtp_probe_row_op(int32_t op, int64_t ne0, int64_t n, const float * x, const
         check_shape(op, ne0, n, param, mask, pos);
         backend_ptr backend = cpu_backend(n_threads);
 
-        ggml_init_params ip = { ggml_tensor_overhead() * 8 + ggml_graph_overhead(), nullptr, true };
-        ctx_ptr ctx(ggml_init(ip));
+        ctx_ptr ctx = meta_ctx(8);
         ggml_tensor * xt = op == PMTP_ROW_ROPE_NEOX
             ? ggml_new_tensor_3d(ctx.get(), GGML_TYPE_F32, param, ne0 / param, n)
             : ggml_new_tensor_2d(ctx.get(), GGML_TYPE_F32, ne0, n);
