@@ -113,6 +113,10 @@ struct seq_state {
     // heads dropped them to get their hidden states back from a decode, which the next
     // prefill runs with its own rows (session_settle runs it alone for anything else).
     int32_t             n_deferred = 0;
+    // last_h is not the hidden state at n_past - 1 and no logits are kept: a rollback while
+    // the heads skip old rows decoded nothing again (mtp_rollback_gap); a prefill ends
+    // it, and a sample before any decodes the last kept token again for its logits
+    bool                h_missing = false;
     sampler_ptr         sampler;
     pmtp_sampling       sampling{};
     std::mt19937_64     rng;             // draws of rejection-sampling steps
@@ -198,9 +202,13 @@ void mtp_reset(pmtp_session * s, const seq_state & sq);
 // that would need a row before first starts after a gap); else (a pending token
 // forgotten, first = n_keep) the heads keep the hidden outputs the next rows need.
 void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first, bool redecoded);
-// Tokens a rollback decodes again so that the heads get the hidden states they need:
-// 1, or one per chained head unless the sequence decodes plainly (a window set).
+// Tokens a rollback decodes again so that the heads get the hidden states they need: 1,
+// or one per chained head; none while the sequence decodes plainly (a window set: the heads
+// start after a gap, mtp_rollback_gap), but 1 for a recurrent target.
 int32_t mtp_rollback_redo(const pmtp_session * s, const seq_state & sq);
+// A rollback to n_keep that decodes nothing again (mtp_rollback_redo gave 0): every head
+// starts again after row n_keep, which pairs with a hidden state no decode gives back.
+void mtp_rollback_gap(pmtp_session * s, const seq_state & sq, int32_t n_keep);
 // Queue rows [pos0, pos0 + n) for the heads: tokens[i] pairs with the target's hidden
 // state of the row before it (h_prev_first for i = 0, then h_rows[i - 1]).
 void mtp_push_rows(pmtp_session * s, seq_state & sq, const llama_token * tokens, const float * h_prev_first,

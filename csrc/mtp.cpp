@@ -443,13 +443,22 @@ void mtp_set_window(pmtp_session * s, const seq_state & sq, int32_t n_rows) {
 
 int32_t mtp_rollback_redo(const pmtp_session * s, const seq_state & sq) {
     const mtp_heads & H = *s->heads;
-    // While the sequence decodes plainly its heads skip old rows anyway: one token (the
-    // next row's hidden state), and chained heads start again after a gap (mtp_rollback)
-    // rather than the target decoding a token per head again.
-    if (!H.chained || H.seqs[(size_t) sq.id].window > 0) {
-        return 1;
+    // While the sequence decodes plainly its heads skip old rows anyway: nothing is decoded
+    // again, and every head starts after a gap (mtp_rollback_gap), rather than the target
+    // decoding a kept token (the next row's hidden state) or one per chained head again. A
+    // recurrent target decodes one token all the same: that decode keeps its snapshots
+    // where a later rollback can reach them (session_rollback).
+    if (H.seqs[(size_t) sq.id].window > 0) {
+        return s->recurrent ? 1 : 0;
     }
-    return (int32_t) H.heads.size();
+    return H.chained ? (int32_t) H.heads.size() : 1;
+}
+
+void mtp_rollback_gap(pmtp_session * s, const seq_state & sq, int32_t n_keep) {
+    mtp_rollback(s, sq, n_keep, n_keep, false);
+    // Row n_keep still comes to the queue (from the next prefill, paired with a stale hidden
+    // state), but no head takes it: head j starts again at row n_keep + 1 + j.
+    mtp_skip_rows(s, sq, n_keep + 1);
 }
 
 void mtp_rollback(pmtp_session * s, const seq_state & sq, int32_t n_keep, int32_t first, bool redecoded) {

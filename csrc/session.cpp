@@ -340,6 +340,7 @@ void session_reset(pmtp_session * s, seq_state & sq) {
     }
     sq.n_last_decode = 0;
     sq.n_deferred = 0;
+    sq.h_missing  = false;
     sq.history.clear();
     sq.pending    = -1;
     sq.logits_row = -1;
@@ -391,6 +392,7 @@ void decode_after_deferred(pmtp_session * s, seq_state & sq, const llama_token *
                 mtp_push_rows(s, sq, tokens + off, sq.last_h.data(), h, m, pos0);
             }
             std::memcpy(sq.last_h.data(), h + (m - 1) * (size_t) s->n_embd, sizeof(float) * (size_t) s->n_embd);
+            sq.h_missing = false;
         }
         for (size_t i = std::max(off, n_redo); i < off + m; ++i) {
             llama_sampler_accept(sq.sampler.get(), tokens[i]);
@@ -424,6 +426,14 @@ void session_settle(pmtp_session * s, seq_state & sq) {
 }
 
 llama_token session_sample(pmtp_session * s, seq_state & sq, pmtp_step_result * out, int32_t i) {
+    if (sq.h_missing && sq.logits_row < 0 && sq.pending < 0 && sq.n_deferred == 0 && sq.n_past() > 0) {
+        // a rollback that decoded nothing again (mtp_rollback_gap), then no prefill: the
+        // last kept token is decoded again now, for its logits
+        if (!llama_memory_seq_rm(s->mem(), sq.id, sq.n_past() - 1, -1)) {
+            fail(PMTP_ERR_INTERNAL, "cannot drop the last kept token to decode it again");
+        }
+        sq.n_deferred = 1;
+    }
     session_settle(s, sq);
     if (sq.logits_row < 0) {
         fail(PMTP_ERR_INVALID_ARG, "nothing to sample from: prefill a prompt first");
@@ -500,8 +510,12 @@ void session_rollback(pmtp_session * s, seq_state & sq, int32_t n_keep) {
     sq.n_deferred = n_redo;
     sq.pending    = -1;
     sq.logits_row = -1;
-    if (s->heads) {
+    if (s->heads && n_redo == 0) {
+        mtp_rollback_gap(s, sq, n_keep);
+        sq.h_missing = true;
+    } else if (s->heads) {
         mtp_rollback(s, sq, n_keep, n_target + 1, true);
+        sq.h_missing = false;
         if (n_target == 0) {
             sq.last_h.assign((size_t) s->n_embd, 0.0f);
         }

@@ -192,6 +192,12 @@ class Sequence:
         cache that cannot roll back (a recurrent model past its snapshots) starts afresh."""
         session.seq_set_sampling(self.seq, self.call.sampling)
         keep = min(common_prefix(self.held, self.call.tokens), self.n_prompt - 1)
+        if self.draft not in (0, "auto"):
+            # a call that drafts from its first step: its heads take every row, so the
+            # rollback decodes the kept tokens they need again; where the slot decoded
+            # plainly before (its window set) it would leave them a gap instead, as it does
+            # for plain and "auto" calls (a server slot at a busy hour: one row less to decode)
+            self.feed_heads(session, 0)
         try:
             if keep == 0:
                 session.seq_reset(self.seq)

@@ -265,14 +265,15 @@ def test_heads_skip_rows_while_decoding_plainly_and_draft_right_after_the_gap(tm
 
 
 @pytest.mark.parametrize("then", ["prefill", "prefill 1", "sample"])
-def test_a_rollback_while_decoding_plainly_decodes_one_token_again(tmp_path, then):
+def test_a_rollback_while_decoding_plainly_decodes_no_kept_token_again(tmp_path, then):
     """A server slot rolls back to the shared context on every request. While its sequence
-    decodes plainly (a window set) the heads skip old rows anyway, so the rollback has the
-    target decode one kept token again (the next row's hidden state), not one per chained
-    head: the next prompt's first decode holds one row more, not three. Each chained head
-    then starts after a gap of up to two rows; drafting right after (a 1-token prompt, or a
-    sample straight after the rollback) still finds every head's input, every draft of the
-    oracle is accepted, and the output is the plain greedy output."""
+    decodes plainly (a window set) the heads skip old rows anyway, so the rollback decodes
+    no kept token again (with the heads drafting it would decode one per chained head, for
+    their hidden states): a prompt of n_batch tokens after it takes one decode, not two,
+    and every head starts after a gap. A sample straight after the rollback decodes the
+    last kept token again, for its logits. Drafting right after (a 1-token prompt, or
+    that sample) still finds every head's input, every draft of the oracle is accepted,
+    and the output is the plain greedy output."""
     import factories as testing
     path = str(testing.write_step35(tmp_path / "m.gguf", seed=5, n_swa=8, oracle=True, acceptance=1.0))
     n_batch = 8
@@ -295,10 +296,10 @@ def test_a_rollback_while_decoding_plainly_decodes_one_token_again(tmp_path, the
                 pending = s.sample()
                 assert s.stats()["n_target_decodes"] - decodes == 1
             else:
-                new = prompt_of(model, 100 + turn)[:n_batch - 1 if then == "prefill" else 1]
+                new = prompt_of(model, 100 + turn)[:n_batch if then == "prefill" else 1]
                 s.prefill(new)
                 history += new
-                assert s.stats()["n_target_decodes"] - decodes == 1, "one decode: the prompt and one kept token"
+                assert s.stats()["n_target_decodes"] - decodes == 1, "one decode: the prompt alone"
                 pending = s.sample()
             s.seq_mtp_window(0, 0)                # drafting again, straight away
             want = greedy_continuation(model, history, 16)
