@@ -110,3 +110,37 @@ def test_plot_without_matplotlib_says_which_extra_before_any_run():
     assert done.returncode == 2
     assert done.stderr.strip().splitlines() == [
         "pyllama-mtp-bench: error: --plot needs matplotlib: pip install 'pyllama-mtp[plot]'"]
+
+
+def test_tests_take_turns_on_the_same_tokens_within_a_round(oracle_path):
+    """A sweep's tests run in rounds, one repetition of each per round, each round starting
+    at the next test, so that a shared machine's drift over minutes hits every draft length
+    alike; the tests of a round draw the same random tokens, and each round new ones."""
+    from pyllama_mtp.bench.params import Instance
+    from pyllama_mtp.bench.runner import InstanceRunner
+    from pyllama_mtp.config import SamplingParams
+    inst = Instance(model=oracle_path, threads=2, n_gpu_layers=0, n_batch=512, n_ubatch=512, type_k="f16",
+                    type_v="f16", flash_attn=-1)
+    tests = bench_tests([0], [8], [], [0], [0, 2, "auto"])
+    runner = InstanceRunner(oracle_path, inst, 128, 2, seed=7)
+    order, streams = [], []
+    run_once = runner._run_once
+
+    def spy(test, m, sampling, policy, rng):
+        streams.append(rng.bit_generator.state["state"]["state"])
+        return run_once(test, m, sampling, policy, rng)
+
+    runner._run_once = spy
+    try:
+        runner.check_exactness()
+        got = runner.run(tests, 3, SamplingParams(), lambda r, t: order.append((r, t.n_draft)))
+    finally:
+        runner.close()
+    assert order == [(-1, 0), (-1, 2), (-1, "auto"),
+                     (0, 0), (0, 2), (0, "auto"),
+                     (1, 2), (1, "auto"), (1, 0),
+                     (2, "auto"), (2, 0), (2, 2)]
+    rounds = [streams[i:i + 3] for i in range(0, 12, 3)]
+    assert all(len(set(r)) == 1 for r in rounds) and len({r[0] for r in rounds}) == 4
+    assert [m.test.n_draft for m in got] == [0, 2, "auto"] and all(len(m.samples_ns) == 3 for m in got)
+    assert got[1].accept_rate > 0.9 and got[2].n_steps > 0

@@ -93,10 +93,11 @@ def run(args) -> list[dict]:
                 print(f"{os.path.basename(inst.model)}: warning: MTP is not exact on these devices "
                       f"({check.difference}): the draft rows time output that may differ from plain decoding "
                       "(a Llama refuses to draft here; see InexactVerifyError)", file=sys.stderr, flush=True)
-            for j, test in enumerate(tests):
+            def tell(r: int, test) -> None:
+                what = "warm-up" if r < 0 else f"round {r + 1}/{args.repetitions}"
                 _progress(show, f"[{i + 1}/{len(instances)}] {os.path.basename(inst.model)} t={inst.threads} "
-                                f"test {j + 1}/{len(tests)}: {test.label} draft={test.n_draft}")
-                m = runner.run(test, args.repetitions, sampling)
+                                f"{what}: {test.label} draft={test.n_draft}")
+            for m in runner.run(tests, args.repetitions, sampling, tell):
                 records.append(output.record(m, runner.model.info, env))
         finally:
             runner.close()

@@ -1,7 +1,12 @@
 """Runs bench tests the way llama-bench does: random prompt token ids from a seed,
 EOS ignored, one warm-up, tokenization outside the timings. Generation tests time
 whole decode steps (plain or MTP draft/verify cycles) including greedy sampling,
-which the speculative loop needs to decide acceptance."""
+which the speculative loop needs to decide acceptance.
+
+Unlike llama-bench, the tests of one model take turns: every test's warm-up, then
+rounds of one repetition of each (each round starting at the next test), on the same
+random tokens within a round. A shared machine drifts by 5-10% over minutes; run one
+test after another, that drift lands between the draft lengths a sweep compares."""
 from __future__ import annotations
 
 import statistics
@@ -70,8 +75,7 @@ class InstanceRunner:
             n_ctx=n_ctx, n_batch=instance.n_batch, n_ubatch=instance.n_ubatch, threads=instance.threads,
             type_k=instance.type_k, type_v=instance.type_v,
             flash_attn=None if instance.flash_attn < 0 else bool(instance.flash_attn), draft_max=draft_max))
-        self.rng = np.random.default_rng(seed)
-        self.policy: BatchDraftPolicy | None = None
+        self.seed = seed
         self.n_vocab = self.model.info.n_vocab
         self.exactness: ExactnessCheck | None = None
 
@@ -88,14 +92,12 @@ class InstanceRunner:
         self.session.close()
         self.model.close()
 
-    def _random_tokens(self, n: int) -> list[int]:
-        return self.rng.integers(0, self.n_vocab, size=n).tolist()
-
-    def _run_once(self, test: BenchTest, m: Measurement | None, sampling: SamplingParams) -> int:
+    def _run_once(self, test: BenchTest, m: Measurement | None, sampling: SamplingParams,
+                  policy: BatchDraftPolicy | None, rng: np.random.Generator) -> int:
         """One repetition; its nanoseconds (a tg test's decode only, a pp test's prefill)."""
         s = self.session
-        depth = self._random_tokens(test.n_depth) if test.n_depth else []
-        prompt = self._random_tokens(max(test.n_prompt, 1))
+        depth = rng.integers(0, self.n_vocab, size=test.n_depth).tolist() if test.n_depth else []
+        prompt = rng.integers(0, self.n_vocab, size=max(test.n_prompt, 1)).tolist()
         # one sequence through the library's driver, without text: EOS does not end it
         seq = Sequence(0, PreparedCall(depth + prompt, test.n_gen or None, sampling, test.n_draft, ()), output=None)
         seq.load(s)                                  # held nothing: the slot starts afresh
@@ -108,7 +110,7 @@ class InstanceRunner:
                 t0 = time.perf_counter_ns()          # a tg test times decoding only
             seq.begin(s)
             while seq.n_generated < test.n_gen:
-                step_sequences(s, [seq], self.policy)
+                step_sequences(s, [seq], policy)
         elapsed = time.perf_counter_ns() - t0
         if m is not None:
             c = seq.counters
@@ -120,17 +122,29 @@ class InstanceRunner:
                 m.accepted_at[i] += c.accepted_at[i]
         return elapsed
 
-    def run(self, test: BenchTest, repetitions: int, sampling: SamplingParams) -> Measurement:
-        m = Measurement(self.instance, test)
+    def run(self, tests: list[BenchTest], repetitions: int, sampling: SamplingParams,
+            progress=lambda round_, test: None) -> list[Measurement]:
+        """Every test's warm-up, then ``repetitions`` rounds of one repetition of each, each
+        round starting at the next test and drawing its random tokens once for all (see the
+        module's docstring); a Measurement per test, in the order of ``tests``.
+        ``progress(round, test)`` is told before each (round -1: the warm-ups)."""
+        out = [Measurement(self.instance, t) for t in tests]
         # draft="auto" learns across the warm-up and the repetitions, as it does across the
-        # calls of one Llama
-        self.policy = BatchDraftPolicy(self.session.draft_max) if test.n_draft == "auto" else None
-        if self.policy is not None and self.exactness is not None:
-            self.policy.seed(self.exactness.seed)
-        self._run_once(test, None, sampling)  # warm-up
-        for _ in range(repetitions):
-            m.samples_ns.append(self._run_once(test, m, sampling))
-        return m
+        # calls of one Llama: one policy per auto test, seeded by the load-time check
+        policies = [BatchDraftPolicy(self.session.draft_max) if t.n_draft == "auto" else None for t in tests]
+        for p in policies:
+            if p is not None and self.exactness is not None:
+                p.seed(self.exactness.seed)
+        for r in range(-1, repetitions):
+            order = range(len(tests)) if r < 0 else [(r + i) % len(tests) for i in range(len(tests))]
+            for i in order:
+                progress(r, tests[i])
+                # the round's tokens: the same for every test of a round, new each round
+                rng = np.random.default_rng([self.seed, r + 1])
+                ns = self._run_once(tests[i], out[i] if r >= 0 else None, sampling, policies[i], rng)
+                if r >= 0:
+                    out[i].samples_ns.append(ns)
+        return out
 
 
 def environment() -> dict:
