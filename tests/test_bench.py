@@ -123,12 +123,16 @@ def test_tests_take_turns_on_the_same_tokens_within_a_round(oracle_path):
                     type_v="f16", flash_attn=-1)
     tests = bench_tests([0], [8], [], [0], [0, 2, "auto"])
     runner = InstanceRunner(oracle_path, inst, 128, 2, seed=7)
-    order, streams = [], []
+    order, prompts = [], []
     run_once = runner._run_once
+    prefill = runner.session.seq_prefill
 
-    def spy(test, m, sampling, policy, rng):
-        streams.append(rng.bit_generator.state["state"]["state"])
-        return run_once(test, m, sampling, policy, rng)
+    def spy(test, m, sampling, policy, round_):
+        runner.session.seq_prefill = lambda seq, tokens: (prompts.append(tuple(tokens)), prefill(seq, tokens))
+        try:
+            return run_once(test, m, sampling, policy, round_)
+        finally:
+            runner.session.seq_prefill = prefill
 
     runner._run_once = spy
     try:
@@ -140,7 +144,7 @@ def test_tests_take_turns_on_the_same_tokens_within_a_round(oracle_path):
                      (0, 0), (0, 2), (0, "auto"),
                      (1, 2), (1, "auto"), (1, 0),
                      (2, "auto"), (2, 0), (2, 2)]
-    rounds = [streams[i:i + 3] for i in range(0, 12, 3)]
+    rounds = [prompts[i:i + 3] for i in range(0, 12, 3)]
     assert all(len(set(r)) == 1 for r in rounds) and len({r[0] for r in rounds}) == 4
     assert [m.test.n_draft for m in got] == [0, 2, "auto"] and all(len(m.samples_ns) == 3 for m in got)
     assert got[1].accept_rate > 0.9 and got[2].n_steps > 0

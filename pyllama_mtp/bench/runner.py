@@ -93,11 +93,16 @@ class InstanceRunner:
         self.model.close()
 
     def _run_once(self, test: BenchTest, m: Measurement | None, sampling: SamplingParams,
-                  policy: BatchDraftPolicy | None, rng: np.random.Generator) -> int:
-        """One repetition; its nanoseconds (a tg test's decode only, a pp test's prefill)."""
+                  policy: BatchDraftPolicy | None, round_: int) -> int:
+        """One repetition; its nanoseconds (a tg test's decode only, a pp test's prefill).
+        Its random tokens come from the seed and ``round_`` alone: the context and the
+        prompt each from a stream of its own, so the tests of a round share them as far as
+        their lengths allow."""
         s = self.session
-        depth = rng.integers(0, self.n_vocab, size=test.n_depth).tolist() if test.n_depth else []
-        prompt = rng.integers(0, self.n_vocab, size=max(test.n_prompt, 1)).tolist()
+        def tokens(stream: int, n: int) -> list[int]:
+            return np.random.default_rng([self.seed, round_ + 1, stream]).integers(0, self.n_vocab, size=n).tolist()
+        depth = tokens(0, test.n_depth) if test.n_depth else []
+        prompt = tokens(1, max(test.n_prompt, 1))
         # one sequence through the library's driver, without text: EOS does not end it
         seq = Sequence(0, PreparedCall(depth + prompt, test.n_gen or None, sampling, test.n_draft, ()), output=None)
         seq.load(s)                                  # held nothing: the slot starts afresh
@@ -125,8 +130,8 @@ class InstanceRunner:
     def run(self, tests: list[BenchTest], repetitions: int, sampling: SamplingParams,
             progress=lambda round_, test: None) -> list[Measurement]:
         """Every test's warm-up, then ``repetitions`` rounds of one repetition of each, each
-        round starting at the next test and drawing its random tokens once for all (see the
-        module's docstring); a Measurement per test, in the order of ``tests``.
+        round starting at the next test, its tests on the round's random tokens (see the
+        module's docstring and ``_run_once``); a Measurement per test, in the order of ``tests``.
         ``progress(round, test)`` is told before each (round -1: the warm-ups)."""
         out = [Measurement(self.instance, t) for t in tests]
         # draft="auto" learns across the warm-up and the repetitions, as it does across the
@@ -139,9 +144,7 @@ class InstanceRunner:
             order = range(len(tests)) if r < 0 else [(r + i) % len(tests) for i in range(len(tests))]
             for i in order:
                 progress(r, tests[i])
-                # the round's tokens: the same for every test of a round, new each round
-                rng = np.random.default_rng([self.seed, r + 1])
-                ns = self._run_once(tests[i], out[i] if r >= 0 else None, sampling, policies[i], rng)
+                ns = self._run_once(tests[i], out[i] if r >= 0 else None, sampling, policies[i], r)
                 if r >= 0:
                     out[i].samples_ns.append(ns)
         return out
