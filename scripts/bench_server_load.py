@@ -36,6 +36,14 @@ requests, 20% leaving early, 10% malformed; exactness, 5xx, recovery and RSS):
 same pinned tree without our patches: its batched kernels) with -np equal to the largest
 client count, plain and with --spec-type draft-mtp, under the same load, and prints ours
 over upstream per client count.
+
+--compare-lib DIR runs every one of our setups a second time on another build of the
+library (DIR as PYLLAMA_MTP_LIB_DIR takes it: libpmtp and the llama.cpp libraries beside
+pmtp.h), in the same rounds, and prints that build over this one per client count: an A/B
+of a change to the C side under the server's load, e.g. against the installed build:
+
+    python scripts/bench_server_load.py --model M --clients 4,8 --prefix-tokens 2048 \
+        --server-rounds 4 --no-library --compare-lib build/py3-none-linux_x86_64/bin
 """
 from __future__ import annotations
 
@@ -77,7 +85,7 @@ class Server:
     up until closed."""
 
     def __init__(self, model: Path, threads: int, parallel: int, n_ctx: int, mtp_draft: str | None,
-                 upstream: bool = False):
+                 upstream: bool = False, lib_dir: str | None = None):
         import httpx
         self.port = free_port()
         if upstream:
@@ -95,7 +103,8 @@ class Server:
         # its log goes to a file: a pipe nobody reads would block the server once full
         import tempfile
         self.log = tempfile.NamedTemporaryFile("w+", prefix="bench-server-", suffix=".log", delete=False)
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+        env = dict(os.environ, PYLLAMA_MTP_LIB_DIR=lib_dir) if lib_dir else None   # (--compare-lib)
+        self.proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=self.log, text=True, env=env)
         deadline = time.time() + 600
         while time.time() < deadline:
             if self.proc.poll() is not None:
@@ -153,10 +162,11 @@ def one_round(client, clients: int, requests: int, n_gen: int, n_vocab: int, see
             "tokens": tokens, "wall_s": wall}
 
 
-def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]]) -> dict[str, dict[int, dict]]:
-    """Every setup (name -> (MTP draft or None, upstream?)) as its own server, all up at
-    once (an idle server costs nothing); for each client count the setups take turns, so
-    the machine's drift over the run hits them alike. Figures per setup and client count."""
+def bench_servers(model: Path, args, setups: dict[str, tuple]) -> dict[str, dict[int, dict]]:
+    """Every setup (name -> (MTP draft or None, upstream?[, library folder])) as its own
+    server, all up at once (an idle server costs nothing); for each client count the setups
+    take turns, so the machine's drift over the run hits them alike. Figures per setup and
+    client count."""
     import openai
     from pyllama_mtp.engine import Model
     from pyllama_mtp.config import ModelConfig
@@ -164,8 +174,8 @@ def bench_servers(model: Path, args, setups: dict[str, tuple[str | None, bool]])
         n_vocab = m.info.n_vocab
     servers: dict[str, Server] = {}
     try:
-        for name, (draft, upstream) in setups.items():
-            servers[name] = Server(model, args.threads, max(args.clients), args.n_ctx, draft, upstream)
+        for name, (draft, upstream, *lib_dir) in setups.items():
+            servers[name] = Server(model, args.threads, max(args.clients), args.n_ctx, draft, upstream, *lib_dir)
         def client(name: str):
             # a new client (and connection pool) for each round: a server may close a
             # connection left idle while the others take their turns (upstream's does after
@@ -265,6 +275,15 @@ def table(off: dict, on: dict[str, dict], lib: dict | None) -> str:
     return "\n".join(lines)
 
 
+def compare_table(got: dict[str, dict[int, dict]], names: list[str]) -> str:
+    """--compare-lib: each setup on the other build over the same setup on this one."""
+    lines = ["", "| clients | " + " | ".join(f"{n}: other build / this build" for n in names) + " |",
+             "| ------: |" + " ------: |" * len(names)]
+    for c in sorted(got[names[0]]):
+        lines.append(f"| {c} | " + " | ".join(ratio_text(got[f"{n}@b"][c], got[n][c]) for n in names) + " |")
+    return "\n".join(lines)
+
+
 def upstream_table(off: dict, on: dict, up_off: dict, up_on: dict, up_draft: str) -> str:
     lines = ["", f"| clients | ours off | upstream off | ours/upstream off | ours on | upstream draft-mtp {up_draft} | "
                  "ours on / upstream on | ours best / upstream best |",
@@ -304,6 +323,9 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the figures here")
     ap.add_argument("--upstream", action="store_true",
                     help="also run upstream llama-server -np N, plain and draft-mtp (draft 3 when --draft is auto)")
+    ap.add_argument("--compare-lib", metavar="DIR",
+                    help="also run each of our setups on the library build in DIR (as PYLLAMA_MTP_LIB_DIR takes it), "
+                         "side by side, and print that build over this one")
     chaos = ap.add_argument_group("--chaos: hostile load (see scripts/server_chaos.py)")
     chaos.add_argument("--chaos", action="store_true",
                        help="instead of the sweep: clients that leave, malformed requests, exactness and recovery")
@@ -329,6 +351,11 @@ def main(argv=None) -> int:
                                        args.size_gb, args.acceptance)
     drafts = [d.strip() for d in args.draft.split(",") if d.strip()]
     setups = {"off": (None, False), **{f"d{d}": (d, False) for d in drafts}}
+    ours = list(setups)
+    if args.compare_lib:
+        if not (Path(args.compare_lib) / "pmtp.h").is_file():
+            ap.error(f"--compare-lib {args.compare_lib}: no pmtp.h there (a library build's folder holds it)")
+        setups.update({f"{n}@b": (setups[n][0], False, str(Path(args.compare_lib).resolve())) for n in ours})
     up_draft = next((d for d in drafts if d != "auto"), "3")
     if args.upstream:
         setups.update(up_off=(None, True), up_on=(up_draft, True))
@@ -337,9 +364,13 @@ def main(argv=None) -> int:
     args.draft = drafts[0]             # the library's single-stream figure takes the first
     lib = None if args.no_library else library_speedup(model, args)
     print(table(off, on, lib))
+    if args.compare_lib:
+        print(compare_table(got, ours))
     figures = {"mtp_off": off, "mtp_on": on, "library": lib, "drafts": drafts,
                "threads": args.threads, "n_gen": args.n_gen, "prefix_tokens": args.prefix_tokens,
                "model": str(model)}
+    if args.compare_lib:
+        figures["compare_lib"] = {"dir": args.compare_lib, "figures": {n: got[f"{n}@b"] for n in ours}}
     if args.upstream:
         up_off, up_on = got["up_off"], got["up_on"]
         print(upstream_table(off, on[up_draft] if up_draft in on else on[drafts[0]], up_off, up_on, up_draft))
