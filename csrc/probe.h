@@ -1,4 +1,4 @@
-// What the kernel probes (probe_matmul.cpp, probe_attention.cpp) share: owning handles for
+// What the kernel probes (probe_matmul.cpp, probe_attention.cpp, probe_rows.cpp) share: owning handles for
 // ggml objects and a backend (the CPU with a thread count, or a named device such as CUDA0).
 // Test tools, not part of the engine.
 #pragma once
@@ -84,6 +84,22 @@ inline backend_ptr device_backend(const char * device, int32_t n_threads, ggml_b
         *dev_out = dev;
     }
     return backend;
+}
+
+// A probe's graph computing `result`, with every tensor of `ctx` placed in one buffer of
+// `backend` (`buf` owns it).
+struct graph_in_buffer {
+    ggml_cgraph * gf;
+    buffer_ptr    buf;
+};
+inline graph_in_buffer build_and_alloc(ggml_context * ctx, ggml_tensor * result, ggml_backend_t backend) {
+    ggml_cgraph * gf = ggml_new_graph(ctx);
+    ggml_build_forward_expand(gf, result);
+    buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx, backend));
+    if (!buf) {
+        fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe's tensors");
+    }
+    return {gf, std::move(buf)};
 }
 
 // Compute a probe's graph after checking that the backend runs its one op (a GPU backend

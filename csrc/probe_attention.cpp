@@ -100,12 +100,7 @@ int pmtp_probe_flash_attn(int32_t kv_type, int64_t d_k, int64_t d_v, int64_t n_h
         ggml_tensor * fa = ggml_flash_attn_ext(c, qp, kp, vp, m_in, scale, 0.0f, 0.0f); // [d_v, n_head, n_q]
         ggml_prec_set_acc(fa, GGML_PREC_F32);
 
-        ggml_cgraph * gf = ggml_new_graph(c);
-        ggml_build_forward_expand(gf, fa);
-        buffer_ptr buf(ggml_backend_alloc_ctx_tensors(c, backend.get()));
-        if (!buf) {
-            fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe's tensors");
-        }
+        auto [gf, buf] = build_and_alloc(c, fa, backend.get());
 
         auto store = [](ggml_tensor * t, const float * src, int64_t n) {
             if (t->type == GGML_TYPE_F32) {

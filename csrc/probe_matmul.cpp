@@ -98,12 +98,7 @@ int pmtp_probe_mul_mat(int32_t type, int64_t k, int64_t m, int64_t n, const floa
         ctx_ptr gctx = meta_ctx(3);
         ggml_tensor * xt = ggml_new_tensor_2d(gctx.get(), GGML_TYPE_F32, k, n);
         ggml_tensor * yt = ggml_mul_mat(gctx.get(), wt, xt); // [m, n]
-        ggml_cgraph * gf = ggml_new_graph(gctx.get());
-        ggml_build_forward_expand(gf, yt);
-        buffer_ptr gbuf(ggml_backend_alloc_ctx_tensors(gctx.get(), backend.get()));
-        if (!gbuf) {
-            fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe activations");
-        }
+        auto [gf, gbuf] = build_and_alloc(gctx.get(), yt, backend.get());
         ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt));
         compute_op(backend.get(), gf, yt, "matmul");
         ggml_backend_tensor_get(yt, out, 0, ggml_nbytes(yt));

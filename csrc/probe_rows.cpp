@@ -76,12 +76,7 @@ int pmtp_probe_row_op(int32_t op, int64_t ne0, int64_t n, const float * x, const
         ggml_tensor * pt = op == PMTP_ROW_ROPE_NEOX ? ggml_new_tensor_1d(ctx.get(), GGML_TYPE_I32, n) : nullptr;
         ggml_tensor * yt = build_op(ctx.get(), op, xt, mt, pt, param);
         ggml_tensor * res = ggml_is_contiguous(yt) ? yt : ggml_cont(ctx.get(), yt);   // top-k: a view of argsort
-        ggml_cgraph * gf = ggml_new_graph(ctx.get());
-        ggml_build_forward_expand(gf, res);
-        buffer_ptr buf(ggml_backend_alloc_ctx_tensors(ctx.get(), backend.get()));
-        if (!buf) {
-            fail(PMTP_ERR_OUT_OF_MEMORY, "cannot allocate the probe tensors");
-        }
+        auto [gf, buf] = build_and_alloc(ctx.get(), res, backend.get());
         ggml_backend_tensor_set(xt, x, 0, ggml_nbytes(xt));
         if (mt) {
             std::vector<ggml_fp16_t> m16((size_t) (ne0 * n));
