@@ -102,12 +102,14 @@ def test_long_gqa_groups_over_many_heads_equal_single_query_decodes():
         assert_rows_match_alone(q, k, v, verify_mask(n_q, n_kv), n_head_kv=8, n_threads=n_threads)
 
 
-def test_different_head_dims_for_k_and_v_equal_single_query_decodes():
+@pytest.mark.parametrize("d_k, d_v", [(192, 128), (70, 38)])
+def test_different_head_dims_for_k_and_v_equal_single_query_decodes(d_k, d_v):
+    """(70, 38): sizes that leave a scalar tail after every SIMD width's vectors."""
     rng = np.random.default_rng(11)
     n_q, n_kv, n_head = 5, 300, 8
-    q = rng.standard_normal((n_q, n_head, 192), dtype=np.float32)
-    k = rng.standard_normal((n_kv, N_HEAD_KV, 192), dtype=np.float32)
-    v = rng.standard_normal((n_kv, N_HEAD_KV, 128), dtype=np.float32)
+    q = rng.standard_normal((n_q, n_head, d_k), dtype=np.float32)
+    k = rng.standard_normal((n_kv, N_HEAD_KV, d_k), dtype=np.float32)
+    v = rng.standard_normal((n_kv, N_HEAD_KV, d_v), dtype=np.float32)
     assert_rows_match_alone(q, k, v, verify_mask(n_q, n_kv), n_head_kv=N_HEAD_KV, n_threads=2)
 
 
@@ -120,7 +122,7 @@ def test_result_does_not_depend_on_thread_count():
     assert np.array_equal(one.view(np.uint32), two.view(np.uint32))
 
 
-@pytest.mark.parametrize("d, n_kv", [(64, 50), (64, 2100), (128, 2100), (256, 700)])
+@pytest.mark.parametrize("d, n_kv", [(64, 50), (64, 2100), (128, 2100), (256, 700), (70, 300)])
 def test_probe_matches_a_float64_softmax_attention(d, n_kv):
     """The probe computes attention at all (it is not just self-consistent), and in F32: Q
     as given, K/V as the F16 cache holds them, an F32 accumulator. Against a float64
