@@ -50,6 +50,7 @@ from .draft_trace import DraftTrace
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
 ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 observations per position
+CHECK_OBSERVATIONS = 2  # the load-time check's texts count as this many observations (Acceptance.observe_texts)
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
 DOUBT_OBSERVATIONS = 8  # drafting stays while the first draft has fewer observations (prior included)
 DOUBT_Z = 1.0           # ... and its acceptance's upper bound at this z says drafting may pay
@@ -118,6 +119,31 @@ class Acceptance:
         """How many observations (the prior counting as one) stand behind a_(i+1), at most
         the window."""
         return self.positions[i].weight
+
+    def observe_texts(self, k: int, texts: list[list[int]]) -> None:
+        """Steps of k drafts taken on texts other than the generation's (the load-time
+        check's: per text, the drafts accepted in each of its steps): per position, the mean
+        over the texts that tried it of each one's share of drafts accepted there, counted
+        as CHECK_OBSERVATIONS observations. The check's texts are not the user's: how often
+        the heads get them right is a prior for the user's text, not evidence of it (in
+        simulation, on a tiny model's costs, a check that saw every draft of six steps
+        accepted cost a 64-token generation on a text whose drafts are all rejected 24%
+        against plain decoding with each step one observation, 10% with all of them two);
+        and its texts, not its steps, are what vary (the steps of one text accept alike)."""
+        shares: list[list[float]] = [[] for _ in range(k)]
+        for steps in texts:
+            for i in range(k):
+                tried = [n for n in steps if n >= i]
+                if not tried:
+                    break
+                shares[i].append(sum(n > i for n in tried) / len(tried))
+        for i, s in enumerate(shares):
+            if s:
+                m = self.positions[i]
+                if m.value is None:                      # start from the prior, as one observation
+                    m.value, m.weight = self.rate(i), 1
+                for _ in range(CHECK_OBSERVATIONS):
+                    m.add(sum(s) / len(s))
 
     def observe(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):          # positions that were tried
@@ -806,7 +832,8 @@ class BatchDraftPolicy:
         """Start from what the load-time check measured (``exactness.StepSeed``; None, as
         where the check did not run or found a difference: nothing to start from): one
         sequence's steady plain steps and a steady step of ``seed.draft`` drafts near the
-        start of a context, and how many of its drafts were accepted. They are this
+        start of a context, and how many drafts were accepted there and on the check's
+        other texts (a prior for the user's text, ``Acceptance.observe_texts``). They are this
         session's own figures, so the first generation drafts at the length they favour
         from its first step instead of decoding plainly, probing one draft and climbing
         (several steps of a short generation); its own steps refine them as any others.
@@ -824,8 +851,7 @@ class BatchDraftPolicy:
         p = self.policy(1)
         p.costs.add(0, 0, min(seed.plain_s), step=0, steady=False)
         p.costs.add(0, seed.draft, seed.draft_s, step=0, steady=False)
-        for n in seed.accepted:
-            self.acceptance.observe(seed.draft, n)
+        self.acceptance.observe_texts(seed.draft, [list(seed.accepted)] + [[n] for n in seed.other_texts])
         p.next_probe = max(p.next_probe, BASE_INTERVAL)
 
     def policy(self, n: int) -> DraftPolicy:

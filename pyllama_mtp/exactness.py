@@ -23,8 +23,14 @@ of a plain step and of a drafting step, with graphs built and caches warm, and w
 the heads' drafts were accepted. Without it the policy first decodes plainly, probes one
 draft and climbs length by length, which costs a short generation several steps.
 
-It costs three prefills of six tokens, ``draft_max + 1`` one-token decodes, one verify
-batch and two MTP steps (and with several sequences a prefill each and one batched step),
+Whether drafts are accepted depends on the text, so one more MTP step runs from each of
+two more short texts of other kinds (code, a list of numbers): how often the heads get one
+text right says little of another (an oracle model whose heads agree with the trunk on
+60% of tokens rejected every draft of two steps after the first sentence, and accepted
+every draft after the code), and three texts make a prior that is less the first one's.
+
+It costs five prefills of six tokens, ``draft_max + 1`` one-token decodes, one verify
+batch and four MTP steps (and with several sequences a prefill each and one batched step),
 and leaves the session empty.
 """
 from __future__ import annotations
@@ -37,7 +43,10 @@ from .config import SamplingParams
 from .engine import Session, StepResult
 from .errors import InexactVerifyError
 
-_PROBE_TEXT = "The quick brown fox jumps over the lazy dog"
+# prose (its prompt is the one compared), code, numbers: what the heads' acceptance is
+# sampled on for draft="auto"'s start
+_PROBE_TEXTS = ("The quick brown fox jumps over the lazy dog", "def add(a, b):\n    return a + b",
+                "1, 2, 3, 4, 5, 6, 7, 8")
 _PROBE_PROMPT_TOKENS = 6
 _TOP = 20                       # logprobs of the 20 likeliest tokens: a wide slice of each logit row
 _MAX_SEQUENCES_CHECKED = 8       # with draft 3: a batch of 32 rows, where BLAS backends take over
@@ -50,7 +59,8 @@ class StepSeed:
     plain_s: tuple[float, ...]      # one-token decodes after the first (whose graphs were new)
     draft: int                      # drafts per MTP step
     draft_s: float                  # an MTP step after one of the same length: drafting, verify, accept
-    accepted: tuple[int, ...]       # drafts accepted in each MTP step
+    accepted: tuple[int, ...]       # drafts accepted in each of the two MTP steps on the first text
+    other_texts: tuple[int, ...] = ()   # drafts accepted in one MTP step on each other text
 
 
 @dataclass(frozen=True)
@@ -63,9 +73,9 @@ class ExactnessCheck:
     seed: StepSeed | None = None  # step costs and acceptance measured on the way (None: not exact)
 
 
-def _probe_prompt(tokenize, n_ctx: int, draft_max: int) -> list[int]:
+def _probe_prompt(tokenize, text: str, n_ctx: int, draft_max: int) -> list[int]:
     """A few ordinary tokens to start the probe from (what the text gives with this vocab)."""
-    tokens = list(tokenize(_PROBE_TEXT))[:_PROBE_PROMPT_TOKENS]
+    tokens = list(tokenize(text))[:_PROBE_PROMPT_TOKENS]
     room = max(n_ctx - 2 * (draft_max + 1) - 1, 1)     # and two MTP steps after it
     return tokens[:room] or [0]
 
@@ -102,7 +112,8 @@ def _first_difference(plain: list[tuple], other: list[tuple]) -> str | None:
 def check_session(session: Session, prompt: list[int] | None = None) -> ExactnessCheck:
     """Compare the session's verify batch (and, with several sequences, a batch of sequences)
     with one-token decoding, bit for bit, from ``prompt`` (default: a few tokens of an
-    English sentence); the session is empty afterwards.
+    English sentence, and the MTP steps for the seed from two more texts too; a prompt
+    given: from it alone); the session is empty afterwards.
 
     It runs in a thread of its own that ends with it. The CPU backend's OpenMP runtime
     (libgomp) keeps a pool of worker threads for every thread that has run a decode, for as
@@ -135,15 +146,18 @@ def check_session(session: Session, prompt: list[int] | None = None) -> Exactnes
 def _check(session: Session, prompt: list[int] | None) -> ExactnessCheck:
     k = session.draft_max
     if prompt is None:
-        prompt = _probe_prompt(session.model.tokenize, session.n_ctx, k)
+        prompts = [_probe_prompt(session.model.tokenize, text, session.n_ctx, k) for text in _PROBE_TEXTS]
+    else:
+        prompts = [prompt]
+    prompt = prompts[0]
     n_seq = min(session.n_seq_max, _MAX_SEQUENCES_CHECKED)
     greedy = SamplingParams(temperature=0.0, n_logprobs=_TOP)
     for seq in range(n_seq):
         session.seq_set_sampling(seq, greedy)
 
-    def start(seq: int) -> None:            # the prompt, and its first token pending
+    def start(seq: int, tokens: list[int] = prompt) -> None:     # a prompt, and its first token pending
         session.seq_reset(seq)
-        session.seq_prefill(seq, prompt)
+        session.seq_prefill(seq, tokens)
         session.seq_sample(seq)
 
     def timed(call):
@@ -172,8 +186,12 @@ def _check(session: Session, prompt: list[int] | None) -> ExactnessCheck:
             if d is not None:
                 difference = f"MTP steps of {k} drafts, {d}"
             else:
+                others = []
+                for other in prompts[1:]:            # acceptance on other kinds of text
+                    start(0, other)
+                    others.append(session.step(k).n_accepted)
                 seed = StepSeed(plain_s=tuple(t for _, t in steps[1:]), draft=k, draft_s=t_second,
-                                accepted=(first.n_accepted, second.n_accepted))
+                                accepted=(first.n_accepted, second.n_accepted), other_texts=tuple(others))
         if difference is None and n_seq > 1:
             for seq in range(n_seq):
                 start(seq)

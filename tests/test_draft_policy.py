@@ -845,11 +845,17 @@ def test_probes_the_heads_catch_up_would_not_pay_for_back_off_too():
     assert policy.policy(1).interval >= 256
 
 
-def _seeded(plain_s: float, draft_s: float, accepted: tuple[int, ...], draft: int = 3) -> BatchDraftPolicy:
-    """A policy started from a load-time check's figures (exactness.StepSeed)."""
+def _seeded(plain_s: float, draft_s: float, accepted: tuple[int, ...], draft: int = 3,
+            other_texts: tuple[int, ...] | None = None) -> BatchDraftPolicy:
+    """A policy started from a load-time check's figures (exactness.StepSeed): the drafts
+    accepted in its two MTP steps on its first text, and in its one step on each other
+    text (by default: as many as the first text's first step)."""
     from pyllama_mtp.exactness import StepSeed
+    if other_texts is None:
+        other_texts = (accepted[0],) * 2
     policy = BatchDraftPolicy(draft)
-    policy.seed(StepSeed(plain_s=(plain_s,) * draft, draft=draft, draft_s=draft_s, accepted=accepted))
+    policy.seed(StepSeed(plain_s=(plain_s,) * draft, draft=draft, draft_s=draft_s, accepted=accepted,
+                         other_texts=other_texts))
     return policy
 
 
@@ -881,6 +887,40 @@ def test_a_start_from_the_checks_figures_drafts_the_best_length_at_a_new_depth_t
         trace.run(1)
     assert trace.chosen[:15] == [3] * 15, trace.chosen
     assert trace.rate > 0.97 * expected_rate([1.0] * 3, steps[3], 3)
+
+
+def test_the_checks_texts_count_as_a_prior_not_as_evidence():
+    # two MTP steps on the first text, all drafts rejected; one on the second, all accepted;
+    # one on the third, one of three accepted: each position gets the mean of the texts
+    # that tried it, as CHECK_OBSERVATIONS observations beside the prior
+    from pyllama_mtp.draft_policy import ACCEPT_PRIOR, CHECK_OBSERVATIONS, Acceptance
+    acceptance = Acceptance(3)
+    acceptance.observe_texts(3, [[0, 0], [3], [1]])
+    assert acceptance.observations(0) == 1 + CHECK_OBSERVATIONS
+    assert acceptance.rate(0) == pytest.approx((ACCEPT_PRIOR + 2 * (0 + 1 + 1) / 3) / 3)
+    # texts 2 and 3 tried the second position (untried, it starts from the first's estimate)
+    assert acceptance.rate(1) == pytest.approx((acceptance.rate(0) + 2 * 0.5) / 3)
+    assert acceptance.observations(2) == 1 + CHECK_OBSERVATIONS                 # text 2 alone
+
+
+def test_a_text_unlike_the_checks_first_sentence_drafts_within_the_first_steps():
+    # a model whose heads agree with the trunk on 60% of tokens: the check's first sentence
+    # saw every draft rejected, its code every draft accepted, its numbers none (the 2 GB
+    # acceptance-0.6 oracles' figures). F16-like costs at a 2,048-token context, where
+    # draft 2 is best (1.30x plain). With the first sentence alone the start decoded
+    # plainly, and a 64-token generation ran at 0.84x the best fixed draft (0.92-0.94x now)
+    steps = {0: 57.0, 1: 75.0, 2: 86.0, 3: 100.0}
+    best = max(expected_rate([0.6] * 3, steps[k], k) for k in range(4))
+    rates = []
+    for seed in range(24):
+        policy = _seeded(steps[0], steps[3], (0, 0), other_texts=(3, 0)).policy(1)
+        policy.start_sequence()
+        trace = Trace(policy, const(0.6), lambda k, d: steps[k], depth=2048, switch_cost=11.4, seed=seed)
+        while trace.tokens < 64:
+            trace.run(1)
+        assert any(k > 0 for k in trace.chosen[:3]), trace.chosen     # (plain decoding timed first: see plain_unproven)
+        rates.append(trace.rate)
+    assert np.mean(rates) > 0.9 * best, np.mean(rates) / best
 
 
 def test_a_start_from_rejected_drafts_decodes_plainly_and_probes_at_the_base_pace():

@@ -69,17 +69,18 @@ def test_a_bare_session_gives_the_same_verdict_every_time(step35_path):
 def test_the_checks_mtp_steps_give_draft_auto_its_start(tmp_path):
     """On the way the check runs two real MTP steps (the heads' drafts): their rows must be
     the plain rows too, and their figures start draft="auto" (StepSeed): the plain steps'
-    and the second MTP step's seconds, the drafts accepted. On an oracle whose heads agree
+    and the second MTP step's seconds, the drafts accepted, and those of one MTP step on
+    each of two other texts. On an oracle whose heads agree
     with the trunk every draft is accepted, with heads that never agree none is; a Llama's
     policy for one sequence starts from those figures (which length they favour depends on
     this machine's timings: see test_draft_policy for the decisions)."""
     import factories as testing
-    for acceptance, accepted in ((1.0, (3, 3)), (0.0, (0, 0))):
+    for acceptance, accepted in ((1.0, 3), (0.0, 0)):
         path = str(testing.write_step35(tmp_path / f"a{acceptance}.gguf", seed=5, oracle=True,
                                         acceptance=acceptance))
         with Llama(path, mtp=True, draft="auto", n_ctx=256, threads=1) as llm:
             seed = llm.exactness.seed
-            assert seed.draft == 3 and seed.accepted == accepted
+            assert seed.draft == 3 and seed.accepted == (accepted,) * 2 and seed.other_texts == (accepted,) * 2
             assert len(seed.plain_s) == 3 and min(seed.plain_s) > 0 and seed.draft_s > 0
             assert llm.session.n_past == 0 and llm.session.stats()["n_steps"] == 0
             policy = llm._policy.policy(1)
