@@ -139,18 +139,21 @@ class Acceptance:
                 shares[i].append(sum(n > i for n in tried) / len(tried))
         for i, s in enumerate(shares):
             if s:
-                m = self.positions[i]
-                if m.value is None:                      # start from the prior, as one observation
-                    m.value, m.weight = self.rate(i), 1
+                m = self._tried(i)
                 for _ in range(CHECK_OBSERVATIONS):
                     m.add(sum(s) / len(s))
 
     def observe(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):          # positions that were tried
-            m = self.positions[i]
-            if m.value is None:                          # start from the prior, as one observation
-                m.value, m.weight = self.rate(i), 1
-            m.add(1.0 if i < n_accepted else 0.0)
+            self._tried(i).add(1.0 if i < n_accepted else 0.0)
+
+    def _tried(self, i: int) -> RunningMean:
+        """Position i's estimate, about to take an observation: one never tried starts from
+        its estimate so far (the prior, or the previous position's), as one observation."""
+        m = self.positions[i]
+        if m.value is None:
+            m.value, m.weight = self.rate(i), 1
+        return m
 
     def upper_bound(self, i: int, z: float) -> float:
         """A one-sided upper confidence bound of a_(i+1) (Wilson's score interval at ``z``),
