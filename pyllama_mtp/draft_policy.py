@@ -505,14 +505,31 @@ class DraftPolicy:
 
     def plain_unproven(self, best: int) -> bool:
         """The decision drafts, its drafts are accepted no more often than not, and plain
-        decoding has no steady step at this depth behind its figure (the load-time check's,
-        see ``BatchDraftPolicy.seed``, or another batch size's): so thin a margin may be the
-        guess's alone (a check whose steps ran slow, there beside a thread that had decoded
-        before vendor patch 0025, timed a 23 ms plain step at 36 ms, and a 64-token call then
-        drafted one rejected token a step at 0.85x plain), so plain decoding is timed at
-        once rather than at the next probe."""
+        decoding's figure at this depth is not to be trusted: so thin a margin may be that
+        figure's alone, so plain decoding is timed at once rather than at the next probe.
+        Not to be trusted: no steady step stands behind it (the load-time check's, see
+        ``BatchDraftPolicy.seed``, or another batch size's: a check whose steps ran slow,
+        there beside a thread that had decoded before vendor patch 0025, timed a 23 ms plain
+        step at 36 ms, and a 64-token call then drafted one rejected token a step at 0.85x
+        plain), or it ran high (``plain_ran_high``)."""
         return (best > 0 and self.probing is None and not self.trial_left and not self.promising()
-                and not self.costs.steady(self.bucket, 0))
+                and (not self.costs.steady(self.bucket, 0) or self.plain_ran_high()))
+
+    def plain_ran_high(self) -> bool:
+        """Plain decoding's figure here stands at or above a drafting length's steady one,
+        on fewer than PLAIN_SAMPLES steady steps. A step that drafts does all that a plain
+        step does and more, so the plain steps behind it were slowed (a busy machine, a
+        stall): the median of two or three such steps is theirs. Left alone it never heals,
+        since drafting steps do not time plain decoding and probes from a drafting
+        decision go first to the lengths with fewer samples: in simulation, acceptance 0
+        and a generation's first two plain steps slowed 2x, the policy drafted one token a
+        step for the remaining 180 steps."""
+        b = self.bucket
+        if self.costs.samples(b, 0) >= PLAIN_SAMPLES:
+            return False
+        t0 = self.costs.predict(b, 0)
+        return any(self.costs.steady(b, k) and self.costs.predict(b, k) <= t0
+                   for k in range(1, self.draft_max + 1))
 
     def _probe_length(self, best: int) -> int:
         """The length of a probe that is not learning (see ``to_learn``)."""

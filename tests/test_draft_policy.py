@@ -271,6 +271,20 @@ def test_one_stalled_step_does_not_rule_drafting_out():
     assert trace.chosen[100:].count(3) > 0.9 * 200, "".join(map(str, trace.chosen))
 
 
+def test_plain_steps_slowed_at_the_start_do_not_keep_it_drafting_rejected_drafts():
+    """A busy machine slows the first plain steps of a generation (2-3x), so plain decoding's
+    figure rests on slow steps and one draft, timed later, costs less than it. Drafts are
+    never accepted: drafting must end within a few steps and stay off, not run for the
+    rest of the generation (it did: 180 of 180 steps at 0.6x plain) because no step that
+    drafts times plain decoding again."""
+    cost = lambda k, d: 1.0 + 0.6 * k
+    for slowdown in (1.6, 2.0, 3.0):
+        for slowed in ((0, 1), (0, 1, 2)):
+            speed = lambda step: slowdown if step in slowed else 1.0
+            trace = Trace(DraftPolicy(3), const(0.0), cost, switch_cost=0.25, speed=speed).run(200)
+            assert sum(k > 0 for k in trace.chosen[20:]) <= 4, "".join(map(str, trace.chosen))
+
+
 def test_plain_decoding_is_timed_over_several_steps():
     """Driven as the library drives it (a step the policy does not ask to time is not
     reported): plain decoding's figure must not rest on one step, which is the second after
