@@ -275,8 +275,8 @@ def test_plain_steps_slowed_at_the_start_do_not_keep_it_drafting_rejected_drafts
     """A busy machine slows the first plain steps of a generation (2-3x), so plain decoding's
     figure rests on slow steps and one draft, timed later, costs less than it. Drafts are
     never accepted: drafting must end within a few steps and stay off, not run for the
-    rest of the generation (it did: 180 of 180 steps at 0.6x plain) because no step that
-    drafts times plain decoding again."""
+    rest of the generation (the policy before did, on 109-180 of the last 180 steps of
+    200) because no step that drafts times plain decoding again."""
     cost = lambda k, d: 1.0 + 0.6 * k
     for slowdown in (1.6, 2.0, 3.0):
         for slowed in ((0, 1), (0, 1, 2)):
