@@ -139,9 +139,9 @@ class Acceptance:
                 shares[i].append(sum(n > i for n in tried) / len(tried))
         for i, s in enumerate(shares):
             if s:
-                m = self._tried(i)
+                m, mean = self._tried(i), sum(s) / len(s)
                 for _ in range(CHECK_OBSERVATIONS):
-                    m.add(sum(s) / len(s))
+                    m.add(mean)
 
     def observe(self, k: int, n_accepted: int) -> None:
         for i in range(min(k, n_accepted + 1)):          # positions that were tried
