@@ -360,6 +360,7 @@ int pmtp_session_set_sampling(pmtp_session * session, const pmtp_sampling * samp
 uint32_t pmtp_session_n_ctx(const pmtp_session * s)    { return s ? s->n_ctx : 0; }
 uint32_t pmtp_session_n_ubatch(const pmtp_session * s) { return s ? s->n_ubatch : 0; }
 int32_t  pmtp_session_n_past(const pmtp_session * s)   { return pmtp_seq_n_past(s, 0); }
+uint64_t pmtp_session_graph_builds(const pmtp_session * s) { return s ? s->graph_builds : 0; }
 int32_t  pmtp_session_draft_max(const pmtp_session * s) { return s && s->heads ? s->params.draft_max : 0; }
 uint32_t pmtp_session_n_seq_max(const pmtp_session * s) { return s ? s->n_seq_max : 0; }
 int32_t  pmtp_seq_n_past(const pmtp_session * s, int32_t seq) {

@@ -138,6 +138,7 @@ struct pmtp_session {
     uint32_t            n_seq_max = 1;
     bool                recurrent = false;  // recurrent or hybrid model (state rolls back by snapshots)
     uint64_t            n_decodes = 0;   // target decodes so far (a decode overwrites every output row)
+    uint64_t            graph_builds = 0; // target decodes that built a compute graph (pmtp_session_graph_builds)
 
     std::vector<seq_state> seqs;         // [n_seq_max]
     heads_ptr           heads;           // null when MTP is off

@@ -214,6 +214,12 @@ PMTP_API int  pmtp_session_set_sampling(pmtp_session * session, const pmtp_sampl
 PMTP_API uint32_t pmtp_session_n_ctx(const pmtp_session * session);
 PMTP_API uint32_t pmtp_session_n_ubatch(const pmtp_session * session);
 PMTP_API int32_t  pmtp_session_n_past(const pmtp_session * session);
+/* Target decodes so far that built a compute graph rather than reusing the previous
+ * decode's: after a change of rows (another draft length, another batch) or when the KV
+ * cache's attended span grew past a multiple of 256 cells. Such a step runs slow (on a
+ * small model several times a steady one), so draft="auto" does not take its time as a
+ * steady sample. */
+PMTP_API uint64_t pmtp_session_graph_builds(const pmtp_session * session);
 PMTP_API int32_t  pmtp_session_draft_max(const pmtp_session * session);
 PMTP_API int  pmtp_session_stats(const pmtp_session * session, pmtp_stats * out);
 PMTP_API void pmtp_session_stats_reset(pmtp_session * session);

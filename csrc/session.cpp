@@ -258,9 +258,13 @@ void target_decode_rows(pmtp_session * s, const target_rows & rows, bool all_log
             }
         }
     }
+    const int32_t reused = llama_perf_context(s->ctx.get()).n_reused;
     const int32_t rc = llama_process(s->ctx.get(), LLAMA_PROCESS_TYPE_DECODE, b);
     s->n_decodes++;
     s->stats.n_target_decodes++;
+    if (llama_perf_context(s->ctx.get()).n_reused == reused) {
+        s->graph_builds++;   // not the last decode's graph again: a change of rows or of KV span
+    }
     if (rc != 0) {
         // Fatal errors can leave processed ubatches behind: drop them so n_past stays true.
         for (seq_state * sq : rows.seqs) {

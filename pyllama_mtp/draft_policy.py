@@ -639,13 +639,13 @@ class DraftPolicy:
         return k > 0 and self.last_k <= 0
 
     def update(self, k: int, n_accepted: int, seconds: float, depth: int | None = None,
-               catch_up: float = 0.0) -> None:
-        self.update_time(k, seconds, depth, catch_up)
+               catch_up: float = 0.0, rebuilt: bool = False) -> None:
+        self.update_time(k, seconds, depth, catch_up, rebuilt=rebuilt)
         self.update_acceptance(k, n_accepted)
         self.finish_step(k)
 
     def update_time(self, k: int, seconds: float, depth: int | None = None, catch_up: float = 0.0,
-                    same_batch: bool = True, joined: float = 0.0) -> None:
+                    same_batch: bool = True, joined: float = 0.0, rebuilt: bool = False) -> None:
         """A step's seconds, without the heads' catch-up before it (``catch_up`` seconds):
         a drafting step's cost does not include it (plain decoding leaves the heads only
         their newest rows, see ``sequence.PLAIN_HEADS_WINDOW``, so a switch catches up on a
@@ -658,9 +658,18 @@ class DraftPolicy:
         is not timed as steady; the heads' catch-up on a newcomer's prompt (``joined``
         seconds, paid only by a step that drafts) is a cost of drafting on a busy server,
         kept apart as the mean per drafting step (``join_cost``) and added to every
-        drafting length's step."""
+        drafting length's step.
+
+        ``rebuilt``: the step built the target's compute graph anew (``Session.graph_builds``)
+        although its length and batch stayed: its KV span grew past a multiple of 256 cells.
+        That step runs slow too (on a tiny model 2-4x a steady one) and is not steady. It
+        comes with every new depth bucket from 256 on, where the policy times the first step,
+        so where generations keep ending a few dozen tokens into a bucket its figures would
+        rest on such steps alone: after five generations of 1,024 tokens a model whose drafts
+        are never accepted had plain decoding timed at 1.7x its cost at 1,024 tokens, and
+        drafted 30 rejected tokens there."""
         bucket = self.bucket if depth is None else depth_bucket(depth)
-        steady = k == self.last_k and same_batch
+        steady = k == self.last_k and same_batch and not rebuilt
         if k > 0:
             self.join_cost.add(joined)
         if k != self.last_k and same_batch:
@@ -1053,12 +1062,13 @@ class BatchDraftPolicy:
 
     def update(self, n: int, k: int, n_accepted: list[int], seconds: float, depth: int | None = None,
                catch_up: float = 0.0, members: tuple = (), arrivals: bool = False, joined: float = 0.0,
-               drafting: int | None = None) -> None:
+               drafting: int | None = None, rebuilt: bool = False) -> None:
         """One timed step of n sequences: ``members`` their slots, ``arrivals`` whether one of
         them is new there (a step whose batch differs from the previous timed one is not
         steady, see DraftPolicy.update_time); ``joined``: the heads' catch-up on newcomers'
         prompts, not in ``seconds``; ``drafting``: how many of them drafted k (None: all;
-        fewer where held newcomers decoded plainly beside them, see ``admits``).
+        fewer where held newcomers decoded plainly beside them, see ``admits``); ``rebuilt``:
+        the step built the target's graph anew (see DraftPolicy.update_time).
 
         A step where only d of n sequences drafted is taken as a step of all n drafting by
         the rows it added to a plain step: T0 + (T - T0 - split) n / d (the cost a drafting
@@ -1084,7 +1094,7 @@ class BatchDraftPolicy:
             else:
                 seconds = t0 + max(seconds - t0 - self.split_cost(bucket), 0.0) * n / drafting
         if seconds is not None:
-            p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined)
+            p.update_time(k, seconds, depth, catch_up, same_batch=same_batch, joined=joined, rebuilt=rebuilt)
         for a in n_accepted:
             p.update_acceptance(k, a)
         p.finish_step(k)

@@ -296,6 +296,12 @@ class Session(_Handle):
         return lib.pmtp_session_draft_max(self._check_open())
 
     @property
+    def graph_builds(self) -> int:
+        """Target decodes so far that built a compute graph instead of reusing the last one
+        (another number of rows, or the KV span grown past a multiple of 256 cells)."""
+        return lib.pmtp_session_graph_builds(self._check_open())
+
+    @property
     def n_seq_max(self) -> int:
         return lib.pmtp_session_n_seq_max(self._check_open())
 

@@ -409,6 +409,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
                 else:
                     catch_up += dt
                     rows_caught[0] += rows
+    builds = session.graph_builds if timed else 0
     t0 = time.perf_counter()
     results = session.step_batch([s.seq for s in running], drafts)
     seconds = time.perf_counter() - t0
@@ -418,7 +419,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         policy.update(len(running), k_auto, accepted, seconds, depth, catch_up,
                       members=tuple(s.seq for s in running),
                       arrivals=len(running) > 1 and any(s.fresh for s in running), joined=joined,
-                      drafting=len(running) - held if held else None)
+                      drafting=len(running) - held if held else None,
+                      rebuilt=session.graph_builds != builds)
     if decided:
         # plain steps to come with nothing to decide: set after the step, so that one the
         # policy timed (a recheck, a generation's first) is not followed by another decision

@@ -183,9 +183,10 @@ class ReportedSteps:
         return False
 
     def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0,
-               drafting=None) -> None:
+               drafting=None, rebuilt=False) -> None:
         self.steps.append({"n": n, "k": k, "seconds": seconds, "catch_up": catch_up, "members": members,
-                           "arrivals": arrivals, "joined": joined, "drafting": drafting, "accepted": accepted})
+                           "arrivals": arrivals, "joined": joined, "drafting": drafting, "accepted": accepted,
+                           "rebuilt": rebuilt})
 
 
 def test_a_sequence_joining_a_drafting_batch_has_its_catch_up_counted_as_drafting_cost(oracle_path):
@@ -407,3 +408,41 @@ def test_settled_plain_decoding_asks_the_policy_only_at_its_rechecks(step35_path
             assert llm.generate("settled", max_tokens=192).tokens == want
         assert policy.policy(1).decision == 0
         assert min(asks[1:]) <= 5, asks        # (9 before)
+
+
+def test_steps_that_rebuild_the_graph_are_counted_and_reported_to_the_policy(step35_path):
+    """The target's compute graph is built anew where the KV span grows past a multiple of
+    256 cells (``Session.graph_builds``), and the driver tells "auto" so for the steps it
+    times: the first step of each depth bucket from 256 on is such a step and runs slow, and
+    the policy must not take it for a steady one (see test_draft_policy's
+    test_steps_that_rebuild_graphs_at_kv_boundaries_do_not_make_plain_decoding_look_dear)."""
+    with Llama(step35_path, n_ctx=1024, threads=1, mtp=True, draft="auto") as llm:
+        s = llm.session
+        s.reset()
+        s.prefill(llm.tokenize("graphs at kv boundaries"))
+        s.sample()
+        builds, at = s.graph_builds, []
+        while s.n_past < 600:
+            depth = s.n_past
+            s.step(0)
+            if s.graph_builds != builds:
+                at.append(depth)
+                builds = s.graph_builds
+        assert at[1:] == [256, 512], at          # (the first: one row after a prompt's many)
+
+        policy = llm._policy
+        reported = {}
+        update = policy.update
+
+        def recorded(n, k, accepted, seconds, depth=None, *args, rebuilt=False, **kwargs):
+            same_length = k == policy.policy(n).last_k
+            reported[depth] = (rebuilt, same_length)
+            return update(n, k, accepted, seconds, depth, *args, rebuilt=rebuilt, **kwargs)
+        policy.update = recorded
+        want = llm.generate("graphs at kv boundaries", max_tokens=600, mtp=False).tokens
+        assert llm.generate("graphs at kv boundaries", max_tokens=600).tokens == want
+        n_prompt = len(llm.tokenize("graphs at kv boundaries"))
+        assert reported[256] == (True, True) and reported[512] == (True, True), reported
+        # elsewhere only a change of length (a probe) or the first step after the prompt builds
+        assert not [d for d, (rebuilt, same) in reported.items()
+                    if rebuilt and same and d % 256 and d != n_prompt], reported
