@@ -11,8 +11,9 @@ probes:
   may most beat the decision, its rate raised the more the fewer samples stand behind it
   (machines are noisy: one unlucky step must not rule a length out for good). The first
   step after a change of length runs slow (graphs are rebuilt), so only steps that repeat
-  the previous length are timed as they are; a probe runs two steps where that is worth
-  it (see ``choose``);
+  the previous length, and built no graph (as where the KV span grows past a multiple of
+  256 cells), are timed as they are; a probe runs two steps where that is worth it (see
+  ``choose``);
 - while drafts are accepted, a length with fewer than LEARN_SAMPLES steady samples at
   this depth that may beat the decision (predicted from the lengths that were, see
   ``to_learn``; one beyond the longest measured until a drafting length beats plain
