@@ -285,15 +285,22 @@ def test_plain_steps_slowed_at_the_start_do_not_keep_it_drafting_rejected_drafts
             assert sum(k > 0 for k in trace.chosen[20:]) <= 4, "".join(map(str, trace.chosen))
 
 
-def _generations_through_kv_boundaries(report_rebuilds: bool, n_gen: int = 10) -> list[int]:
-    """Generations of 1,024 tokens after a 30-token prompt, driven as the library drives
-    them (untimed steps are not reported), drafts never accepted. A step whose KV span grows
-    past a multiple of 256 cells rebuilds the target's graph and runs 3x a steady step: at
-    256, 512, 768 and 1,024, where each new depth bucket from 256 on begins and the policy
-    times its first step. Returns the drafting steps of each generation."""
+def test_steps_that_rebuild_graphs_at_kv_boundaries_do_not_make_plain_decoding_look_dear():
+    """The first step of each depth bucket from 256 on is also the one whose KV span grows
+    past a multiple of 256 cells, which rebuilds the graph and runs slow; timed as steady,
+    generation after generation, those steps alone made up plain decoding's figure in the
+    bucket that each generation only just entered (1,024-2,047 here), until one draft looked
+    cheaper: a tiny model whose drafts are never accepted drafted 30 rejected tokens at the
+    end of its fifth generation (0.94x the speed of decoding without heads); here, reported
+    as steady, 32 a generation from the seventh on. Reported as rebuilt, they are not steady
+    samples, and after the first generation only probes draft.
+
+    Ten generations of 1,024 tokens after a 30-token prompt, driven as the library drives
+    them (untimed steps are not reported), drafts never accepted; a rebuilding step (at 256,
+    512, 768 and 1,024) runs 3x a steady one."""
     policy = DraftPolicy(3)
     drafting = []
-    for _ in range(n_gen):
+    for _ in range(10):
         policy.start_sequence()
         depth, n = 30, 0
         while depth < 30 + 1024:
@@ -302,24 +309,11 @@ def _generations_through_kv_boundaries(report_rebuilds: bool, n_gen: int = 10) -
             rebuilt = depth // 256 != (depth + k) // 256 or depth % 256 == 0
             seconds = (1.0 + 0.3 * k) * (3.0 if rebuilt else 1.0)
             if policy.timed:
-                policy.update(k, 0, seconds, depth, rebuilt=rebuilt and report_rebuilds)
+                policy.update(k, 0, seconds, depth, rebuilt=rebuilt)
             else:
                 policy.finish_step(k)
             depth += 1
         drafting.append(n)
-    return drafting
-
-
-def test_steps_that_rebuild_graphs_at_kv_boundaries_do_not_make_plain_decoding_look_dear():
-    """The first step of each depth bucket from 256 on is also the one whose KV span grows
-    past a multiple of 256 cells, which rebuilds the graph and runs slow; timed as steady,
-    generation after generation, those steps alone made up plain decoding's figure in the
-    bucket that each generation only just entered (1,024-2,047 here), until one draft looked
-    cheaper: a tiny model whose drafts are never accepted drafted 30 rejected tokens at the
-    end of its fifth generation (0.94x the speed of decoding without heads); here, unreported,
-    32 a generation from the seventh on. Reported as rebuilt, they are not steady samples,
-    and after the first generation only probes draft."""
-    drafting = _generations_through_kv_boundaries(report_rebuilds=True)
     assert all(n <= 2 for n in drafting[1:]), drafting
 
 
