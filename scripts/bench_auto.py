@@ -9,6 +9,17 @@ the fixed length with the best median) is taken within each round, where the mod
 seconds apart, and the median of those per-round ratios is reported; on a shared machine
 whose speed drifts by 10-25% between rounds, a ratio of two medians mixes that drift in.
 "noise" is the spread of plain decoding's speed over the rounds ((max - min) / median).
+
+"The best fixed draft" of a round is the fixed length with the best median over the
+*other* rounds (leave one round out): picking it by the medians that include the round
+it is compared in favours whichever length that round happened to run fast, so a draft
+length measured against itself would come out a few percent short of "the best" where
+lengths are near ties (selection bias; the in-sample ratio is kept in the JSON as
+``auto_over_best_fixed_in_sample``). ``--control`` runs every fixed length a second time
+as a mode of its own ("0'", "1'", ...) and reports the copies by the same statistics:
+plain decoding's copy against plain decoding, and the best fixed draft's copy against the
+best fixed draft (what a policy that always decoded plainly, or always drafted the best
+length, would score in this cell): the noise floor of each ratio, beside auto's.
 The auto policy lives across rounds, as it does across the calls of one Llama, and starts
 fresh for each (depth, length) cell. Greedy, random prompt tokens; the depth is a random
 prefix prefilled once and kept (rollback) under each round's prompt.
@@ -18,6 +29,7 @@ Targets (issue "draft='auto' never loses"): auto >= 0.97x plain in every cell, a
 
     python scripts/bench_auto.py -m tiny:step35 -m tiny:step35-random -n 64,192,1024 -d 0,2048
     python scripts/bench_auto.py -m oracle.gguf -n 192 -d 0,2048 --rounds 5 --json out.json
+    python scripts/bench_auto.py -m tiny:step35 -n 64 -d 2048 --rounds 9 --control
 """
 from __future__ import annotations
 
@@ -48,7 +60,7 @@ def accelerators() -> str:
     return ", ".join(f"{d.name} ({d.description})" for d in local_devices() if d.type in ("gpu", "igpu"))
 
 
-def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int) -> dict:
+def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int, control: bool = False) -> dict:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
     from pyllama_mtp.draft_policy import BatchDraftPolicy
     from pyllama_mtp.engine import Model, Session
@@ -69,6 +81,8 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
             policy = BatchDraftPolicy(s.draft_max)
             policy.seed(check_session(s).seed)               # as a Llama does at load: "auto" starts from it
             modes: list = list(range(s.draft_max + 1)) + ["auto"]
+            if control:
+                modes += [copy_name(k) for k in range(s.draft_max + 1)]
             rates: dict = {m: [] for m in modes}
             chosen: dict[int, int] = {}
             for r in range(rounds + 1):                     # round 0 warms up and is not counted
@@ -77,8 +91,9 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 for mode in order:
                     # the library's driver, one sequence, no text; the prefix stays in the cache;
                     # max_tokens as a generate call would pass it (auto weighs it)
-                    sess = without_heads if mode == 0 else s
-                    seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), mode, ()), None,
+                    draft = int(mode.rstrip("'")) if isinstance(mode, str) and mode != "auto" else mode
+                    sess = without_heads if draft == 0 else s
+                    seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), draft, ()), None,
                                    held.get(id(sess), []))
                     seq.load(sess)
                     seq.prefill(sess)
@@ -91,29 +106,71 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                     if r:
                         rates[mode].append((seq.n_generated - 1) / (time.perf_counter() - t0))
                     held[id(sess)] = seq.cached(sess.seq_n_past(0))
-    med = {str(m): statistics.median(v) for m, v in rates.items()}
-    fixed = {m: v for m, v in med.items() if m not in ("0", "auto")}
-    best_fixed = max(fixed, key=fixed.get)
-
-    def paired(a, b) -> float:
-        """Median over rounds of mode a's speed over mode b's in the same round."""
-        return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
-
-    best_mode = int(best_fixed)
-    plain = rates[0]
-    return {"depth": depth, "n_gen": n_gen, "tok_s": med, "per_round": {str(m): v for m, v in rates.items()},
-            "auto_chose": chosen, "noise": (max(plain) - min(plain)) / statistics.median(plain),
-            "auto_over_plain": paired("auto", 0), "best_fixed": best_mode,
-            "best_fixed_over_plain": paired(best_mode, 0),
-            "auto_over_best_fixed": paired("auto", best_mode)}
+    return summarise({str(m): v for m, v in rates.items()}, depth, n_gen, chosen)
 
 
-def verdict(cell: dict) -> list[str]:
+def copy_name(k: int | str) -> str:
+    """The control mode that runs fixed draft k a second time."""
+    return f"{k}'"
+
+
+def paired(rates: dict[str, list[float]], a: str, b: str) -> float:
+    """Median over rounds of mode a's speed over mode b's in the same round."""
+    return statistics.median(x / y for x, y in zip(rates[a], rates[b]))
+
+
+def fixed_modes(rates: dict[str, list[float]]) -> list[str]:
+    """The fixed draft lengths (not plain decoding, auto or a control copy)."""
+    return [m for m in rates if m.isdigit() and m != "0"]
+
+
+def best_fixed_in_sample(rates: dict[str, list[float]]) -> str:
+    """The fixed length with the best median over all rounds."""
+    return max(fixed_modes(rates), key=lambda m: statistics.median(rates[m]))
+
+
+def over_best_fixed(rates: dict[str, list[float]], mode_for=lambda best: "auto") -> float:
+    """Median over rounds of a mode's speed over the best fixed draft's in the same round,
+    the best picked by its median over the other rounds (a single round: over all);
+    ``mode_for(best)`` names the mode set against it (auto, or the best length's copy)."""
+    n = len(rates["0"])
+    ratios = []
+    for r in range(n):
+        others = {m: statistics.median(rates[m][:r] + rates[m][r + 1:] if n > 1 else rates[m])
+                  for m in fixed_modes(rates)}
+        best = max(others, key=others.get)
+        ratios.append(rates[mode_for(best)][r] / rates[best][r])
+    return statistics.median(ratios)
+
+
+def summarise(rates: dict[str, list[float]], depth: int, n_gen: int, chosen: dict[int, int]) -> dict:
+    """One cell's figures from each mode's per-round speeds (keys: "0", "1", ..., "auto",
+    and the control copies "1'", ... where they ran)."""
+    best = best_fixed_in_sample(rates)
+    plain = rates["0"]
+    cell = {"depth": depth, "n_gen": n_gen, "tok_s": {m: statistics.median(v) for m, v in rates.items()},
+            "per_round": rates, "auto_chose": chosen,
+            "noise": (max(plain) - min(plain)) / statistics.median(plain),
+            "auto_over_plain": paired(rates, "auto", "0"), "best_fixed": int(best),
+            "best_fixed_over_plain": paired(rates, best, "0"),
+            "auto_over_best_fixed": over_best_fixed(rates),
+            "auto_over_best_fixed_in_sample": paired(rates, "auto", best)}
+    if copy_name(0) in rates:
+        cell["control_over_plain"] = paired(rates, copy_name(0), "0")
+        cell["control_over_best_fixed"] = over_best_fixed(rates, copy_name)
+    return cell
+
+
+def verdict(cell: dict, who: str = "auto") -> list[str]:
+    """The targets ``who`` misses in this cell: "auto", or "control" (the copies of plain
+    decoding and of the best fixed draft, each against its original)."""
+    over_plain, over_best = (cell["auto_over_plain"], cell["auto_over_best_fixed"]) if who == "auto" else \
+        (cell["control_over_plain"], cell["control_over_best_fixed"])
     misses = []
-    if cell["auto_over_plain"] < 0.97:
-        misses.append("auto < 0.97x plain")
-    if cell["best_fixed_over_plain"] >= 1.10 and cell["auto_over_best_fixed"] < 0.95:
-        misses.append("auto < 0.95x the best fixed draft")
+    if over_plain < 0.97:
+        misses.append(f"{who} < 0.97x plain")
+    if cell["best_fixed_over_plain"] >= 1.10 and over_best < 0.95:
+        misses.append(f"{who} < 0.95x the best fixed draft")
     return misses
 
 
@@ -125,6 +182,8 @@ def main(argv=None) -> int:
     ap.add_argument("--rounds", type=int, default=7, help="counted rounds per cell (default 7)")
     ap.add_argument("-t", "--threads", type=int, default=2)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--control", action="store_true",
+                    help="run plain decoding and every fixed draft twice, and report the copies as auto is")
     ap.add_argument("--json", type=Path, help="also write the cells here")
     args = ap.parse_args(argv)
     from pyllama_mtp.bench.builtin import resolve
@@ -132,28 +191,39 @@ def main(argv=None) -> int:
     out = {"cpu": cpu_name(), "gpu": accelerators(), "threads": args.threads, "rounds": args.rounds, "cells": []}
     where = f"every layer on {out['gpu']}, host CPU {out['cpu']}" if out["gpu"] else f"CPU: {out['cpu']}"
     print(f"{where}, {args.threads} threads, median of {args.rounds} interleaved rounds; ratios paired within rounds\n")
-    print("| model | depth | tokens | plain tok/s | noise | best fixed | auto tok/s | auto / plain | auto / best fixed | auto chose |")
-    print("| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: | --- |")
-    failed = 0
+    ctl_head = (" control: copy / plain | copy / best fixed |", " ---: | ---: |") if args.control else ("", "")
+    print("| model | depth | tokens | plain tok/s | noise | best fixed | auto tok/s | auto / plain | auto / best fixed |"
+          f"{ctl_head[0]} auto chose |")
+    print(f"| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |{ctl_head[1]} --- |")
+    failed = control_failed = 0
     for name in args.model:
         path = resolve(name) if name.startswith("tiny:") else name
         for depth in (int(x) for x in args.depth.split(",")):
             for n_gen in (int(x) for x in args.n_gen.split(",")):
-                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed)
+                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed, args.control)
                 cell["model"] = name
                 cell["missed"] = verdict(cell)
                 failed += bool(cell["missed"])
+                ctl = ""
+                if args.control:
+                    cell["control_missed"] = verdict(cell, "control")
+                    control_failed += bool(cell["control_missed"])
+                    ctl = f" {cell['control_over_plain']:.2f}x | {cell['control_over_best_fixed']:.2f}x |"
                 out["cells"].append(cell)
                 med = cell["tok_s"]
                 total = sum(cell["auto_chose"].values()) or 1
                 mix = ", ".join(f"{k}: {100 * v / total:.0f}%" for k, v in sorted(cell["auto_chose"].items()))
+                missed = cell["missed"] + cell.get("control_missed", [])
                 print(f"| {name} | {depth} | {n_gen} | {med['0']:.1f} | {100 * cell['noise']:.0f}% | d{cell['best_fixed']} "
                       f"{cell['best_fixed_over_plain']:.2f}x | {med['auto']:.1f} | {cell['auto_over_plain']:.2f}x | "
-                      f"{cell['auto_over_best_fixed']:.2f}x | {mix}{' **' + '; '.join(cell['missed']) + '**' if cell['missed'] else ''} |",
+                      f"{cell['auto_over_best_fixed']:.2f}x |{ctl} {mix}{' **' + '; '.join(missed) + '**' if missed else ''} |",
                       flush=True)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     print(f"\n{len(out['cells']) - failed} of {len(out['cells'])} cells meet the targets")
+    if args.control:
+        print(f"the control copies (plain decoding's and the best fixed draft's, each against its original) "
+              f"meet them in {len(out['cells']) - control_failed} of {len(out['cells'])}")
     return 1 if failed else 0
 
 
