@@ -626,10 +626,18 @@ class DraftPolicy:
         until = min(self._recheck_at, self.next_probe - 1) - self.steps - 1
         return max(0, min(until, next_bucket_at - depth))
 
-    def start_sequence(self) -> None:
-        """A new generation begins (after a prompt was prefilled): its first step is not
-        steady, whatever length it has (prefill ran graphs of its own), and the heads have
-        the prompt's rows queued."""
+    def start_sequence(self, depth: int | None = None) -> None:
+        """A new generation begins (after a prompt was prefilled) at ``depth``: its first
+        step is not steady, whatever length it has (prefill ran graphs of its own), and the
+        heads have the prompt's rows queued. Except where plain decoding coasts and the new
+        generation starts in the depth bucket it coasts in: then nothing is left to decide
+        or time before the coasting ends (plain steps are not timed then, and a switch to
+        drafting is decided only at a recheck or a probe), so the new generation coasts on
+        from its first step (deciding and timing that step cost a tiny model's 64-token
+        call about half a step's worth of Python a call)."""
+        if self.coast and depth is not None and depth_bucket(depth) == self.bucket:
+            self.coast = min(self.coast, (1 << (self.bucket + 7)) - depth)
+            return
         self.last_k = -1
         self.coast = 0
 

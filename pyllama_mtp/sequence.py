@@ -360,7 +360,7 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             # steady. Not so for a batch that a sequence joins: arrivals come every few
             # steps under load, and counting their steps as switches would make the
             # switch cost look high and hold the policy to its length.
-            p.start_sequence()
+            p.start_sequence(session.seq_n_past(running[0].seq))
         if p.coast:                  # plain steps the policy need not see (a tiny model's step
             p.coast -= 1             # takes ~0.1 ms: bookkeeping would show)
             p.steps += 1

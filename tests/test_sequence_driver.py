@@ -410,6 +410,28 @@ def test_settled_plain_decoding_asks_the_policy_only_at_its_rechecks(step35_path
         assert min(asks[1:]) <= 5, asks        # (9 before)
 
 
+def test_settled_plain_decoding_coasts_on_into_the_next_call_at_the_same_depth(step35_path):
+    """Short calls in one depth bucket, "auto" settled on plain decoding: a call's first step
+    does not ask the policy either (it did, every call: on a tiny model a 64-token call
+    paid about half a step's worth of Python for it), only the rechecks and probes do."""
+    with Llama(step35_path, n_ctx=512, threads=1, mtp=True, draft="auto") as llm:
+        want = llm.generate("settled", max_tokens=16, mtp=False).tokens
+        for _ in range(3):
+            llm.generate("settled", max_tokens=192)
+        policy = llm._policy
+        asks = [0]
+        decide = policy.decide
+
+        def counted(*args, **kwargs):
+            asks[0] += 1
+            return decide(*args, **kwargs)
+        policy.decide = counted
+        for _ in range(12):
+            assert llm.generate("settled", max_tokens=16).tokens == want
+        assert policy.policy(1).decision == 0
+        assert asks[0] <= 6, asks        # (12 or more before: one a call)
+
+
 def test_steps_that_rebuild_the_graph_are_counted_and_reported_to_the_policy(step35_path):
     """The target's compute graph is built anew where the KV span grows past a multiple of
     256 cells (``Session.graph_builds``), and the driver tells "auto" so for the steps it
