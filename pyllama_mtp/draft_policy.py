@@ -108,6 +108,7 @@ class Acceptance:
 
     def __init__(self, draft_max: int):
         self.positions = [RunningMean(ACCEPT_WINDOW) for _ in range(draft_max)]
+        self._expected: dict[int, float] = {}     # expected_tokens by k, until an observation
 
     def rate(self, i: int) -> float:
         """a_(i+1): observed, or the previous position's when position i was never tried."""
@@ -131,6 +132,7 @@ class Acceptance:
         accepted cost a 64-token generation on a text whose drafts are all rejected 24%
         against plain decoding with each step one observation, 10% with all of them two);
         and its texts, not its steps, are what vary (the steps of one text accept alike)."""
+        self._expected.clear()
         shares: list[list[float]] = [[] for _ in range(k)]
         for steps in texts:
             for i in range(k):
@@ -145,6 +147,7 @@ class Acceptance:
                     m.add(mean)
 
     def observe(self, k: int, n_accepted: int) -> None:
+        self._expected.clear()
         for i in range(min(k, n_accepted + 1)):          # positions that were tried
             self._tried(i).add(1.0 if i < n_accepted else 0.0)
 
@@ -167,11 +170,14 @@ class Acceptance:
         return min(1.0, (centre + spread) / (1 + z2 / n))
 
     def expected_tokens(self, k: int) -> float:
-        total, run = 1.0, 1.0
-        for i in range(k):
-            run *= self.rate(i)
-            total += run
-        return total
+        e = self._expected.get(k)
+        if e is None:
+            total, run = 1.0, 1.0
+            for i in range(k):
+                run *= self.rate(i)
+                total += run
+            e = self._expected[k] = total
+        return e
 
 
 class StepTime:
@@ -218,9 +224,16 @@ class StepCosts:
 
     def __init__(self):
         self.buckets: dict[int, dict[int, StepTime]] = {}
+        # points() by (bucket, steady_only), until the figures change: a decision predicts
+        # every length's cost, each from the points, and on a tiny model decisions showed
+        self._points: dict[tuple[int, bool], dict[int, float]] = {}
 
     def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
-        m = self.buckets.setdefault(bucket, {}).setdefault(k, StepTime())
+        self._points.clear()
+        by_k = self.buckets.setdefault(bucket, {})
+        m = by_k.get(k)
+        if m is None:
+            m = by_k[k] = StepTime()
         if steady:
             m.add(seconds, step)
         else:
@@ -235,8 +248,14 @@ class StepCosts:
         return m.weight if m is not None else 0
 
     def points(self, bucket: int, steady_only: bool = False) -> dict[int, float]:
-        return {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items())
-                if m.value is not None and (m.weight > 0 or not steady_only)}
+        """Each length's figure here, by length (``steady_only``: where steady samples stand
+        behind it). Callers must not change the dict."""
+        key = (bucket, steady_only)
+        pts = self._points.get(key)
+        if pts is None:
+            pts = self._points[key] = {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items())
+                                       if m.value is not None and (m.weight > 0 or not steady_only)}
+        return pts
 
     def last_update(self, bucket: int, k: int) -> int:
         m = self.buckets.get(bucket, {}).get(k)
@@ -250,11 +269,13 @@ class StepCosts:
         if not others or self.points(bucket):
             return
         near = min(others, key=lambda b: abs(b - bucket))
+        self._points.clear()
         self.buckets[bucket] = {k: StepTime(m.value, min(m.weight, SEED_WEIGHT))
                                 for k, m in self.buckets[near].items() if m.value is not None}
 
     def seed(self, other: "StepCosts", scale: float) -> None:
         """Start from another's figures times ``scale``, as guesses the first sample replaces."""
+        self._points.clear()
         for b, by_k in other.buckets.items():
             for k, m in by_k.items():
                 if m.value is not None:
@@ -786,17 +807,22 @@ class CatchUpCost:
 
     def __init__(self):
         self.buckets: dict[int, deque[tuple[int, float]]] = {}
+        self._lines: dict[int, tuple[float, float]] = {}   # line() by bucket, until a catch-up is added
 
     def add(self, bucket: int, rows: int, seconds: float) -> None:
         if rows > 0:
+            self._lines.clear()
             self.buckets.setdefault(bucket, deque(maxlen=CATCH_UP_SAMPLES)).append((rows, seconds))
 
     def line(self, bucket: int) -> tuple[float, float] | None:
         """(a, b): seconds a + b r for a catch-up of r rows here; None before any."""
         if not self.buckets:
             return None
-        near = min(self.buckets, key=lambda b: (abs(b - bucket), -b))
-        return _cost_line(self.buckets[near])
+        line = self._lines.get(bucket)
+        if line is None:
+            near = min(self.buckets, key=lambda b: (abs(b - bucket), -b))
+            line = self._lines[bucket] = _cost_line(self.buckets[near])
+        return line
 
     def predict(self, bucket: int, rows: list[int]) -> float | None:
         """Seconds for catch-ups of these row counts (one per sequence); None before any."""
