@@ -943,6 +943,20 @@ class BatchDraftPolicy:
         p = self.by_size.get(c)          # (every step: on a tiny model each lookup shows)
         return p if p is not None else self.policy(n)
 
+    def coast_alone(self) -> bool:
+        """Whether the step of one sequence alone, right after another such step, is one its
+        policy coasts through (plain, nothing to decide, time or trace); if so, it is
+        counted as such (what ``enter`` and ``step_sequences`` would count)."""
+        if self.current_class != 1 or self.trace is not None:
+            return False
+        p = self.by_size.get(1)
+        if p is None or not p.coast:
+            return False
+        self.run_steps += 1
+        p.coast -= 1
+        p.steps += 1
+        return True
+
     def decide(self, p: DraftPolicy, depth: int = 0, switch_in: list[tuple[int, int | None]] | None = None) -> int:
         """``p``'s length for this step, unless it would start drafting after plain
         decoding where the heads' catch-up on the rows queued meanwhile costs more than

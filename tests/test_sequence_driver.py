@@ -162,6 +162,9 @@ class ReportedSteps:
     def enter(self, n: int) -> DraftPolicy:
         return self.p
 
+    def coast_alone(self) -> bool:
+        return False
+
     def decide(self, p: DraftPolicy, depth: int, switch_in=None) -> int:
         self.switch_in.append(switch_in)
         return p.choose(depth)
