@@ -654,8 +654,8 @@ class DraftPolicy:
         generation starts in the depth bucket it coasts in: then nothing is left to decide
         or time before the coasting ends (plain steps are not timed then, and a switch to
         drafting is decided only at a recheck or a probe), so the new generation coasts on
-        from its first step (deciding and timing that step cost a tiny model's 64-token
-        call about half a step's worth of Python a call)."""
+        from its first step (deciding and timing it cost a tiny model about half a plain
+        step's worth of Python per call)."""
         if self.coast and depth is not None and depth_bucket(depth) == self.bucket:
             self.coast = min(self.coast, (1 << (self.bucket + 7)) - depth)
             return
@@ -944,9 +944,9 @@ class BatchDraftPolicy:
         return p if p is not None else self.policy(n)
 
     def coast_alone(self) -> bool:
-        """Whether the step of one sequence alone, right after another such step, is one its
-        policy coasts through (plain, nothing to decide, time or trace); if so, it is
-        counted as such (what ``enter`` and ``step_sequences`` would count)."""
+        """Whether a step of one sequence alone, in a run of such steps, is one its policy
+        coasts through (plain, nothing to decide, time or trace); if so, it is counted as
+        ``enter`` and ``step_sequences`` would count it."""
         if self.current_class != 1 or self.trace is not None:
             return False
         p = self.by_size.get(1)

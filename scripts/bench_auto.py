@@ -15,11 +15,13 @@ whose speed drifts by 10-25% between rounds, a ratio of two medians mixes that d
 it is compared in favours whichever length that round happened to run fast, so a draft
 length measured against itself would come out a few percent short of "the best" where
 lengths are near ties (selection bias; the in-sample ratio is kept in the JSON as
-``auto_over_best_fixed_in_sample``). ``--control`` runs every fixed length a second time
-as a mode of its own ("0'", "1'", ...) and reports the copies by the same statistics:
-plain decoding's copy against plain decoding, and the best fixed draft's copy against the
-best fixed draft (what a policy that always decoded plainly, or always drafted the best
-length, would score in this cell): the noise floor of each ratio, beside auto's.
+``auto_over_best_fixed_in_sample``). ``--control`` runs plain decoding and every fixed
+length a second time, each as a mode of its own ("0'", "1'", ...), and reports the
+copies by the same statistics: plain decoding's copy against plain decoding, and the best
+fixed draft's copy against the best fixed draft (what a policy that always decoded
+plainly, or always drafted the best length, would score in this cell): the noise floor
+of each ratio, beside auto's.
+
 The auto policy lives across rounds, as it does across the calls of one Llama, and starts
 fresh for each (depth, length) cell. Greedy, random prompt tokens; the depth is a random
 prefix prefilled once and kept (rollback) under each round's prompt.
