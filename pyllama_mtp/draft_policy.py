@@ -103,6 +103,11 @@ def depth_bucket(depth: int) -> int:
     return max(0, max(int(depth), 1).bit_length() - 7)
 
 
+def bucket_end(bucket: int) -> int:
+    """The first depth past ``bucket`` (depth_bucket's)."""
+    return 1 << (bucket + 7)
+
+
 class Acceptance:
     """Per-position acceptance estimates, shared by every policy of one engine."""
 
@@ -643,9 +648,17 @@ class DraftPolicy:
             return 0
         if self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES:
             return 0
-        next_bucket_at = 1 << (self.bucket + 7)
         until = min(self._recheck_at, self.next_probe - 1) - self.steps - 1
-        return max(0, min(until, next_bucket_at - depth))
+        return max(0, min(until, bucket_end(self.bucket) - depth))
+
+    def coast_step(self) -> bool:
+        """Whether this step is a plain one the policy coasts through (``coast``); if so,
+        it is counted."""
+        if not self.coast:
+            return False
+        self.coast -= 1
+        self.steps += 1
+        return True
 
     def start_sequence(self, depth: int | None = None) -> None:
         """A new generation begins (after a prompt was prefilled) at ``depth``: its first
@@ -657,7 +670,7 @@ class DraftPolicy:
         from its first step (deciding and timing it cost a tiny model about half a plain
         step's worth of Python per call)."""
         if self.coast and depth is not None and depth_bucket(depth) == self.bucket:
-            self.coast = min(self.coast, (1 << (self.bucket + 7)) - depth)
+            self.coast = min(self.coast, bucket_end(self.bucket) - depth)
             return
         self.last_k = -1
         self.coast = 0
@@ -950,11 +963,9 @@ class BatchDraftPolicy:
         if self.current_class != 1 or self.trace is not None:
             return False
         p = self.by_size.get(1)
-        if p is None or not p.coast:
+        if p is None or not p.coast_step():
             return False
         self.run_steps += 1
-        p.coast -= 1
-        p.steps += 1
         return True
 
     def decide(self, p: DraftPolicy, depth: int = 0, switch_in: list[tuple[int, int | None]] | None = None) -> int:

@@ -241,6 +241,12 @@ class Sequence:
         self.t_first = time.perf_counter()
         return chunk
 
+    def stepped(self, session, k: int, result: StepResult) -> Chunk | None:
+        """A decode cycle of ``k`` drafts gave it ``result``: counted, and its chunk."""
+        self.last_k, self.fresh = k, False
+        self.counters.count(result)
+        return self.take(result, session.seq_n_past(self.seq))
+
     def take(self, result: StepResult, n_past: int) -> Chunk | None:
         """One step's tokens; the chunk a stream gets (None without an output)."""
         self.tokens.extend(result.tokens)
@@ -356,9 +362,7 @@ def _coast_alone(session, s: Sequence, policy) -> Chunk | None | bool:
         return False
     s.feed_heads(session, policy.plain_window)
     res, = session.step_batch([s.seq], [0])
-    s.last_k = 0
-    s.counters.count(res)
-    return s.take(res, session.seq_n_past(s.seq))
+    return s.stepped(session, 0, res)
 
 
 def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | None]:
@@ -381,10 +385,8 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
             # steps under load, and counting their steps as switches would make the
             # switch cost look high and hold the policy to its length.
             p.start_sequence(session.seq_n_past(running[0].seq))
-        if p.coast:                  # plain steps the policy need not see (a tiny model's step
-            p.coast -= 1             # takes ~0.1 ms: bookkeeping would show)
-            p.steps += 1
-        else:
+        if not p.coast_step():       # (plain steps the policy need not see: a tiny model's step
+                                     # takes ~0.1 ms, bookkeeping would show)
             decided = True
             depth = max(session.seq_n_past(s.seq) for s in auto)
             # what switching to drafting would cost first: the rows the heads lack of each
@@ -451,9 +453,4 @@ def step_sequences(session, running: list[Sequence], policy) -> list[Chunk | Non
         policy.trace.write(step_record(
             policy, len(running), k_auto, seconds, depth, timed, accepted, catch_up, joined,
             policy.last_same_batch if timed else None, rows_caught, held))
-    chunks = []
-    for s, k, res in zip(running, drafts, results):
-        s.last_k, s.fresh = k, False
-        s.counters.count(res)
-        chunks.append(s.take(res, session.seq_n_past(s.seq)))
-    return chunks
+    return [s.stepped(session, k, res) for s, k, res in zip(running, drafts, results)]
