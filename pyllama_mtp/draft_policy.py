@@ -354,6 +354,7 @@ class DraftPolicy:
         self.doubting = False              # it drafts only while acceptance is in doubt (in_doubt)
         self.timed = True                  # whether the chosen step must be timed and reported
         self.coast = 0                     # plain steps the driver takes without asking (step_sequences)
+        self.plain_retime = 0              # steady plain steps still to time after a switch to plain (choose)
         self.switch_cost = RunningMean(TIME_WINDOW)   # extra seconds of a change of length
         self.join_cost = RunningMean(JOIN_WINDOW)     # seconds per drafting step for arrivals (BatchDraftPolicy)
         self.stay = RunningMean(TIME_WINDOW)          # steps a batch stays in this size class (BatchDraftPolicy)
@@ -500,10 +501,23 @@ class DraftPolicy:
             # after a change of length, which runs slow); the step before a probe is timed too,
             # so that the probe is weighed against a fresh figure of plain decoding
             self.timed = (self._best > 0 or self.last_k != 0 or self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES
-                          or self.steps + 1 >= self.next_probe)
+                          or self.plain_retime > 0 or self.steps + 1 >= self.next_probe)
             return self._best
-        best = self._best = self._decision()
-        self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best else RECHECK_PLAIN)
+        before, best = self._best, self._decision()
+        self._best = best
+        if best > 0:
+            self.plain_retime = 0
+        elif before > 0 and self.costs.samples(self.bucket, 0):
+            # Plain decoding's figure here was taken before drafting began, perhaps long ago
+            # on a machine that ran faster then (a shared VM's speed drifts by 10-25% within
+            # a minute); drafting's figures are this minute's. Compared as they stand, a
+            # slow spell reads as drafting not paying, and once decoding plainly nothing
+            # timed plain decoding again: on a tiny acceptance-0.6 model whose drafting pays
+            # 1.2-1.3x, plain's figure stood at 3.46 ms while its steps took 4.1 ms, and
+            # plain decoding held for the next two calls (380 steps). So the plain steps
+            # after the switch are timed, and the decision is looked at again once they are.
+            self.plain_retime = PLAIN_SAMPLES
+        self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best or self.plain_retime else RECHECK_PLAIN)
         unproven = self.plain_unproven(best)
         if unproven:
             self.next_probe = min(self.next_probe, self.steps)
@@ -644,7 +658,7 @@ class DraftPolicy:
         to decide, time or probe: up to the next recheck, the step before a probe (timed), or
         the next depth bucket; 0 while plain decoding's cost here has fewer than
         PLAIN_SAMPLES steady samples (its steps are timed)."""
-        if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left:
+        if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left or self.plain_retime:
             return 0
         if self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES:
             return 0
@@ -724,6 +738,10 @@ class DraftPolicy:
             if k > 0 and self.last_k <= 0 and self.costs.steady(bucket, 0):
                 self.probe_cost.add(max(seconds - self.costs.predict(bucket, 0), 0.0) + catch_up)
         self.costs.add(bucket, k, seconds, self.steps, steady=steady)
+        if k == 0 and steady and self.plain_retime:
+            self.plain_retime -= 1
+            if not self.plain_retime:
+                self._recheck_at = 0        # plain decoding's figure is fresh: decide again
 
     def update_acceptance(self, k: int, n_accepted: int) -> bool:
         """Record a step's acceptance; True when a draft was accepted that the estimate

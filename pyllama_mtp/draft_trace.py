@@ -20,7 +20,9 @@ Fields of a line:
   ``same``: the batch held the same sequences as the last timed step and none was new;
 - ``best``: the class's decision; ``probe``: the step departs from it to probe or learn;
   ``interval``: steps between probes; ``rates``: expected tokens per second per sequence
-  for each length, as the class estimates them now; ``stay``: steps the batch usually
+  for each length, as the class estimates them now; ``accept``: its acceptance estimate per
+  draft position; ``cost``: its predicted seconds of a step per length at this depth, and
+  ``samples``: how many steady steps stand behind each; ``stay``: steps the batch usually
   stays in the class; ``switch_in``: the heads' catch-up when drafting starts after plain
   decoding (mean seconds).
 """
@@ -80,6 +82,9 @@ def step_record(policy, n: int, k: int, seconds: float, depth: int, timed: bool,
         "best": p._best, "probe": p.probing is not None or p.trial_left > 0 or k != p._best,
         "interval": p.interval,
         "rates": {str(j): round(r, 2) for j, r in p.rates().items()},
+        "accept": [round(p.acceptance.rate(i), 3) for i in range(p.draft_max)],
+        "cost": {str(j): _r(p.costs.predict(p.bucket, j)) for j in range(p.draft_max + 1)},
+        "samples": {str(j): p.costs.samples(p.bucket, j) for j in range(p.draft_max + 1)},
         "stay": _r(p.stay.value, 2), "switch_in": _r(policy.switch_in_cost.value),
     }
 

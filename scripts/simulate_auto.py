@@ -6,7 +6,8 @@ changes to the policy move it; this runs the policy (pyllama_mtp.draft_policy) a
 step costs and acceptance rates measured on real models, with noise of a chosen size
 added to every step (log-normal, plus a share of steps stalled), a switch of length
 costing extra, and every fixed length run under the same noise. Each case runs a warm-up
-generation and then the measured one with the same policy (as the calls of one Llama do).
+generation and then the measured one with the same policy (as the calls of one Llama do;
+``--calls N``: N measured ones, as a server's or a bench's long-lived policy sees them).
 Figures are means over seeds: "auto / best fixed" and "auto / plain" per case and length;
 "worst 5%": the 5th percentile over seeds of auto / plain with both run on the same
 machine's noise (a policy that now and then sticks to a losing length shows there, not
@@ -14,6 +15,7 @@ in a mean).
 
     python scripts/simulate_auto.py
     python scripts/simulate_auto.py --seeds 48 --noise 0.15 --stall 0.05 -n 64,192,1024
+    python scripts/simulate_auto.py --case a0.6 --calls 8 -n 192
 """
 from __future__ import annotations
 
@@ -35,6 +37,8 @@ CASES = {
     "tiny:step35, depth 0": ({0: 3.9, 1: 6.2, 2: 7.5, 3: 9.0}, [0.9, 0.85, 0.9]),
     "tiny:step35, depth 2048": ({0: 5.73, 1: 8.98, 2: 11.92, 3: 15.14}, [0.9, 0.85, 0.9]),
     "tiny:step35-a0.6": ({0: 4.41, 1: 5.54, 2: 6.56, 3: 8.07}, [0.55, 0.57, 0.62]),
+    # Intel Xeon without AMX (AVX-512 VNNI/VBMI), 2 threads: steady steps of an auto trace
+    "tiny:step35-a0.6, Intel no AMX": ({0: 4.07, 1: 5.01, 2: 5.9, 3: 6.6}, [0.59, 0.61, 0.55]),
     "2 GB Q4_K_M oracle": ({0: 1.0, 1: 1.77, 2: 2.39, 3: 3.05}, [1.0, 1.0, 1.0]),
     "2 GB Q4_K_M oracle, Intel AMX": ({0: 1.0, 1: 1.58, 2: 1.89, 3: 2.33}, [1.0, 1.0, 1.0]),
     "drafts never accepted": ({0: 1.0, 1: 1.6, 2: 2.2, 3: 2.8}, [0.0, 0.0, 0.0]),
@@ -63,9 +67,9 @@ class Fixed:
 
 def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_gen: int, rng,
                       noise: float, stall: float, switch: float, drift: float = 0.0,
-                      cold: bool = False, catch_up: float = 0.0, machine=None) -> float:
-    """A warm-up generation, then the measured one, of n_gen tokens each (``cold``: the
-    measured one only, the policy new: a Llama's first call). ``drift``: the
+                      cold: bool = False, catch_up: float = 0.0, machine=None, calls: int = 1) -> float:
+    """A warm-up generation, then ``calls`` measured ones, of n_gen tokens each (``cold``: the
+    measured ones only, the policy new: a Llama's first call). ``drift``: the
     machine's speed changes now and then (every ~100 steps on average) by a log-normal
     factor of this sigma, as a shared VM's does when its neighbours get busy. ``catch_up``:
     plain steps' worth of time the MTP heads take before a step that drafts right after
@@ -75,7 +79,8 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
     same machine at the same step whatever they draft."""
     machine = rng if machine is None else machine
     speed = 1.0
-    for measured in ((True,) if cold else (False, True)):
+    total_tokens = total_seconds = 0.0
+    for measured in ((True,) * calls if cold else (False,) + (True,) * calls):
         policy.start_sequence()
         tokens = seconds = 0.0
         last = None
@@ -94,7 +99,9 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
             tokens += n_acc + 1
             seconds += t + heads
             last = k
-    return tokens / seconds
+        if measured:
+            total_tokens, total_seconds = total_tokens + tokens, total_seconds + seconds
+    return total_tokens / total_seconds
 
 
 def main(argv=None) -> int:
@@ -107,6 +114,9 @@ def main(argv=None) -> int:
     ap.add_argument("--drift", type=float, default=0.15,
                     help="sigma of the machine's speed changes, every ~100 steps (default 0.15)")
     ap.add_argument("--cold", action="store_true", help="no warm-up generation: the policy starts new")
+    ap.add_argument("--calls", type=int, default=1,
+                    help="measured generations per seed, one policy across them (default 1)")
+    ap.add_argument("--case", action="append", help="only the cases whose name holds this (repeatable)")
     ap.add_argument("--catch-up", type=float, default=4.0,
                     help="the heads' catch-up before drafting after plain decoding, in plain steps (default 4)")
     args = ap.parse_args(argv)
@@ -114,11 +124,14 @@ def main(argv=None) -> int:
     print("| case | tokens | best fixed / plain | auto / plain | auto / best fixed | auto / plain, worst 5% |")
     print("| --- | ---: | --- | ---: | ---: | ---: |")
     for name, (costs, accept) in CASES.items():
+        if args.case and not any(c in name for c in args.case):
+            continue
         for n_gen in lengths:
             def rates(make) -> np.ndarray:
                 return np.array([tokens_per_second(make(), costs, accept, n_gen, np.random.default_rng([s, 0]),
                                                    args.noise, args.stall, args.switch, args.drift,
-                                                   args.cold, args.catch_up, np.random.default_rng([s, 1]))
+                                                   args.cold, args.catch_up, np.random.default_rng([s, 1]),
+                                                   args.calls)
                                  for s in range(args.seeds)])
             fixed = [rates(lambda k=k: Fixed(k)) for k in range(4)]
             auto = rates(lambda: DraftPolicy(3))

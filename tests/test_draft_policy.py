@@ -256,6 +256,24 @@ def test_a_step_the_machine_slowed_moves_the_estimate_little():
     assert costs.predict(0, 3) > 1.85
 
 
+def test_a_switch_to_plain_decoding_times_it_again_on_a_machine_that_slowed():
+    """Plain decoding's figure was taken in the first steps; from step 60 the machine runs
+    1.5x slower for good (a busy neighbour). The drafting lengths' figures follow within a
+    window, plain decoding's stays, so drafting looks slower than plain decoding and the
+    policy switches. The plain steps after the switch are timed and show the slowdown:
+    drafting (1.3x plain at any speed) is back within a few steps. Before, nothing timed
+    plain decoding again and it held for 25-60 steps, in one seed of six to the end."""
+    for seed in range(6):
+        trace = Trace(DraftPolicy(3), const(0.6), lambda k, d: 1.0 + 0.25 * k, seed=seed,
+                      speed=lambda step: 1.0 if step < 60 else 1.5).run(400)
+        runs, run = [], 0
+        for k in trace.chosen[60:]:
+            run = run + 1 if k == 0 else 0
+            runs.append(run)
+        assert max(runs) <= 12, (seed, trace.chosen[55:130])
+        assert trace.chosen[100:400].count(0) <= 6
+
+
 def test_one_stalled_step_does_not_rule_drafting_out():
     """The first steady step of draft 1 is stalled (3x): drafting looks hopeless on that one
     step, but one step is no proof. It must be timed again soon, not 512 steps later."""
