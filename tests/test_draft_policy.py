@@ -953,6 +953,21 @@ def test_a_start_from_the_checks_figures_drafts_the_best_length_at_a_new_depth_t
     assert trace.rate > 0.97 * expected_rate([1.0] * 3, steps[3], 3)
 
 
+def test_a_switch_to_plain_decoding_on_the_checks_guess_at_a_new_depth_is_undone_once_plain_is_timed():
+    # tiny:step35 after a 2,048-token prompt (ms): the load-time check timed plain decoding
+    # at 3.2 and three drafts at 6.5 near depth 0; here they cost 4.8 and 12. Drafting 3
+    # (acceptance 0.9: 1.38x plain) soon looks slower than the check's guess of plain
+    # decoding and the policy switches. The plain steps after a switch are timed and the
+    # decision is looked at again once PLAIN_SAMPLES of them stand: drafting is back within
+    # 7 steps (before, 15-39 plain steps: the next look came with the next probe)
+    steps = {0: 4.8, 1: 7.1, 2: 9.3, 3: 12.0}
+    for seed in range(4):
+        policy = _seeded(3.2, 6.5, (3, 3)).policy(1)
+        policy.start_sequence()
+        trace = Trace(policy, const(0.9), lambda k, d: steps[k], depth=2048, switch_cost=2.0, seed=seed).run(120)
+        assert trace.chosen.count(0) <= 8, (seed, trace.chosen)
+
+
 def test_the_checks_texts_count_as_a_prior_not_as_evidence():
     # two MTP steps on the first text, all drafts rejected; one on the second, all accepted;
     # one on the third, one of three accepted: each position gets the mean of the texts
