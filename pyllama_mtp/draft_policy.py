@@ -32,6 +32,8 @@ probes:
   draft were accepted, probing drops to its slowest pace at once; a probe whose outcome
   contradicts the estimate (a draft accepted where acceptance looked hopeless) resets
   the pace, so drafting comes back soon after the content turns predictable again;
+- a switch from drafting to plain decoding times plain decoding's next PLAIN_SAMPLES steady
+  steps and decides again after them: its figure may be a guess or from a faster minute;
 - costs are kept per depth bucket (powers of two of the context length), because the
   verify/decode cost ratio changes as attention grows; a bucket starts from its nearest
   measured neighbour's costs (as one sample's worth) and entering it is probed at once.
@@ -508,19 +510,17 @@ class DraftPolicy:
         if best > 0:
             self.plain_retime = 0
         elif before > 0:
-            # Plain decoding's figure here was taken before drafting began, perhaps long ago
-            # on a machine that ran faster then (a shared VM's speed drifts by 10-25% within
-            # a minute), or is a guess (another depth's, the load-time check's); drafting's
-            # figures are this minute's. Compared as they stand, a
-            # slow spell reads as drafting not paying, and once decoding plainly nothing
-            # timed plain decoding again: on a tiny acceptance-0.6 model whose drafting pays
+            # A switch from drafting to plain decoding: plain decoding's figure here was taken
+            # before drafting began, perhaps in a faster minute (a shared VM's speed drifts
+            # by 10-25% within a minute), or is a guess (another depth's, the load-time
+            # check's), while drafting's figures are this minute's. Once decoding plainly,
+            # nothing timed it again. On a tiny acceptance-0.6 model whose drafting pays
             # 1.2-1.3x, plain's figure stood at 3.46 ms while its steps took 4.1 ms, and
-            # plain decoding held for the next two calls (380 steps); on tiny:step35 after a
-            # 2,048-token prompt, plain decoding's guess from the load-time check (3.2 ms, at
-            # depth 0) beat drafting 3 (12 ms, acceptance 0.9), its first steps there took
-            # 4.8 ms, and drafting came back only at the next probe, 55 steps later. So the
-            # plain steps after the switch are timed, and the decision is looked at again
-            # once they are.
+            # plain decoding held for two calls (380 steps). On tiny:step35 after a
+            # 2,048-token prompt, the check's 3.2 ms (timed at depth 0; 4.8 ms there) beat
+            # drafting 3 (12 ms, acceptance 0.9), and drafting came back 55 steps later at
+            # the next probe. So the plain steps after the switch are timed, and the
+            # decision is looked at again once they are (update_time).
             self.plain_retime = PLAIN_SAMPLES
         self._recheck_at = self.steps + (1 if self.doubting else RECHECK if best or self.plain_retime else RECHECK_PLAIN)
         unproven = self.plain_unproven(best)

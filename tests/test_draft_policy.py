@@ -262,7 +262,7 @@ def test_a_switch_to_plain_decoding_times_it_again_on_a_machine_that_slowed():
     window, plain decoding's stays, so drafting looks slower than plain decoding and the
     policy switches. The plain steps after the switch are timed and show the slowdown:
     drafting (1.3x plain at any speed) is back within a few steps. Before, nothing timed
-    plain decoding again and it held for 25-60 steps, in one seed of six to the end."""
+    plain decoding again and it held for 25-60 steps until a probe."""
     for seed in range(6):
         trace = Trace(DraftPolicy(3), const(0.6), lambda k, d: 1.0 + 0.25 * k, seed=seed,
                       speed=lambda step: 1.0 if step < 60 else 1.5).run(400)
