@@ -502,8 +502,7 @@ class DraftPolicy:
             # once PLAIN_SAMPLES stand behind its cost here (one would rest on the second step
             # after a change of length, which runs slow); the step before a probe is timed too,
             # so that the probe is weighed against a fresh figure of plain decoding
-            self.timed = (self._best > 0 or self.last_k != 0 or self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES
-                          or self.plain_retime > 0 or self.steps + 1 >= self.next_probe)
+            self.timed = self._best > 0 or self._plain_unsettled() or self.steps + 1 >= self.next_probe
             return self._best
         before, best = self._best, self._decision()
         self._best = best
@@ -661,14 +660,17 @@ class DraftPolicy:
     def coast_budget(self, depth: int) -> int:
         """Plain steps to come (from ``depth``, one token each) before the policy has anything
         to decide, time or probe: up to the next recheck, the step before a probe (timed), or
-        the next depth bucket; 0 while plain decoding's cost here has fewer than
-        PLAIN_SAMPLES steady samples (its steps are timed)."""
-        if self._best != 0 or self.last_k != 0 or self.probing is not None or self.trial_left or self.plain_retime:
-            return 0
-        if self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES:
+        the next depth bucket; 0 while plain steps are timed (``_plain_unsettled``)."""
+        if self._best != 0 or self.probing is not None or self.trial_left or self._plain_unsettled():
             return 0
         until = min(self._recheck_at, self.next_probe - 1) - self.steps - 1
         return max(0, min(until, bucket_end(self.bucket) - depth))
+
+    def _plain_unsettled(self) -> bool:
+        """Plain steps here are timed: the last step drafted (this one is a switch), fewer
+        than PLAIN_SAMPLES steady steps stand behind plain decoding's figure, or a switch to
+        plain decoding is timing it again (``plain_retime``)."""
+        return self.last_k != 0 or self.plain_retime > 0 or self.costs.samples(self.bucket, 0) < PLAIN_SAMPLES
 
     def coast_step(self) -> bool:
         """Whether this step is a plain one the policy coasts through (``coast``); if so,
