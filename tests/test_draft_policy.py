@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from pyllama_mtp import Llama
-from pyllama_mtp.draft_policy import (BatchDraftPolicy, CatchUpCost, DraftPolicy, MAX_INTERVAL, StepCosts,
-                                      depth_bucket)
+from pyllama_mtp.draft_policy import (ACCEPT_WINDOW, Acceptance, BatchDraftPolicy, CatchUpCost, DraftPolicy,
+                                      MAX_INTERVAL, StepCosts, depth_bucket)
 
 
 class Trace:
@@ -853,6 +853,40 @@ def test_clients_whose_heads_have_little_to_take_still_draft_where_it_pays():
     auto = run_arriving_clients(BatchDraftPolicy(3), np.random.default_rng(11), clients=2, requests=6, first_rows=0)
     assert max(rates, key=rates.get) > 0, rates
     assert auto >= 0.95 * max(rates.values()), (auto, rates)
+
+
+def test_a_step_of_many_sequences_is_one_step_of_the_acceptance_window():
+    """The acceptance estimate forgets over ACCEPT_WINDOW steps whatever the batch: the
+    sequences of one step are observed together. Counted one by one, two steps of eight
+    rejected first drafts (a bad moment, as a step's luck goes) outweighed sixteen steps of
+    accepted ones, and the estimate fell from 1.0 to 0.36."""
+    def after(batch: int) -> float:
+        a = Acceptance(3)
+        for _ in range(ACCEPT_WINDOW):
+            a.observe(3, [3] * batch)
+        for _ in range(2):
+            a.observe(3, [0] * batch)
+        return a.rate(0)
+
+    assert after(8) >= after(1) > 0.85      # (eight: the prior weighs less behind the first step)
+    a = Acceptance(3)
+    a.observe(2, [2, 0, 1, 2])      # position 1: 3 of 4 accepted; position 2: 2 of the 3 that tried it
+    assert (a.rate(0), a.observations(0)) == (pytest.approx((0.5 + 3) / 5), 5)
+    assert (a.rate(1), a.observations(1)) == (pytest.approx((0.7 + 2) / 4), 4)
+
+
+def test_eight_sequences_whose_first_drafts_are_mostly_rejected_back_off_their_probes():
+    """Eight sequences where plain decoding wins, acceptance 0.3: in most probe steps one of
+    the eight first drafts is accepted. That is no surprise (the content did not turn
+    predictable): the probes must back off, not restart at the base pace after each (they
+    did: a probe every 16-30 steps for good)."""
+    def step_time(n, k):
+        return 0.020 + 0.0044 * n + 0.0075 * n * k
+
+    for seed in range(3):
+        chosen = run_batch_trace(BatchDraftPolicy(3), [8] * 1200, step_time, 0.3, np.random.default_rng(seed),
+                                 noise=0.03)[8]
+        assert len(probe_starts(chosen[400:])) <= 4, (seed, probe_starts(chosen[400:]))
 
 
 def test_a_step_where_some_sequences_were_held_is_taken_by_the_rows_it_added():
