@@ -1050,6 +1050,8 @@ class BatchDraftPolicy:
                 cost = self.switch_in_cost.value
             lefts = [n for _, n in switch_in]
             left = None if any(n is None for n in lefts) else max(lefts)
+        if self.probes_a_guess(p, k) and all(rows <= HEADS_WINDOW * HEADS_WINDOW_SLACK for rows, _ in switch_in or ()):
+            return True         # the rows queued while decoding plainly (heads_window): about a plain step
         stay = p.stay.value
         if cost is None or (stay is None and left is None):
             return True
@@ -1068,6 +1070,20 @@ class BatchDraftPolicy:
         step = e / rates[k]                   # seconds of a drafting step
         plain = e / rates[0]                  # seconds for its tokens decoded plainly
         return cost < self._steps_ahead(p, e, left) * (plain - step)
+
+    @staticmethod
+    def probes_a_guess(p: DraftPolicy, k: int) -> bool:
+        """Whether a step of k drafts is a probe from plain decoding of a length never timed
+        in ``p``'s class at its depth, a class that started from another batch size's costs:
+        its cost is that guess, scaled by size (for two sequences twice one sequence's
+        drafting step, where a step reads the weights once for both), and the probe is what
+        times it. Priced by the guess, as what drafting would gain, it was declined and
+        backed off: on a server at two clients after a one-client round (0.7 GB Q4_K_M
+        oracle, acceptance 0.6, draft 1 at 1.10x plain) the class decoded plainly on all its
+        382 steps. So ``decide`` lets such a probe run where the heads lack no more rows
+        than plain decoding leaves them (``heads_window``: about a plain step to catch up)."""
+        b = p.bucket
+        return p.guessed_plain and p.decision == 0 and k > 0 and p.costs.last_update(b, k) < 0
 
     def _steps_ahead(self, p: DraftPolicy, e: float, left: int | None) -> float | None:
         """Drafting steps (``e`` tokens each) a switch to drafting can count on: those the

@@ -3,18 +3,21 @@ cost from a table, acceptance drawn per draft, against every fixed draft length.
 
 scripts/simulate_auto.py isolates the one-sequence policy (DraftPolicy); this runs the
 server's (BatchDraftPolicy) as the sequence driver uses it: one size class per batch size,
-a newcomer's prompt rows caught up before its first drafting step, the rows queued while
-decoding plainly (at most ``heads_window`` of them) caught up before drafting starts again
-and priced before it (``switch_in``), and the load-time check's acceptance as a prior
-(``--check``). Each client's next request arrives a step after its last one ended, so the
-batch shrinks for a step or two between requests, as under the server benchmark.
+the rows queued while decoding plainly (at most ``heads_window`` of them) caught up before
+drafting starts again and priced before it (``switch_in``), a newcomer admitted to draft
+only where its catch-up pays (``admits``; held, it decodes plainly in a call of its own, and
+a probe from plain decoding waits while any is held, as ``sequence._admit_newcomers`` has
+it), and the load-time check's acceptance as a prior (``--check``). Each client's next request arrives a step after its last one ended, so the
+batch shrinks for a step or two between requests; and as under the server benchmark, one
+policy serves the client counts in turn (1, then 2, ...: a size class first seen after
+another starts from that one's costs, scaled, as guesses).
 
 Step costs (ms, by batch size and draft length; ``--costs-from TRACE`` takes the medians of
 the steady steps of a PYLLAMA_MTP_DRAFT_TRACE file instead, filling lengths it lacks along
-a line through the ones it has): one and two sequences from a traced server run on the
-0.7 GB Q4_K_M acceptance-0.6 oracle, Intel Xeon without AMX, 2 threads, depth ~64 (one
-sequence's drafts 2-3 extrapolated from its draft 1 and two sequences' slope); three and
-more from a line through that trace's steps of four sequences.
+a line through the ones it has): one and two sequences from traced server runs on the
+0.7 GB Q4_K_M acceptance-0.6 oracle, Intel Xeon without AMX, 2 threads, depth ~64; three
+and more from a line through those runs' plain steps of four and eight sequences and
+drafting steps of four.
 
     python scripts/simulate_server_auto.py
     python scripts/simulate_server_auto.py --clients 2,8 --acceptance 0.6 --seeds 40
@@ -35,7 +38,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pyllama_mtp import draft_policy  # noqa: E402
 
-TRACED_MS = {1: {0: 10.7, 1: 11.6, 2: 13.5, 3: 15.4},
+TRACED_MS = {1: {0: 10.6, 1: 13.0, 2: 15.6, 3: 18.1},
              2: {0: 12.2, 1: 19.5, 2: 21.0, 3: 25.0}}
 PROMPT_ROWS = 17          # a request's prompt rows the heads take before its first drafting step
 ROW_CATCH_UP_MS = 0.4     # the heads' cost per row caught up (as traced: 25 ms for ~60 rows)
@@ -43,8 +46,8 @@ PREFILL_MS = 10.0         # a new request's prompt, between steps
 
 
 def model_ms(n: int, k: int) -> float:
-    """Steps of three or more sequences: a line through the traced four-sequence steps
-    (plain 16 ms, one draft 24.7 ms)."""
+    """Steps of three or more sequences: a line through the traced steps (four sequences:
+    plain 15-16 ms, one draft 24.7 ms; eight: plain 22.5 ms)."""
     return 9.0 + 1.6 * n + 1.6 * n * k + (3.0 + 1.2 * k if k else 0.0)
 
 
@@ -90,33 +93,48 @@ class Fixed:
         pass
 
 
+def new_policy(module, check: list[list[int]] | None):
+    """A batch policy of ``module`` (a draft_policy), started from the check's acceptance."""
+    policy = module.BatchDraftPolicy(3)
+    if check:
+        policy.acceptance.observe_texts(3, check)
+    return policy
+
+
 def run(policy, table, *, clients: int, acceptance: float, rng, requests: int, n_gen: int,
-        noise: float, drift: float, check: list[list[int]] | None, module=draft_policy) -> tuple[float, float]:
+        noise: float, drift: float, module=draft_policy) -> tuple[float, float]:
     """Tokens per second of the whole run, and the share of full-batch steps auto decoded plainly."""
     auto = isinstance(policy, module.BatchDraftPolicy)
-    if auto and check:
-        policy.acceptance.observe_texts(3, check)
     left = {c: n_gen for c in range(clients)}
     sent = {c: 1 for c in range(clients)}
     queued = {c: PROMPT_ROWS for c in range(clients)}
-    fresh, waiting = set(left), {}
+    fresh, held, waiting = set(left), set(), {}
     tokens, elapsed, speed, step, full, full_plain = 0, 0.0, 1.0, 0, 0, 0
     while left or waiting:
         for c in [c for c, due in waiting.items() if due <= step or not left]:
             del waiting[c]
             left[c], queued[c] = n_gen, PROMPT_ROWS
             fresh.add(c)
+            held.discard(c)
             elapsed += PREFILL_MS / 1e3
         step += 1
         if drift and step % 100 == 0:
             speed = float(np.exp(rng.normal(0.0, drift)))
         members = tuple(sorted(left))
         n = len(members)
-        switching = [c for c in members if queued[c] and (c not in fresh or n == 1)]
+        switching = [c for c in members if queued[c] and c not in held and (c not in fresh or n == 1)]
         k = policy.choose(n, 64, [(queued[c], left[c]) for c in switching])
+        if k > 0 and auto:
+            p = policy.policy(n)
+            for c in members:
+                if c in held or (c in fresh and n > 1):
+                    (held.discard if policy.admits(p, k, queued[c], left[c]) else held.add)(c)
+            if held and (p.decision == 0 or set(members) <= held or policy.plain_guessed(p)):
+                k = policy.hold_off()
+        drafting = [c for c in members if k > 0 and c not in held]
         catch_up = joined = 0.0
         if k > 0:
-            for c in members:
+            for c in drafting:
                 if queued[c]:
                     seconds = ROW_CATCH_UP_MS * queued[c] / 1e3
                     policy.observe_catch_up(64, queued[c], seconds)
@@ -125,26 +143,30 @@ def run(policy, table, *, clients: int, acceptance: float, rng, requests: int, n
                     else:
                         catch_up += seconds
                 queued[c] = 0
-        else:
-            window = policy.heads_window(policy.policy(n), n) if auto else draft_policy.HEADS_WINDOW
-            for c in members:
-                queued[c] = min(queued[c] + 1, window)
-        accepted = []
-        for _ in members:
+        window = policy.heads_window(policy.policy(n), n) if auto else draft_policy.HEADS_WINDOW
+        for c in members:
+            if c not in drafting:
+                queued[c] = min(queued[c] + 1, max(window, queued[c]))
+        accepted = {}
+        for c in members:
             a = 0
-            while a < k and rng.random() < acceptance:
+            while c in drafting and a < k and rng.random() < acceptance:
                 a += 1
-            accepted.append(a)
-        seconds = step_ms(table, n, k) / 1e3 * speed * float(rng.lognormal(0.0, noise))
-        policy.update(n, k, accepted if k else [], seconds, 64, catch_up, members=members,
-                      arrivals=bool(fresh), joined=joined)
+            accepted[c] = a
+        ms = step_ms(table, n, k) if len(drafting) == n else step_ms(table, n, 0)
+        if drafting and len(drafting) < n:    # the drafting ones' extra rows, and the held ones' call
+            ms += (step_ms(table, n, k) - step_ms(table, n, 0)) * len(drafting) / n + step_ms(table, 1, 0)
+        seconds = ms / 1e3 * speed * float(rng.lognormal(0.0, noise))
+        policy.update(n, k, [accepted[c] for c in drafting], seconds, 64, catch_up, members=members,
+                      arrivals=bool(fresh), joined=joined,
+                      drafting=len(drafting) if drafting and len(drafting) < n else None)
         elapsed += seconds + catch_up + joined
         if n == clients:
             full += 1
             full_plain += k == 0
         fresh = set()
-        for c, a in zip(members, accepted):
-            got = min(a + 1, left[c])
+        for c in members:
+            got = min(accepted[c] + 1, left[c])
             tokens += got
             left[c] -= got
             if not left[c]:
@@ -184,25 +206,31 @@ def main(argv=None) -> int:
     head = "| clients | acceptance | best fixed / plain | auto / plain | auto / best fixed | worst seed / best | plain steps at full batch |"
     print(head + (" auto / baseline |" if base else ""))
     print("|" + " ---: |" * (head.count("|") - 1 + (1 if base else 0)))
-    for clients in [int(x) for x in args.clients.split(",")]:
-        for acceptance in [float(x) for x in args.acceptance.split(",")]:
-            kw = dict(clients=clients, acceptance=acceptance, requests=args.requests, n_gen=args.n_gen,
-                      noise=args.noise, drift=args.drift, check=check)
-            fixed = np.array([[run(Fixed(k), table, rng=np.random.default_rng([s, k]), **kw)[0] for k in range(4)]
-                              for s in range(args.seeds)])
-            auto = [run(draft_policy.BatchDraftPolicy(3), table, rng=np.random.default_rng([s, 9]), **kw)
-                    for s in range(args.seeds)]
-            rates = np.array([a[0] for a in auto])
-            best = fixed.max(axis=1)
-            means = fixed.mean(axis=0)
+    counts = [int(x) for x in args.clients.split(",")]
+    for acceptance in [float(x) for x in args.acceptance.split(",")]:
+        kw = dict(acceptance=acceptance, requests=args.requests, n_gen=args.n_gen, noise=args.noise,
+                  drift=args.drift)
+
+        def serve(module, seed: int) -> list[tuple[float, float]]:
+            """One server's policy through the client counts in turn."""
+            policy = new_policy(module, check)
+            return [run(policy, table, clients=c, rng=np.random.default_rng([seed, 9, c]), module=module, **kw)
+                    for c in counts]
+
+        fixed = np.array([[[run(Fixed(k), table, clients=c, rng=np.random.default_rng([s, k, c]), **kw)[0]
+                            for k in range(4)] for c in counts] for s in range(args.seeds)])
+        auto = [serve(draft_policy, s) for s in range(args.seeds)]
+        old = [serve(base, s) for s in range(args.seeds)] if base else None
+        for i, clients in enumerate(counts):
+            rates = np.array([a[i][0] for a in auto])
+            best = fixed[:, i].max(axis=1)
+            means = fixed[:, i].mean(axis=0)
             k_best = int(np.argmax(means))
             line = (f"| {clients} | {acceptance:g} | d{k_best} {means[k_best] / means[0]:.2f}x | "
                     f"{rates.mean() / means[0]:.3f}x | {rates.mean() / means[k_best]:.3f}x | "
-                    f"{(rates / best).min():.3f}x | {np.mean([a[1] for a in auto]):.0%} |")
-            if base:
-                old = np.array([run(base.BatchDraftPolicy(3), table, rng=np.random.default_rng([s, 9]),
-                                    module=base, **kw)[0] for s in range(args.seeds)])
-                line += f" {rates.mean() / old.mean():.3f}x |"
+                    f"{(rates / best).min():.3f}x | {np.mean([a[i][1] for a in auto]):.0%} |")
+            if old:
+                line += f" {rates.mean() / np.mean([o[i][0] for o in old]):.3f}x |"
             print(line, flush=True)
     return 0
 

@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pyllama_mtp.draft_policy import BatchDraftPolicy
 
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "simulate_server_auto.py"
 
@@ -36,7 +35,7 @@ def test_costs_from_a_trace_are_the_steady_steps_medians_with_missing_lengths_on
 
 
 def test_the_simulated_server_ranks_fixed_lengths_by_acceptance(sim):
-    kw = dict(clients=2, requests=4, n_gen=64, noise=0.05, drift=0.0, check=None)
+    kw = dict(clients=2, requests=4, n_gen=64, noise=0.05, drift=0.0)
     def fixed(k, acceptance):
         return sim.run(sim.Fixed(k), sim.TRACED_MS, acceptance=acceptance, rng=np.random.default_rng(k), **kw)[0]
     assert fixed(0, 0.0) > fixed(1, 0.0) > fixed(3, 0.0)        # rejected drafts only cost
@@ -44,9 +43,9 @@ def test_the_simulated_server_ranks_fixed_lengths_by_acceptance(sim):
 
 
 def test_auto_on_the_simulated_server_decodes_plainly_where_drafts_are_rejected(sim):
-    rate, plain_share = sim.run(BatchDraftPolicy(3), sim.TRACED_MS, clients=8, acceptance=0.0,
-                                rng=np.random.default_rng(1), requests=4, n_gen=64, noise=0.05, drift=0.0,
-                                check=[[0, 0], [0]])
+    import pyllama_mtp.draft_policy as module
+    rate, plain_share = sim.run(sim.new_policy(module, [[0, 0], [0]]), sim.TRACED_MS, clients=8, acceptance=0.0,
+                                rng=np.random.default_rng(1), requests=4, n_gen=64, noise=0.05, drift=0.0)
     plain = sim.run(sim.Fixed(0), sim.TRACED_MS, clients=8, acceptance=0.0, rng=np.random.default_rng(2),
-                    requests=4, n_gen=64, noise=0.05, drift=0.0, check=None)[0]
+                    requests=4, n_gen=64, noise=0.05, drift=0.0)[0]
     assert plain_share > 0.9 and rate > 0.95 * plain
