@@ -1050,8 +1050,8 @@ class BatchDraftPolicy:
                 cost = self.switch_in_cost.value
             lefts = [n for _, n in switch_in]
             left = None if any(n is None for n in lefts) else max(lefts)
-        if self.probes_a_guess(p, k) and all(rows <= HEADS_WINDOW * HEADS_WINDOW_SLACK for rows, _ in switch_in or ()):
-            return True         # the rows queued while decoding plainly (heads_window): about a plain step
+        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, [rows for rows, _ in switch_in or ()]):
+            return True
         stay = p.stay.value
         if cost is None or (stay is None and left is None):
             return True
@@ -1080,10 +1080,22 @@ class BatchDraftPolicy:
         times it. Priced by the guess, as what drafting would gain, it was declined and
         backed off: on a server at two clients after a one-client round (0.7 GB Q4_K_M
         oracle, acceptance 0.6, draft 1 at 1.10x plain) the class decoded plainly on all its
-        382 steps. So ``decide`` lets such a probe run where the heads lack no more rows
-        than plain decoding leaves them (``heads_window``: about a plain step to catch up)."""
+        382 steps; at four clients each probe waited for a newcomer that ``admits`` held by
+        the guess, and a newcomer is always there. So ``decide`` lets such a probe run, and
+        ``admits`` a newcomer to it, where the heads lack no more rows than plain decoding
+        leaves them (``_about_a_plain_step``)."""
         b = p.bucket
         return p.guessed_plain and p.decision == 0 and k > 0 and p.costs.last_update(b, k) < 0
+
+    def _about_a_plain_step(self, p: DraftPolicy, rows: list[int]) -> bool:
+        """Whether the heads' catch-up on ``rows`` (per sequence) costs about a plain step of
+        ``p``'s batch at most, as ``heads_window`` keeps it while decoding plainly; before a
+        catch-up or a plain step was timed here, whether they are within that window."""
+        cost = self.catch_up.predict(p.bucket, rows) if rows else 0.0
+        plain = p.costs.predict(p.bucket, 0)
+        if cost is None or not plain:
+            return all(r <= HEADS_WINDOW * HEADS_WINDOW_SLACK for r in rows)
+        return cost <= plain * HEADS_WINDOW_SLACK
 
     def _steps_ahead(self, p: DraftPolicy, e: float, left: int | None) -> float | None:
         """Drafting steps (``e`` tokens each) a switch to drafting can count on: those the
@@ -1123,6 +1135,8 @@ class BatchDraftPolicy:
             return True
         if self.plain_guessed(p):
             return False        # the saving would rest on another class's figure: time plain first
+        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, [rows]):
+            return True         # the probe would wait for it, priced by the guess it times
         cost = self.catch_up.predict(p.bucket, [rows])
         rates = p.rates()
         if cost is None or k not in rates or 0 not in rates:
