@@ -14,10 +14,10 @@ another starts from that one's costs, scaled, as guesses).
 
 Step costs (ms, by batch size and draft length; ``--costs-from TRACE`` takes the medians of
 the steady steps of a PYLLAMA_MTP_DRAFT_TRACE file instead, filling lengths it lacks along
-a line through the ones it has): one and two sequences from traced server runs on the
-0.7 GB Q4_K_M acceptance-0.6 oracle, Intel Xeon without AMX, 2 threads, depth ~64; three
-and more from a line through those runs' plain steps of four and eight sequences and
-drafting steps of four.
+a line through the ones it has): a traced server run at 1, 2, 4 and 8 clients on the
+0.7 GB Q4_K_M acceptance-0.6 oracle, Intel Xeon without AMX, 2 threads, depth ~64 (the
+lengths it timed on fewer than three steady steps from that line); other batch sizes
+between the nearest two along a line.
 
     python scripts/simulate_server_auto.py
     python scripts/simulate_server_auto.py --clients 2,8 --acceptance 0.6 --seeds 40
@@ -38,17 +38,14 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from pyllama_mtp import draft_policy  # noqa: E402
 
-TRACED_MS = {1: {0: 10.6, 1: 13.0, 2: 15.6, 3: 18.1},
-             2: {0: 12.2, 1: 19.5, 2: 21.0, 3: 25.0}}
+TRACED_MS = {1: {0: 11.4, 1: 13.7, 2: 17.6, 3: 18.9},
+             2: {0: 16.3, 1: 23.1, 2: 30.1, 3: 34.2},
+             3: {0: 19.3, 1: 29.4, 2: 39.5, 3: 49.6},
+             4: {0: 22.8, 1: 31.8, 2: 47.8, 3: 60.3},
+             8: {0: 31.3, 1: 53.1, 2: 78.3, 3: 101.2}}
 PROMPT_ROWS = 17          # a request's prompt rows the heads take before its first drafting step
 ROW_CATCH_UP_MS = 0.4     # the heads' cost per row caught up (as traced: 25 ms for ~60 rows)
 PREFILL_MS = 10.0         # a new request's prompt, between steps
-
-
-def model_ms(n: int, k: int) -> float:
-    """Steps of three or more sequences: a line through the traced steps (four sequences:
-    plain 15-16 ms, one draft 24.7 ms; eight: plain 22.5 ms)."""
-    return 9.0 + 1.6 * n + 1.6 * n * k + (3.0 + 1.2 * k if k else 0.0)
 
 
 def costs_from_trace(path: Path) -> dict[int, dict[int, float]]:
@@ -66,15 +63,24 @@ def costs_from_trace(path: Path) -> dict[int, dict[int, float]]:
             ks = sorted(by_k)
             slope, icept = np.polyfit(ks, [by_k[k] for k in ks], 1)
             for k in range(4):
-                by_k.setdefault(k, icept + slope * k)
+                by_k.setdefault(k, float(icept + slope * k))
     return table
 
 
 def step_ms(table, n: int, k: int) -> float:
-    by_k = table.get(n)
-    if by_k is not None and k in by_k:
-        return by_k[k]
-    return model_ms(n, k)
+    """A step of n sequences with k drafts: the table's, or along a line between the two
+    nearest batch sizes it has (beyond them, through the last two)."""
+    sizes = sorted(m for m in table if k in table[m])
+    if n in sizes:
+        return table[n][k]
+    if len(sizes) == 1:
+        return table[sizes[0]][k] * n / sizes[0]
+    lo = max([m for m in sizes if m < n] or sizes[:1])
+    hi = min([m for m in sizes if m > n and m != lo] or sizes[-1:])
+    if lo == hi:
+        lo, hi = sizes[-2], sizes[-1]
+    t_lo, t_hi = table[lo][k], table[hi][k]
+    return t_lo + (t_hi - t_lo) * (n - lo) / (hi - lo)
 
 
 class Fixed:

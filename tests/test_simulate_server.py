@@ -31,7 +31,8 @@ def test_costs_from_a_trace_are_the_steady_steps_medians_with_missing_lengths_on
     assert set(table) == {2}
     assert table[2][0] == pytest.approx(13.0) and table[2][2] == pytest.approx(20.0)
     assert table[2][1] == pytest.approx(16.5) and table[2][3] == pytest.approx(23.5)
-    assert sim.step_ms(table, 8, 1) == sim.model_ms(8, 1)        # a batch size the trace lacks
+    t = {1: {0: 10.0}, 4: {0: 16.0}}
+    assert sim.step_ms(t, 2, 0) == pytest.approx(12.0) and sim.step_ms(t, 8, 0) == pytest.approx(24.0)
 
 
 def test_the_simulated_server_ranks_fixed_lengths_by_acceptance(sim):
