@@ -169,11 +169,13 @@ class Acceptance:
         winning 7-10%) plain decoding held about three steps in four, under half once each
         step's sequences were taken together."""
         self._expected.clear()
-        for i in range(k):
-            tried = [n for n in accepted if n >= i]     # the sequences that tried position i
-            if not tried:
+        tried = len(accepted)                   # every sequence tried the first draft
+        for i in range(k if tried else 0):
+            hits = sum(n > i for n in accepted)
+            self._tried(i).add(hits / tried, tried)
+            if not hits:
                 break
-            self._tried(i).add(sum(n > i for n in tried) / len(tried), len(tried))
+            tried = hits                        # position i+1 was tried where i was accepted
 
     def _tried(self, i: int) -> RunningMean:
         """Position i's estimate, about to take an observation: one never tried starts from
@@ -1051,7 +1053,7 @@ class BatchDraftPolicy:
                 cost = self.switch_in_cost.value
             lefts = [n for _, n in switch_in]
             left = None if any(n is None for n in lefts) else max(lefts)
-        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, [rows for rows, _ in switch_in or ()]):
+        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, cost, [rows for rows, _ in switch_in or ()]):
             return True
         stay = p.stay.value
         if cost is None or (stay is None and left is None):
@@ -1088,11 +1090,12 @@ class BatchDraftPolicy:
         b = p.bucket
         return p.guessed_plain and p.decision == 0 and k > 0 and p.costs.last_update(b, k) < 0
 
-    def _about_a_plain_step(self, p: DraftPolicy, rows: list[int]) -> bool:
-        """Whether the heads' catch-up on ``rows`` (per sequence) costs about a plain step of
-        ``p``'s batch at most, as ``heads_window`` keeps it while decoding plainly; before a
-        catch-up or a plain step was timed here, whether they are within that window."""
-        cost = self.catch_up.predict(p.bucket, rows) if rows else 0.0
+    @staticmethod
+    def _about_a_plain_step(p: DraftPolicy, cost: float | None, rows) -> bool:
+        """Whether the heads' catch-up on ``rows`` (per sequence), ``cost`` seconds as
+        predicted, costs about a plain step of ``p``'s batch at most, as ``heads_window``
+        keeps it while decoding plainly; where either is not timed here, whether the rows
+        are within that window."""
         plain = p.costs.predict(p.bucket, 0)
         if cost is None or not plain:
             return all(r <= HEADS_WINDOW * HEADS_WINDOW_SLACK for r in rows)
@@ -1136,9 +1139,9 @@ class BatchDraftPolicy:
             return True
         if self.plain_guessed(p):
             return False        # the saving would rest on another class's figure: time plain first
-        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, [rows]):
-            return True         # the probe would wait for it, priced by the guess it times
         cost = self.catch_up.predict(p.bucket, [rows])
+        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, cost, [rows]):
+            return True         # the probe would wait for it, priced by the guess it times
         rates = p.rates()
         if cost is None or k not in rates or 0 not in rates:
             return True

@@ -75,10 +75,8 @@ def step_ms(table, n: int, k: int) -> float:
         return table[n][k]
     if len(sizes) == 1:
         return table[sizes[0]][k] * n / sizes[0]
-    lo = max([m for m in sizes if m < n] or sizes[:1])
-    hi = min([m for m in sizes if m > n and m != lo] or sizes[-1:])
-    if lo == hi:
-        lo, hi = sizes[-2], sizes[-1]
+    below, above = [m for m in sizes if m < n], [m for m in sizes if m > n]
+    lo, hi = (below[-1], above[0]) if below and above else (sizes[-2], sizes[-1]) if below else (sizes[0], sizes[1])
     t_lo, t_hi = table[lo][k], table[hi][k]
     return t_lo + (t_hi - t_lo) * (n - lo) / (hi - lo)
 
