@@ -53,7 +53,9 @@ from .draft_trace import DraftTrace
 
 
 ACCEPT_PRIOR = 0.5      # acceptance before anything is observed, weighted as one observation
-ACCEPT_WINDOW = 16      # acceptance: running mean of the last ~16 steps' observations per position
+ACCEPT_WINDOW = 16      # acceptance: the last ~16 steps' observations per position ...
+ACCEPT_WINDOW_LONG = 64  # ... and the last ~64, what the policy goes by while the two agree
+ACCEPT_SHIFT_Z = 3.0    # they disagree: the recent mean is this many of its spreads from the long one
 CHECK_OBSERVATIONS = 2  # the load-time check's texts count as this many observations (Acceptance.observe_texts)
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
 DOUBT_OBSERVATIONS = 8  # drafting stays while the first draft has fewer observations (prior included)
@@ -115,11 +117,61 @@ def bucket_end(bucket: int) -> int:
     return 1 << (bucket + 7)
 
 
+class PositionRate:
+    """One draft position's acceptance: the mean of the last ~ACCEPT_WINDOW_LONG steps'
+    observations, except after a change of text, where it restarts from the last
+    ~ACCEPT_WINDOW steps' and forgets as fast as they do for ACCEPT_WINDOW steps.
+
+    A window of 16 steps alone dips by chance: at acceptance 0.55 its estimate has a
+    spread of about 0.09, and a dip of two to three spreads turns a drafting length that
+    wins 20% into a loss on paper. After the switch to plain decoding only probes observe
+    acceptance again, each backing off, so a dip of luck held plain decoding for hundreds
+    of steps (``simulate_auto.py``, acceptance 0.55 on a tiny model's costs: 15% of the
+    time plain where drafting 2 wins 25%). Over 64 steps the spread halves. A real change
+    of text (acceptance 1.0 to 0) still shows within a few steps: the short mean leaves
+    the long one by more than ACCEPT_SHIFT_Z of its own spread, and the long one is
+    restarted from it."""
+
+    __slots__ = ("long", "recent", "since_shift")
+
+    def __init__(self):
+        self.long = RunningMean(ACCEPT_WINDOW_LONG)
+        self.recent = RunningMean(ACCEPT_WINDOW)
+        self.since_shift = ACCEPT_WINDOW
+
+    @property
+    def value(self) -> float | None:
+        return self.long.value
+
+    @property
+    def weight(self) -> int:
+        return self.long.weight
+
+    def start(self, value: float) -> None:
+        """Begin from ``value``, as one observation."""
+        for m in (self.long, self.recent):
+            m.value, m.weight = value, 1
+
+    def add(self, x: float, n: int = 1) -> None:
+        """``x``: one observation, or the mean of ``n`` taken together (RunningMean.add)."""
+        long, recent = self.long, self.recent
+        long.add(x, n)
+        recent.add(x, n)
+        self.since_shift += 1
+        if self.since_shift == ACCEPT_WINDOW:
+            long.window = ACCEPT_WINDOW_LONG        # the new text has settled: average it long
+        p = min(max(long.value, 0.05), 0.95)
+        spread = (p * (1 - p) / (2 * ACCEPT_WINDOW - 1)) ** 0.5   # of a running mean over ACCEPT_WINDOW
+        if abs(recent.value - long.value) > ACCEPT_SHIFT_Z * spread:
+            long.value, long.weight, long.window = recent.value, recent.weight, ACCEPT_WINDOW
+            self.since_shift = 0
+
+
 class Acceptance:
     """Per-position acceptance estimates, shared by every policy of one engine."""
 
     def __init__(self, draft_max: int):
-        self.positions = [RunningMean(ACCEPT_WINDOW) for _ in range(draft_max)]
+        self.positions = [PositionRate() for _ in range(draft_max)]
         self._expected: dict[int, float] = {}     # expected_tokens by k, until an observation
 
     def rate(self, i: int) -> float:
@@ -161,7 +213,7 @@ class Acceptance:
     def observe(self, k: int, accepted: Sequence[int]) -> None:
         """One step of k drafts: the drafts accepted in each of its sequences. Per position,
         the share of the sequences that tried it which had it accepted, taken together as
-        that many observations: the window spans ACCEPT_WINDOW steps whatever the batch.
+        that many observations: the windows span steps whatever the batch (PositionRate).
         Counted one by one, eight sequences left two steps in it, and the estimate swung
         with each step's luck; a dip turns a batch plain, where only probes observe
         acceptance again. On a server at two clients, acceptance 0.6, the trace showed
@@ -177,12 +229,12 @@ class Acceptance:
                 break
             tried = hits                        # position i+1 was tried where i was accepted
 
-    def _tried(self, i: int) -> RunningMean:
+    def _tried(self, i: int) -> PositionRate:
         """Position i's estimate, about to take an observation: one never tried starts from
         its estimate so far (the prior, or the previous position's), as one observation."""
         m = self.positions[i]
         if m.value is None:
-            m.value, m.weight = self.rate(i), 1
+            m.start(self.rate(i))
         return m
 
     def upper_bound(self, i: int, z: float) -> float:
