@@ -239,6 +239,21 @@ def test_a_dip_of_luck_in_a_steady_acceptance_does_not_hold_plain_decoding():
     assert np.mean(shares) < 0.04 and max(shares) < 0.2, shares
 
 
+def test_the_checks_texts_do_not_end_the_doubt_about_a_generations_own_drafts():
+    """The load-time check's texts stand behind the acceptance estimate as observations, but
+    they are not the generation's text: after five rejected drafts of its own (then every
+    draft accepted) the first draft had eight observations, doubt ended, and a probe's
+    accepted draft went back to plain decoding. Counted apart, the probe's draft keeps one
+    draft a step going, and the drafts accepted from then on bring the longer lengths."""
+    costs = {0: 3.3, 1: 4.6, 2: 5.4, 3: 6.2}
+    policy = DraftPolicy(3)
+    policy.acceptance.observe_texts(3, [[2, 0, 0, 3, 0, 1], [0, 1, 3, 0, 0, 2], [3, 0, 0, 1, 0, 3]])
+    trace = Trace(policy, lambda step, pos: 0.0 if step < 9 else 1.0, lambda k, d: costs[k]).run(40)
+    first_probe = next(i for i in range(9, 40) if trace.chosen[i] > 0)
+    assert all(k > 0 for k in trace.chosen[first_probe:]), trace.chosen
+    assert trace.chosen[-1] >= 2, trace.chosen
+
+
 def test_it_follows_the_cost_of_verify_as_the_context_grows():
     """A verify row's cost grows with depth (attention), a plain step's does not: drafting
     pays at a short context and loses past ~1,000 tokens."""
