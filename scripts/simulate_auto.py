@@ -16,6 +16,7 @@ in a mean).
     python scripts/simulate_auto.py
     python scripts/simulate_auto.py --seeds 48 --noise 0.15 --stall 0.05 -n 64,192,1024
     python scripts/simulate_auto.py --case a0.6 --calls 8 -n 192
+    python scripts/simulate_auto.py --baseline /tmp/old/draft_policy.py   # A/B two policies
 """
 from __future__ import annotations
 
@@ -27,6 +28,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from pyllama_mtp.draft_policy import DraftPolicy  # noqa: E402
+from simulate_server_auto import load_policy_module  # noqa: E402
 
 # name -> (seconds of a step with k drafts, relative; acceptance of draft positions 1..3).
 # Averages of steady steps measured on the 2-core AMD EPYC Zen 3 VM (2 threads) with
@@ -119,10 +121,14 @@ def main(argv=None) -> int:
     ap.add_argument("--case", action="append", help="only the cases whose name holds this (repeatable)")
     ap.add_argument("--catch-up", type=float, default=4.0,
                     help="the heads' catch-up before drafting after plain decoding, in plain steps (default 4)")
+    ap.add_argument("--baseline", type=Path, help="another draft_policy.py: also run it on the same seeds "
+                                                  "and print auto / it")
     args = ap.parse_args(argv)
     lengths = [int(x) for x in args.n_gen.split(",")]
-    print("| case | tokens | best fixed / plain | auto / plain | auto / best fixed | auto / plain, worst 5% |")
-    print("| --- | ---: | --- | ---: | ---: | ---: |")
+    base = load_policy_module(args.baseline) if args.baseline else None
+    print("| case | tokens | best fixed / plain | auto / plain | auto / best fixed | auto / plain, worst 5% |"
+          + (" auto / baseline |" if base else ""))
+    print("| --- | ---: | --- | ---: | ---: | ---: |" + (" ---: |" if base else ""))
     for name, (costs, accept) in CASES.items():
         if args.case and not any(c in name for c in args.case):
             continue
@@ -138,8 +144,11 @@ def main(argv=None) -> int:
             means = [float(f.mean()) for f in fixed]
             best = int(np.argmax(means))
             worst = float(np.percentile(auto / fixed[0], 5))
-            print(f"| {name} | {n_gen} | d{best} {means[best] / means[0]:.2f}x | {auto.mean() / means[0]:.2f}x | "
-                  f"{auto.mean() / means[best]:.2f}x | {worst:.2f}x |", flush=True)
+            line = (f"| {name} | {n_gen} | d{best} {means[best] / means[0]:.2f}x | {auto.mean() / means[0]:.2f}x | "
+                    f"{auto.mean() / means[best]:.2f}x | {worst:.2f}x |")
+            if base:
+                line += f" {auto.mean() / rates(lambda: base.DraftPolicy(3)).mean():.3f}x |"
+            print(line, flush=True)
     return 0
 
 
