@@ -32,6 +32,11 @@ Targets (issue "draft='auto' never loses"): auto >= 0.97x plain in every cell, a
     python scripts/bench_auto.py -m tiny:step35 -m tiny:step35-random -n 64,192,1024 -d 0,2048
     python scripts/bench_auto.py -m oracle.gguf -n 192 -d 0,2048 --rounds 5 --json out.json
     python scripts/bench_auto.py -m tiny:step35 -n 64 -d 2048 --rounds 9 --control
+    python scripts/bench_auto.py -m tiny:step35-a0.6 -n 192 --baseline /tmp/old/draft_policy.py
+
+``--baseline OTHER/draft_policy.py`` runs that version's policy as one more mode
+("baseline", seeded alike) in the same rounds: "auto / baseline" is then paired within
+rounds too, where two runs of this script minutes apart would mix in the machine's drift.
 """
 from __future__ import annotations
 
@@ -62,7 +67,8 @@ def accelerators() -> str:
     return ", ".join(f"{d.name} ({d.description})" for d in local_devices() if d.type in ("gpu", "igpu"))
 
 
-def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int, control: bool = False) -> dict:
+def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int, control: bool = False,
+             baseline=None) -> dict:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
     from pyllama_mtp.draft_policy import BatchDraftPolicy
     from pyllama_mtp.engine import Model, Session
@@ -80,9 +86,13 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
             n_vocab = model.info.n_vocab
             prefix = [int(t) for t in rng.integers(3, n_vocab - 8, size=depth)]
             held: dict[int, list[int]] = {}                 # what each session's sequence 0 holds
-            policy = BatchDraftPolicy(s.draft_max)
-            policy.seed(check_session(s).seed)               # as a Llama does at load: "auto" starts from it
-            modes: list = list(range(s.draft_max + 1)) + ["auto"]
+            check = check_session(s).seed
+            policies = {"auto": BatchDraftPolicy(s.draft_max)}
+            if baseline is not None:
+                policies["baseline"] = baseline.BatchDraftPolicy(s.draft_max)
+            for policy in policies.values():
+                policy.seed(check)                          # as a Llama does at load: "auto" starts from it
+            modes: list = list(range(s.draft_max + 1)) + list(policies)
             if control:
                 modes += [copy_name(k) for k in range(s.draft_max + 1)]
             rates: dict = {m: [] for m in modes}
@@ -93,7 +103,7 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 for mode in order:
                     # the library's driver, one sequence, no text; the prefix stays in the cache;
                     # max_tokens as a generate call would pass it (auto weighs it)
-                    draft = int(mode.rstrip("'")) if isinstance(mode, str) and mode != "auto" else mode
+                    draft = "auto" if mode in policies else int(str(mode).rstrip("'"))
                     sess = without_heads if draft == 0 else s
                     seq = Sequence(0, PreparedCall(prefix + prompt, n_gen, SamplingParams(), draft, ()), None,
                                    held.get(id(sess), []))
@@ -102,7 +112,7 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                     seq.begin(sess)
                     t0 = time.perf_counter()
                     while seq.n_generated < n_gen:
-                        step_sequences(sess, [seq], policy if mode == "auto" else None)
+                        step_sequences(sess, [seq], policies.get(mode))
                         if mode == "auto" and r:
                             chosen[seq.last_k] = chosen.get(seq.last_k, 0) + 1
                     if r:
@@ -157,6 +167,9 @@ def summarise(rates: dict[str, list[float]], depth: int, n_gen: int, chosen: dic
             "best_fixed_over_plain": paired(rates, best, "0"),
             "auto_over_best_fixed": over_best_fixed(rates),
             "auto_over_best_fixed_in_sample": paired(rates, "auto", best)}
+    if "baseline" in rates:
+        cell["auto_over_baseline"] = paired(rates, "auto", "baseline")
+        cell["baseline_over_plain"] = paired(rates, "baseline", "0")
     if copy_name(0) in rates:
         cell["control_over_plain"] = paired(rates, copy_name(0), "0")
         cell["control_over_best_fixed"] = over_best_fixed(rates, copy_name)
@@ -186,14 +199,20 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--control", action="store_true",
                     help="run plain decoding and every fixed draft twice, and report the copies as auto is")
+    ap.add_argument("--baseline", type=Path, help="another draft_policy.py: run it as a mode of its own, "
+                                                  "and print auto / it")
     ap.add_argument("--json", type=Path, help="also write the cells here")
     args = ap.parse_args(argv)
     from pyllama_mtp.bench.builtin import resolve
+    from simulate_server_auto import load_policy_module
+    baseline = load_policy_module(args.baseline) if args.baseline else None
 
     out = {"cpu": cpu_name(), "gpu": accelerators(), "threads": args.threads, "rounds": args.rounds, "cells": []}
     where = f"every layer on {out['gpu']}, host CPU {out['cpu']}" if out["gpu"] else f"CPU: {out['cpu']}"
     print(f"{where}, {args.threads} threads, median of {args.rounds} interleaved rounds; ratios paired within rounds\n")
     ctl_head = (" control: copy / plain | copy / best fixed |", " ---: | ---: |") if args.control else ("", "")
+    if baseline is not None:
+        ctl_head = (ctl_head[0] + " baseline / plain | auto / baseline |", ctl_head[1] + " ---: | ---: |")
     print("| model | depth | tokens | plain tok/s | noise | best fixed | auto tok/s | auto / plain | auto / best fixed |"
           f"{ctl_head[0]} auto chose |")
     print(f"| --- | ---: | ---: | ---: | ---: | --- | ---: | ---: | ---: |{ctl_head[1]} --- |")
@@ -202,7 +221,7 @@ def main(argv=None) -> int:
         path = resolve(name) if name.startswith("tiny:") else name
         for depth in (int(x) for x in args.depth.split(",")):
             for n_gen in (int(x) for x in args.n_gen.split(",")):
-                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed, args.control)
+                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed, args.control, baseline)
                 cell["model"] = name
                 cell["missed"] = verdict(cell)
                 failed += bool(cell["missed"])
@@ -211,6 +230,8 @@ def main(argv=None) -> int:
                     cell["control_missed"] = verdict(cell, "control")
                     control_failed += bool(cell["control_missed"])
                     ctl = f" {cell['control_over_plain']:.2f}x | {cell['control_over_best_fixed']:.2f}x |"
+                if baseline is not None:
+                    ctl += f" {cell['baseline_over_plain']:.2f}x | {cell['auto_over_baseline']:.2f}x |"
                 out["cells"].append(cell)
                 med = cell["tok_s"]
                 total = sum(cell["auto_chose"].values()) or 1
