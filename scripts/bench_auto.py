@@ -204,6 +204,7 @@ def main(argv=None) -> int:
     ap.add_argument("--json", type=Path, help="also write the cells here")
     args = ap.parse_args(argv)
     from pyllama_mtp.bench.builtin import resolve
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
     from simulate_server_auto import load_policy_module
     baseline = load_policy_module(args.baseline) if args.baseline else None
 

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 from pyllama_mtp.draft_policy import DraftPolicy  # noqa: E402
 from simulate_server_auto import load_policy_module  # noqa: E402
 
