@@ -175,6 +175,7 @@ def run(policy, table, *, clients: int, acceptance: float, rng, requests: int, n
             left[c] -= got
             if not left[c]:
                 del left[c]
+                held.discard(c)         # (the driver's held flag leaves with the sequence)
                 if sent[c] < requests:
                     sent[c] += 1
                     waiting[c] = step + 1
