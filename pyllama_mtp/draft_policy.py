@@ -1226,6 +1226,13 @@ class BatchDraftPolicy:
         another size class, scaled)."""
         return p.costs.last_update(p.bucket, 0) < 0
 
+    def holds_off(self, p: DraftPolicy, held: int, auto: int) -> bool:
+        """Whether a step of policy ``p`` whose ``held`` of ``auto`` sequences are held back
+        (``admits``) decodes plainly after all: where every one is held, where a probe from
+        plain decoding would run beside held ones (it waits until they are gone), or where
+        the batch's size class has no plain step timed yet (held ones wait for its figure)."""
+        return held > 0 and (p.decision == 0 or held == auto or self.plain_guessed(p))
+
     def hold_off(self) -> int:
         """The step decodes plainly after all (see ``sequence._admit_newcomers``)."""
         self.last_k = 0

@@ -345,8 +345,7 @@ def _admit_newcomers(session, policy, p, k: int, auto: list[Sequence], n_running
         if s.held_plain or (s.fresh and n_running > 1):
             rows = queued[s.seq] = session.seq_mtp_queued(s.seq)
             s.held_plain = not policy.admits(p, k, rows, s.tokens_left)
-    held = [s for s in auto if s.held_plain]
-    if held and (p.decision == 0 or len(held) == len(auto) or policy.plain_guessed(p)):
+    if policy.holds_off(p, sum(s.held_plain for s in auto), len(auto)):
         return policy.hold_off()
     return k
 

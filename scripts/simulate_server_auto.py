@@ -133,7 +133,7 @@ def run(policy, table, *, clients: int, acceptance: float, rng, requests: int, n
             for c in members:
                 if c in held or (c in fresh and n > 1):
                     (held.discard if policy.admits(p, k, queued[c], left[c]) else held.add)(c)
-            if held and (p.decision == 0 or set(members) <= held or policy.plain_guessed(p)):
+            if policy.holds_off(p, len(held), n):
                 k = policy.hold_off()
         drafting = [c for c in members if k > 0 and c not in held]
         catch_up = joined = 0.0

@@ -14,7 +14,7 @@ import pytest
 
 from conftest import start_server
 from pyllama_mtp import InvalidArgumentError, Llama
-from pyllama_mtp.draft_policy import DraftPolicy
+from pyllama_mtp.draft_policy import BatchDraftPolicy, DraftPolicy
 from pyllama_mtp.options import GenerationOptions
 from pyllama_mtp.sequence import Slots, step_sequences
 
@@ -184,6 +184,8 @@ class ReportedSteps:
 
     def plain_guessed(self, p: DraftPolicy) -> bool:
         return False
+
+    holds_off = BatchDraftPolicy.holds_off      # the driver's rule itself, on this stand-in's figures
 
     def update(self, n, k, accepted, seconds, depth, catch_up, members=(), arrivals=False, joined=0.0,
                drafting=None, rebuilt=False) -> None:

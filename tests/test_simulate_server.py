@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-
 SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "simulate_server_auto.py"
 
 
