@@ -34,6 +34,10 @@ probes:
   the pace, so drafting comes back soon after the content turns predictable again;
 - a switch from drafting to plain decoding times plain decoding's next PLAIN_SAMPLES steady
   steps and decides again after them: its figure may be a guess or from a faster minute;
+- a shared machine's slow spells move no length's figure: each is the median of its last
+  32 steady steps without a spell's, and the steps of a spell are priced at the usual
+  speed (``StepTime``, ``Slowdown``), so a spell while drafting does not make plain
+  decoding look faster, nor a length timed in one look dearer than the others;
 - costs are kept per depth bucket (powers of two of the context length), because the
   verify/decode cost ratio changes as attention grows; a bucket starts from its nearest
   measured neighbour's costs (as one sample's worth) and entering it is probed at once.
@@ -60,7 +64,12 @@ CHECK_OBSERVATIONS = 2  # the load-time check's texts count as this many observa
 THIN_EVIDENCE = 4       # observations of the first draft (prior included) before probes back off
 DOUBT_OBSERVATIONS = 8  # drafting stays while the first draft has fewer observations of the text's own
 DOUBT_Z = 1.0           # ... and its acceptance's upper bound at this z says drafting may pay
-TIME_WINDOW = 8         # step cost: median of the last 8 steady steps per (depth bucket, k)
+TIME_WINDOW = 8         # switch, probe and catch-up costs: running means over about 8
+COST_WINDOW = 32        # step cost per (depth bucket, k): the median of its last 32 steady steps ...
+SPELL_RATIO = 1.5       # ... leaving out those above 1.5x their lower quartile (a slow spell's) ...
+SPELL_MIN_SAMPLES = 8   # ... once 8 stand behind it (StepTime)
+SPELL_STEPS = 3         # the machine is in a slow spell after 3 steady steps in a row off by SPELL_RATIO
+FAST_SAMPLE = 0.6       # a steady step this far below its length's figure shows the samples above it slowed
 PLAIN_SAMPLES = 6       # plain steps are timed until this many steady ones stand behind its cost
 DEFAULT_DRAFT_COST = 0.5  # before any measurement: a draft adds half a plain step
 BASE_INTERVAL = 16      # steps between probes, at first and after the decision changed
@@ -261,15 +270,26 @@ class Acceptance:
 
 
 class StepTime:
-    """One length's cost at one depth: the median of its last TIME_WINDOW steady samples, so
-    that a stalled step, a slow spell of a shared machine, or the slow second step after a
-    change of length (caches still cold) moves it little; ``guess`` stands in while there
-    are none."""
+    """One length's cost at one depth, at the machine's usual speed (``Slowdown``): the
+    median of its last COST_WINDOW steady samples, so that a stalled step or the slow
+    second step after a change of length (caches still cold) moves it little, leaving out
+    once SPELL_MIN_SAMPLES stand behind it the samples above SPELL_RATIO times their lower
+    quartile, so that a slow spell of a shared machine (a dozen steps at 1.5-3x, the
+    noise's usual shape on a 2-core VM with a busy neighbour) does not move it either; a
+    sample below FAST_SAMPLE times the figure drops the samples it shows were slowed (a
+    step cannot run faster than the machine allows, while a neighbour can slow it down
+    any amount); ``guess`` stands in while there are none.
+
+    The median of the last 8 moved with every spell: on tiny:step35 (acceptance 0.9) a
+    spell while drafting 3 priced it at 16 ms against 7 ms, the policy went to 2 and to 1
+    as further spells priced each in turn, then to plain decoding, whose figure came from a
+    quiet minute, and decoded plainly for the rest of the bench's rounds (0.49x draft 3).
+    """
 
     __slots__ = ("samples", "guess", "value", "updated")
 
     def __init__(self, guess: float | None = None, copies: int = 0):
-        self.samples: deque[float] = deque([guess] * copies if guess is not None else (), maxlen=TIME_WINDOW)
+        self.samples: deque[float] = deque([guess] * copies if guess is not None else (), maxlen=COST_WINDOW)
         self.guess, self.updated = guess, -1
         self.value = guess
 
@@ -278,8 +298,11 @@ class StepTime:
         return len(self.samples)
 
     def add(self, x: float, step: int = -1) -> None:
+        if self.samples and x < FAST_SAMPLE * self.value:
+            cut = x / FAST_SAMPLE
+            self.samples = deque((s for s in self.samples if s <= cut), maxlen=COST_WINDOW)
         self.samples.append(x)
-        self.value = statistics.median_low(self.samples)
+        self.value = _spell_free_median(self.samples)
         self.updated = step
 
     def add_provisional(self, x: float, step: int = -1) -> None:
@@ -293,6 +316,44 @@ class StepTime:
             self.add(x, step)
 
 
+def _spell_free_median(samples) -> float:
+    """The median of ``samples`` (the lower of the middle two), leaving out those above
+    SPELL_RATIO times the lower quartile once there are SPELL_MIN_SAMPLES of them."""
+    xs = sorted(samples)
+    if len(xs) < SPELL_MIN_SAMPLES:
+        return xs[(len(xs) - 1) // 2]
+    cut = SPELL_RATIO * xs[(len(xs) - 1) // 4]
+    kept = [x for x in xs if x <= cut]
+    return kept[(len(kept) - 1) // 2]
+
+
+class Slowdown:
+    """How much slower than usual the machine runs now (``factor``): 1.0, or while
+    SPELL_STEPS steady steps in a row took more than SPELL_RATIO times their length's
+    figure (or less than its inverse), the median of their ratios; back to 1.0 once
+    SPELL_STEPS in a row are within SPELL_RATIO again. Nothing in between: a factor that
+    followed every step would carry each step's noise into every length's figure."""
+
+    __slots__ = ("factor", "recent")
+
+    def __init__(self):
+        self.factor = 1.0
+        self.recent: deque[float] = deque(maxlen=SPELL_STEPS)
+
+    def observe(self, ratio: float) -> bool:
+        """``ratio``: a steady step's seconds over its length's figure (a figure is kept at
+        factor 1). True when the factor changed."""
+        self.recent.append(ratio)
+        if len(self.recent) < SPELL_STEPS:
+            return False
+        before = self.factor
+        if all(r > SPELL_RATIO for r in self.recent) or all(r * SPELL_RATIO < 1 for r in self.recent):
+            self.factor = statistics.median(self.recent)
+        elif all(1 <= r * SPELL_RATIO and r <= SPELL_RATIO for r in self.recent):
+            self.factor = 1.0
+        return self.factor != before
+
+
 class StepCosts:
     """Measured seconds of a step with k drafts, by depth bucket.
 
@@ -300,9 +361,17 @@ class StepCosts:
     (steady): a step after a change of length rebuilds compute graphs and runs with cold
     caches, which costs a tiny model several times a steady step. Such a sample only
     stands in while the length has no steady one here.
+
+    Samples are kept divided by the machine's slowdown when they were taken, and figures
+    are given times the slowdown now (``Slowdown``, one for all the batch sizes' costs):
+    a length timed first in a slow spell (the first steps at a new depth, a probe) is then
+    priced as the others, which were timed at the usual speed, and a decision stays the
+    same through a spell (it scales every length alike), while what is weighed in seconds
+    (a switch's cost, the heads' catch-up) is weighed against this minute's step costs.
     """
 
-    def __init__(self):
+    def __init__(self, slowdown: Slowdown | None = None):
+        self.slowdown = slowdown if slowdown is not None else Slowdown()
         self.buckets: dict[int, dict[int, StepTime]] = {}
         # points() by (bucket, steady_only), until the figures change: a decision predicts
         # every length's cost, each from the points, and on a tiny model decisions showed
@@ -314,10 +383,17 @@ class StepCosts:
         m = by_k.get(k)
         if m is None:
             m = by_k[k] = StepTime()
+        factor = self.slowdown.factor
+        if steady and m.weight >= SPELL_STEPS:
+            ratio = seconds / m.value
+            self.slowdown.observe(ratio)
+            # a step that ran at the usual speed for its length is taken as it is, even in
+            # a spell (it may be the spell's end); one that did not, at the spell's factor
+            factor = self.slowdown.factor if ratio > SPELL_RATIO or ratio * SPELL_RATIO < 1 else 1.0
         if steady:
-            m.add(seconds, step)
+            m.add(seconds / factor, step)
         else:
-            m.add_provisional(seconds, step)
+            m.add_provisional(seconds / factor, step)
 
     def steady(self, bucket: int, k: int) -> bool:
         return self.samples(bucket, k) > 0
@@ -333,7 +409,8 @@ class StepCosts:
         key = (bucket, steady_only)
         pts = self._points.get(key)
         if pts is None:
-            pts = self._points[key] = {k: m.value for k, m in sorted(self.buckets.get(bucket, {}).items())
+            f = self.slowdown.factor
+            pts = self._points[key] = {k: m.value * f for k, m in sorted(self.buckets.get(bucket, {}).items())
                                        if m.value is not None and (m.weight > 0 or not steady_only)}
         return pts
 
@@ -412,10 +489,10 @@ class DraftPolicy:
     """Picks each step's draft length from this session's measured costs and acceptance
     (see the module's docstring). ``choose(depth)`` before the step, ``update(...)`` after."""
 
-    def __init__(self, draft_max: int, acceptance: Acceptance | None = None):
+    def __init__(self, draft_max: int, acceptance: Acceptance | None = None, slowdown: Slowdown | None = None):
         self.draft_max = draft_max
         self.acceptance = acceptance or Acceptance(draft_max)
-        self.costs = StepCosts()
+        self.costs = StepCosts(slowdown)
         self.steps = 0
         self.interval = BASE_INTERVAL
         self.next_probe = 3                # the first steps decode plainly (the second is timed), the third drafts once
@@ -1002,6 +1079,7 @@ class BatchDraftPolicy:
     def __init__(self, draft_max: int, trace: DraftTrace | None = None):
         self.draft_max = draft_max
         self.acceptance = Acceptance(draft_max)
+        self.slowdown = Slowdown()                     # the machine's, shared by every size class's costs
         self.trace = trace if trace is not None else DraftTrace.from_env()   # see draft_trace
         self.last_same_batch: bool | None = None       # whether the last timed step's batch held still
         self.by_size: dict[int, DraftPolicy] = {}      # size class -> its policy
@@ -1041,7 +1119,7 @@ class BatchDraftPolicy:
     def policy(self, n: int) -> DraftPolicy:
         c = size_class(n)
         if c not in self.by_size:
-            p = DraftPolicy(self.draft_max, self.acceptance)
+            p = DraftPolicy(self.draft_max, self.acceptance, self.slowdown)
             if self.by_size:
                 near = min(self.by_size, key=lambda m: abs(m - c))
                 p.costs.seed(self.by_size[near].costs, c / near)

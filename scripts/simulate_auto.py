@@ -17,6 +17,7 @@ in a mean).
     python scripts/simulate_auto.py --seeds 48 --noise 0.15 --stall 0.05 -n 64,192,1024
     python scripts/simulate_auto.py --case a0.6 --calls 8 -n 192
     python scripts/simulate_auto.py --baseline /tmp/old/draft_policy.py   # A/B two policies
+    python scripts/simulate_auto.py --spells 0.01 --calls 6 -n 128        # a busy neighbour's spells
 """
 from __future__ import annotations
 
@@ -70,18 +71,21 @@ class Fixed:
 
 def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_gen: int, rng,
                       noise: float, stall: float, switch: float, drift: float = 0.0,
-                      cold: bool = False, catch_up: float = 0.0, machine=None, calls: int = 1) -> float:
+                      cold: bool = False, catch_up: float = 0.0, machine=None, calls: int = 1,
+                      spells: float = 0.0, spell_steps: float = 15.0) -> float:
     """A warm-up generation, then ``calls`` measured ones, of n_gen tokens each (``cold``: the
     measured ones only, the policy new: a Llama's first call). ``drift``: the
     machine's speed changes now and then (every ~100 steps on average) by a log-normal
     factor of this sigma, as a shared VM's does when its neighbours get busy. ``catch_up``:
     plain steps' worth of time the MTP heads take before a step that drafts right after
     plain decoding (the rows kept while decoding plainly, BatchDraftPolicy.heads_window).
+    ``spells``: the chance per step that a slow spell begins (a neighbour's burst on a shared
+    VM: every step 1.5-3x slower, for ``spell_steps`` steps on average).
     ``machine``: a generator of its own for the machine's noise, stalls and drift (default:
     ``rng``, which also draws acceptance), so that two policies run on one seed meet the
     same machine at the same step whatever they draft."""
     machine = rng if machine is None else machine
-    speed = 1.0
+    speed, spell_left, spell_factor = 1.0, 0, 1.0
     total_tokens = total_seconds = 0.0
     for measured in ((True,) * calls if cold else (False,) + (True,) * calls):
         policy.start_sequence()
@@ -94,10 +98,15 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
                 n_acc += 1
             if drift and machine.random() < 0.01:
                 speed = float(np.exp(machine.normal(0.0, drift)))
-            t = speed * costs[k] * float(np.exp(machine.normal(0.0, noise))) * (1.8 if machine.random() < stall else 1.0)
+            if spells and machine.random() < spells:
+                spell_left = int(machine.geometric(1.0 / spell_steps))
+                spell_factor = float(np.exp(machine.uniform(np.log(1.5), np.log(3.0))))
+            slow = spell_factor if spell_left > 0 else 1.0
+            spell_left -= 1
+            t = slow * speed * costs[k] * float(np.exp(machine.normal(0.0, noise))) * (1.8 if machine.random() < stall else 1.0)
             if k != last:
                 t += switch * costs[0]         # graphs rebuilt, caches cold
-            heads = speed * catch_up * costs[0] if k > 0 and last == 0 else 0.0
+            heads = slow * speed * catch_up * costs[0] if k > 0 and last == 0 else 0.0
             policy.update(k, n_acc, t, int(tokens), heads)
             tokens += n_acc + 1
             seconds += t + heads
@@ -116,6 +125,9 @@ def main(argv=None) -> int:
     ap.add_argument("--switch", type=float, default=0.4, help="extra cost of a change of length, in plain steps")
     ap.add_argument("--drift", type=float, default=0.15,
                     help="sigma of the machine's speed changes, every ~100 steps (default 0.15)")
+    ap.add_argument("--spells", type=float, default=0.0,
+                    help="chance per step of a slow spell, 1.5-3x for --spell-steps steps (default 0: none)")
+    ap.add_argument("--spell-steps", type=float, default=15.0, help="mean length of a slow spell, in steps")
     ap.add_argument("--cold", action="store_true", help="no warm-up generation: the policy starts new")
     ap.add_argument("--calls", type=int, default=1,
                     help="measured generations per seed, one policy across them (default 1)")
@@ -138,7 +150,7 @@ def main(argv=None) -> int:
                 return np.array([tokens_per_second(make(), costs, accept, n_gen, np.random.default_rng([s, 0]),
                                                    args.noise, args.stall, args.switch, args.drift,
                                                    args.cold, args.catch_up, np.random.default_rng([s, 1]),
-                                                   args.calls)
+                                                   args.calls, args.spells, args.spell_steps)
                                  for s in range(args.seeds)])
             fixed = [rates(lambda k=k: Fixed(k)) for k in range(4)]
             auto = rates(lambda: DraftPolicy(3))

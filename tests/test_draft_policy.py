@@ -296,21 +296,74 @@ def test_a_marginal_gain_does_not_make_it_switch_back_and_forth_when_switching_c
 
 def test_a_step_the_machine_slowed_moves_the_estimate_little():
     """A shared VM stalls a step now and then (2-5x its time). One such step must not make
-    its length look dearer for the next several steps (the median of the last 8)."""
+    its length look dearer for the next several steps (the median of its last 32). A
+    lasting change of cost comes through within a few steps: three in a row beyond
+    SPELL_RATIO set the machine's slowdown, by which every figure is given."""
     costs = StepCosts()
     for _ in range(8):
         costs.add(0, 3, 1.0, 0)
     costs.add(0, 3, 5.0, 0)
     assert costs.predict(0, 3) <= 1.0 + 0.5 / 8 + 1e-9
-    # a real change of cost still comes through within a couple of windows
-    for _ in range(16):
+    for _ in range(3):
         costs.add(0, 3, 2.0, 0)
-    assert costs.predict(0, 3) > 1.85
+    assert costs.predict(0, 3) == pytest.approx(2.0)
+
+
+def test_a_slow_spell_moves_no_figure_and_prices_a_length_timed_in_it_at_the_usual_speed():
+    """A busy neighbour slows every step 2.5x for a dozen steps. Drafting 3's figure (32
+    steady steps at 1.0) does not move: the spell's steps are left out of its median, and
+    while the spell lasts every figure is given 2.5x (``Slowdown``). Drafting 1, timed
+    for the first time in the spell, is priced at the usual speed once it is over, as
+    plain decoding timed before it."""
+    costs = StepCosts()
+    for _ in range(8):
+        costs.add(0, 0, 0.5, 0)
+    for _ in range(32):
+        costs.add(0, 3, 1.0, 0)
+    for _ in range(12):
+        costs.add(0, 3, 2.5, 0)
+    assert costs.slowdown.factor == pytest.approx(2.5)
+    assert costs.predict(0, 3) == pytest.approx(2.5) and costs.predict(0, 0) == pytest.approx(1.25)
+    for _ in range(4):
+        costs.add(0, 1, 2.5 * 0.7, 0)               # drafting 1 at 0.7, in the spell
+    for _ in range(3):
+        costs.add(0, 1, 0.7, 0)                     # the spell is over
+    assert costs.slowdown.factor == 1.0
+    assert [costs.predict(0, k) for k in (0, 1, 3)] == pytest.approx([0.5, 0.7, 1.0])
+
+
+def test_a_step_far_below_its_lengths_figure_shows_that_the_figure_was_slowed():
+    """A length timed only while the machine ran slow, too irregularly to call a spell
+    (every other step), keeps a figure that no later step refines if it is not chosen
+    again: one probe timed at the usual speed, far below that figure, drops the samples it
+    shows were slowed. (A step cannot run faster than the machine allows.)"""
+    costs = StepCosts()
+    for t in (2.0, 1.3, 2.2, 2.1, 1.9, 2.3):
+        costs.add(0, 1, t, 0)
+    assert costs.predict(0, 1) == pytest.approx(2.0)
+    costs.add(0, 1, 1.0, 0)
+    assert costs.predict(0, 1) == pytest.approx(1.0)
+
+
+def test_slow_spells_while_drafting_pays_do_not_turn_plain_decoding_on():
+    """Every 150 steps the machine runs 2.5x slower for 12 (a busy neighbour on a 2-core
+    VM). With each length's figure the median of its last 8 steps, a spell priced the
+    length it hit at its slow figure; the policy left it for one timed in a quiet minute,
+    the next spell priced that one too, and plain decoding, timed quiet and never again,
+    won: in six seeds it decoded plainly on up to 66% of the steps, where drafting 3 wins
+    1.7x. (On tiny:step35 the bench's auto row read 0.99x plain, draft 3 2.03x.)"""
+    cost = lambda k, d: 1.0 + 0.25 * k
+    spells = lambda step: 2.5 if step % 150 >= 138 else 1.0
+    for seed in range(6):
+        trace = Trace(DraftPolicy(3), const(0.9), cost, seed=seed, switch_cost=0.5, speed=spells).run(1500)
+        assert trace.chosen[20:].count(0) == 0, (seed, trace.chosen)
+        assert trace.chosen[20:].count(3) > 0.9 * 1480, (seed, trace.chosen)
 
 
 def test_a_switch_to_plain_decoding_times_it_again_on_a_machine_that_slowed():
     """Plain decoding's figure was taken in the first steps; from step 60 the machine runs
-    1.5x slower for good (a busy neighbour). The drafting lengths' figures follow within a
+    1.5x slower for good (a busy neighbour; just short of a spell, see ``Slowdown``). The
+    drafting lengths' figures follow once the slow steps fill three quarters of their
     window, plain decoding's stays, so drafting looks slower than plain decoding and the
     policy switches. The plain steps after the switch are timed and show the slowdown:
     drafting (1.3x plain at any speed) is back within a few steps. Before, nothing timed
@@ -323,7 +376,7 @@ def test_a_switch_to_plain_decoding_times_it_again_on_a_machine_that_slowed():
             run = run + 1 if k == 0 else 0
             runs.append(run)
         assert max(runs) <= 12, (seed, trace.chosen[55:130])
-        assert trace.chosen[100:400].count(0) <= 6
+        assert trace.chosen[60:400].count(0) <= 12
 
 
 def test_one_stalled_step_does_not_rule_drafting_out():
