@@ -49,6 +49,7 @@ it is. ``sequence.step_sequences`` does this, and asks the policy of its batch s
 """
 from __future__ import annotations
 
+import bisect
 import statistics
 from collections import deque
 from collections.abc import Sequence
@@ -286,10 +287,11 @@ class StepTime:
     quiet minute, and decoded plainly for the rest of the bench's rounds (0.49x draft 3).
     """
 
-    __slots__ = ("samples", "guess", "value", "updated")
+    __slots__ = ("samples", "ordered", "guess", "value", "updated")
 
     def __init__(self, guess: float | None = None, copies: int = 0):
         self.samples: deque[float] = deque([guess] * copies if guess is not None else (), maxlen=COST_WINDOW)
+        self.ordered = sorted(self.samples)     # the same, in order of size
         self.guess, self.updated = guess, -1
         self.value = guess
 
@@ -298,11 +300,21 @@ class StepTime:
         return len(self.samples)
 
     def add(self, x: float, step: int = -1) -> None:
-        if self.samples and x < FAST_SAMPLE * self.value:
+        ordered = self.ordered
+        if ordered and x < FAST_SAMPLE * self.value:
             cut = x / FAST_SAMPLE
             self.samples = deque((s for s in self.samples if s <= cut), maxlen=COST_WINDOW)
+            del ordered[bisect.bisect_right(ordered, cut):]
+        if len(self.samples) == COST_WINDOW:
+            del ordered[bisect.bisect_left(ordered, self.samples[0])]
         self.samples.append(x)
-        self.value = _spell_free_median(self.samples)
+        bisect.insort(ordered, x)
+        # the median, leaving out the samples above SPELL_RATIO times the lower quartile
+        # once SPELL_MIN_SAMPLES stand behind it (a spell's); the lower of the middle two
+        n = len(ordered)
+        if n >= SPELL_MIN_SAMPLES:
+            n = bisect.bisect_right(ordered, SPELL_RATIO * ordered[(n - 1) // 4])
+        self.value = ordered[(n - 1) // 2]
         self.updated = step
 
     def add_provisional(self, x: float, step: int = -1) -> None:
@@ -314,17 +326,6 @@ class StepTime:
             self.updated = step
         elif x < self.value:
             self.add(x, step)
-
-
-def _spell_free_median(samples) -> float:
-    """The median of ``samples`` (the lower of the middle two), leaving out those above
-    SPELL_RATIO times the lower quartile once there are SPELL_MIN_SAMPLES of them."""
-    xs = sorted(samples)
-    if len(xs) < SPELL_MIN_SAMPLES:
-        return xs[(len(xs) - 1) // 2]
-    cut = SPELL_RATIO * xs[(len(xs) - 1) // 4]
-    kept = [x for x in xs if x <= cut]
-    return kept[(len(kept) - 1) // 2]
 
 
 class Slowdown:
@@ -344,7 +345,8 @@ class Slowdown:
         """``ratio``: a steady step's seconds over its length's figure (a figure is kept at
         factor 1). True when the factor changed."""
         self.recent.append(ratio)
-        if len(self.recent) < SPELL_STEPS:
+        usual = 1 <= ratio * SPELL_RATIO and ratio <= SPELL_RATIO
+        if len(self.recent) < SPELL_STEPS or (usual and self.factor == 1.0):
             return False
         before = self.factor
         if all(r > SPELL_RATIO for r in self.recent) or all(r * SPELL_RATIO < 1 for r in self.recent):
