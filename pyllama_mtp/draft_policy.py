@@ -619,7 +619,7 @@ class DraftPolicy:
     def _acceptance_rules_out(self, bucket: int) -> bool:
         """At ``bucket``'s costs no draft length would beat plain decoding even if every
         draft position were accepted as often as the first draft's upper bound (DOUBT_Z)
-        allows, after at least THIN_EVIDENCE observations of it."""
+        allows, after at least THIN_EVIDENCE of the generations' own observations of it."""
         t0 = self.costs.predict(bucket, 0)
         if not t0 or self.acceptance.seen[0] < THIN_EVIDENCE:
             return False
@@ -681,7 +681,7 @@ class DraftPolicy:
         before, best = self._best, self._decision()
         self._best = best
         if best > 0:
-            self.plain_retime = 0
+            self.plain_retime, self.left = 0, None
         elif before > 0:
             # A switch from drafting to plain decoding: plain decoding's figure here was taken
             # before drafting began, perhaps in a faster minute (a shared VM's speed drifts
