@@ -351,19 +351,17 @@ class Slowdown:
         self.factor = 1.0
         self.recent: deque[float] = deque(maxlen=SPELL_STEPS)
 
-    def observe(self, ratio: float) -> bool:
+    def observe(self, ratio: float) -> None:
         """``ratio``: a steady step's seconds over its length's figure (a figure is kept at
-        factor 1). True when the factor changed."""
+        factor 1)."""
         self.recent.append(ratio)
         usual = 1 <= ratio * SPELL_RATIO and ratio <= SPELL_RATIO
         if len(self.recent) < SPELL_STEPS or (usual and self.factor == 1.0):
-            return False
-        before = self.factor
+            return
         if all(r > SPELL_RATIO for r in self.recent) or all(r * SPELL_RATIO < 1 for r in self.recent):
             self.factor = statistics.median(self.recent)
         elif all(1 <= r * SPELL_RATIO and r <= SPELL_RATIO for r in self.recent):
             self.factor = 1.0
-        return self.factor != before
 
 
 class StepCosts:
