@@ -338,6 +338,11 @@ class StepTime:
             self.add(x, step)
 
 
+def _usual(ratio: float) -> bool:
+    """A step's time over its length's figure is within SPELL_RATIO either way."""
+    return 1 <= ratio * SPELL_RATIO and ratio <= SPELL_RATIO
+
+
 class Slowdown:
     """How much slower than usual the machine runs now (``factor``): 1.0, or while
     SPELL_STEPS steady steps in a row took more than SPELL_RATIO times their length's
@@ -355,12 +360,11 @@ class Slowdown:
         """``ratio``: a steady step's seconds over its length's figure (a figure is kept at
         factor 1)."""
         self.recent.append(ratio)
-        usual = 1 <= ratio * SPELL_RATIO and ratio <= SPELL_RATIO
-        if len(self.recent) < SPELL_STEPS or (usual and self.factor == 1.0):
+        if len(self.recent) < SPELL_STEPS or (self.factor == 1.0 and _usual(ratio)):
             return
         if all(r > SPELL_RATIO for r in self.recent) or all(r * SPELL_RATIO < 1 for r in self.recent):
             self.factor = statistics.median(self.recent)
-        elif all(1 <= r * SPELL_RATIO and r <= SPELL_RATIO for r in self.recent):
+        elif all(_usual(r) for r in self.recent):
             self.factor = 1.0
 
 
@@ -399,7 +403,7 @@ class StepCosts:
             self.slowdown.observe(ratio)
             # a step that ran at the usual speed for its length is taken as it is, even in
             # a spell (it may be the spell's end); one that did not, at the spell's factor
-            factor = self.slowdown.factor if ratio > SPELL_RATIO or ratio * SPELL_RATIO < 1 else 1.0
+            factor = 1.0 if _usual(ratio) else self.slowdown.factor
         if steady:
             m.add(seconds / factor, step)
         else:
