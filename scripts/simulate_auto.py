@@ -43,6 +43,9 @@ CASES = {
     "tiny:step35-a0.6": ({0: 4.41, 1: 5.54, 2: 6.56, 3: 8.07}, [0.55, 0.57, 0.62]),
     # Intel Xeon without AMX (AVX-512 VNNI/VBMI), 2 threads: steady steps of an auto trace
     "tiny:step35-a0.6, Intel no AMX": ({0: 4.07, 1: 5.01, 2: 5.9, 3: 6.6}, [0.59, 0.61, 0.55]),
+    # the 0.7 GB Q4_K_M acceptance-0.6 oracle after 2,048 tokens, Intel Xeon without AMX:
+    # steady steps' medians of an auto trace (drafting 1 wins by about 12%)
+    "0.7 GB Q4_K_M oracle, depth 2048, Intel no AMX": ({0: 10.3, 1: 14.9, 2: 18.7, 3: 23.3}, [0.63, 0.6, 0.7]),
     "2 GB Q4_K_M oracle": ({0: 1.0, 1: 1.77, 2: 2.39, 3: 3.05}, [1.0, 1.0, 1.0]),
     "2 GB Q4_K_M oracle, Intel AMX": ({0: 1.0, 1: 1.58, 2: 1.89, 3: 2.33}, [1.0, 1.0, 1.0]),
     "drafts never accepted": ({0: 1.0, 1: 1.6, 2: 2.2, 3: 2.8}, [0.0, 0.0, 0.0]),
@@ -72,7 +75,7 @@ class Fixed:
 def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_gen: int, rng,
                       noise: float, stall: float, switch: float, drift: float = 0.0,
                       cold: bool = False, catch_up: float = 0.0, machine=None, calls: int = 1,
-                      spells: float = 0.0, spell_steps: float = 15.0) -> float:
+                      spells: float = 0.0, spell_steps: float = 15.0, walk: float = 0.0) -> float:
     """A warm-up generation, then ``calls`` measured ones, of n_gen tokens each (``cold``: the
     measured ones only, the policy new: a Llama's first call). ``drift``: the
     machine's speed changes now and then (every ~100 steps on average) by a log-normal
@@ -81,11 +84,14 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
     plain decoding (the rows kept while decoding plainly, BatchDraftPolicy.heads_window).
     ``spells``: the chance per step that a slow spell begins (a neighbour's burst on a shared
     VM: every step 1.5-3x slower, for ``spell_steps`` steps on average).
+    ``walk``: the machine's log speed also wanders from step to step (a random walk of this
+    sigma per step, pulled back toward 1.0 over about 100 steps), the slower minutes that
+    build up over a few dozen steps on a shared VM.
     ``machine``: a generator of its own for the machine's noise, stalls and drift (default:
     ``rng``, which also draws acceptance), so that two policies run on one seed meet the
     same machine at the same step whatever they draft."""
     machine = rng if machine is None else machine
-    speed, spell_left, spell_factor = 1.0, 0, 1.0
+    speed, spell_left, spell_factor, wander = 1.0, 0, 1.0, 0.0
     total_tokens = total_seconds = 0.0
     for measured in ((True,) * calls if cold else (False,) + (True,) * calls):
         policy.start_sequence()
@@ -101,7 +107,9 @@ def tokens_per_second(policy, costs: dict[int, float], accept: list[float], n_ge
             if spells and machine.random() < spells:
                 spell_left = int(machine.geometric(1.0 / spell_steps))
                 spell_factor = float(np.exp(machine.uniform(np.log(1.5), np.log(3.0))))
-            slow = spell_factor if spell_left > 0 else 1.0
+            if walk:
+                wander = 0.99 * wander + machine.normal(0.0, walk)
+            slow = (spell_factor if spell_left > 0 else 1.0) * float(np.exp(wander))
             spell_left -= 1
             t = slow * speed * costs[k] * float(np.exp(machine.normal(0.0, noise))) * (1.8 if machine.random() < stall else 1.0)
             if k != last:
@@ -128,6 +136,8 @@ def main(argv=None) -> int:
     ap.add_argument("--spells", type=float, default=0.0,
                     help="chance per step of a slow spell, 1.5-3x for --spell-steps steps (default 0: none)")
     ap.add_argument("--spell-steps", type=float, default=15.0, help="mean length of a slow spell, in steps")
+    ap.add_argument("--walk", type=float, default=0.0,
+                    help="sigma per step of a random walk of the machine's log speed (default 0: none)")
     ap.add_argument("--cold", action="store_true", help="no warm-up generation: the policy starts new")
     ap.add_argument("--calls", type=int, default=1,
                     help="measured generations per seed, one policy across them (default 1)")
@@ -150,7 +160,7 @@ def main(argv=None) -> int:
                 return np.array([tokens_per_second(make(), costs, accept, n_gen, np.random.default_rng([s, 0]),
                                                    args.noise, args.stall, args.switch, args.drift,
                                                    args.cold, args.catch_up, np.random.default_rng([s, 1]),
-                                                   args.calls, args.spells, args.spell_steps)
+                                                   args.calls, args.spells, args.spell_steps, args.walk)
                                  for s in range(args.seeds)])
             fixed = [rates(lambda k=k: Fixed(k)) for k in range(4)]
             auto = rates(lambda: DraftPolicy(3))
