@@ -18,6 +18,7 @@ in a mean).
     python scripts/simulate_auto.py --case a0.6 --calls 8 -n 192
     python scripts/simulate_auto.py --baseline /tmp/old/draft_policy.py   # A/B two policies
     python scripts/simulate_auto.py --spells 0.01 --calls 6 -n 128        # a busy neighbour's spells
+    python scripts/simulate_auto.py --walk 0.02 --calls 6 -n 192          # slower minutes that build up
 """
 from __future__ import annotations
 
