@@ -387,9 +387,10 @@ class StepCosts:
     def __init__(self, slowdown: Slowdown | None = None):
         self.slowdown = slowdown if slowdown is not None else Slowdown()
         self.buckets: dict[int, dict[int, StepTime]] = {}
-        # points() by (bucket, steady_only), until the figures change: a decision predicts
-        # every length's cost, each from the points, and on a tiny model decisions showed
-        self._points: dict[tuple[int, bool], dict[int, float]] = {}
+        # points() by (bucket, steady_only), with the slowdown factor they were given at,
+        # until the figures change: a decision predicts every length's cost, each from the
+        # points, and on a tiny model decisions showed
+        self._points: dict[tuple[int, bool], tuple[float, dict[int, float]]] = {}
 
     def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
         self._points.clear()
@@ -421,11 +422,13 @@ class StepCosts:
         """Each length's figure here, by length (``steady_only``: where steady samples stand
         behind it). Callers must not change the dict."""
         key = (bucket, steady_only)
-        pts = self._points.get(key)
-        if pts is None:
-            f = self.slowdown.factor
-            pts = self._points[key] = {k: m.value * f for k, m in sorted(self.buckets.get(bucket, {}).items())
-                                       if m.value is not None and (m.weight > 0 or not steady_only)}
+        f = self.slowdown.factor
+        cached = self._points.get(key)
+        if cached is not None and cached[0] == f:    # (another size class may have moved the factor)
+            return cached[1]
+        pts = {k: m.value * f for k, m in sorted(self.buckets.get(bucket, {}).items())
+               if m.value is not None and (m.weight > 0 or not steady_only)}
+        self._points[key] = (f, pts)
         return pts
 
     def restart(self, bucket: int, k: int) -> None:
