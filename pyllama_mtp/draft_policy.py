@@ -389,7 +389,7 @@ class StepCosts:
         self.buckets: dict[int, dict[int, StepTime]] = {}
         # points() by (bucket, steady_only), with the slowdown factor they were given at,
         # until the figures change: a decision predicts every length's cost, each from the
-        # points, and on a tiny model decisions showed
+        # points, and on a tiny model building them anew for each showed in profiles
         self._points: dict[tuple[int, bool], tuple[float, dict[int, float]]] = {}
 
     def add(self, bucket: int, k: int, seconds: float, step: int, steady: bool = True) -> None:
