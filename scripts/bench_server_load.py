@@ -32,6 +32,14 @@ requests, 20% leaving early, 10% malformed; exactness, 5xx, recovery and RSS):
 
     python scripts/bench_server_load.py --chaos --model M -t 2
 
+--control runs a second MTP-off server, taking its turns like the others, and prints its
+copy over the first per client count: the noise floor of every ratio at that count and
+round count (two servers that decode alike differ by this much by chance), to tell a
+setting's loss of a few percent from the machine's:
+
+    python scripts/bench_server_load.py --model M --clients 1,2,4 --draft 1,auto --prefix-tokens 2048 \
+        --server-rounds 5 --no-library --control
+
 --upstream also runs upstream's llama-server (built by scripts/build_upstream.sh from the
 same pinned tree without our patches: its batched kernels) with -np equal to the largest
 client count, plain and with --spec-type draft-mtp, under the same load, and prints ours
@@ -251,13 +259,17 @@ def library_speedup(model: Path, args) -> dict:
     return {"plain_tps": off, "mtp_tps": on, "speedup": on / off if off else 0.0}
 
 
-def table(off: dict, on: dict[str, dict], lib: dict | None) -> str:
-    """MTP off, then each draft setting's aggregate and per-stream tok/s and its gain."""
+def table(off: dict, on: dict[str, dict], lib: dict | None, control: dict | None = None) -> str:
+    """MTP off, then each draft setting's aggregate and per-stream tok/s and its gain; with
+    ``control`` (a second MTP-off server), its copy over the first: the ratios' noise floor."""
     head = "| clients | MTP off aggregate | MTP off per stream |"
     rule = "| ------: | ----------------: | -----------------: |"
     for d in on:
         head += f" draft {d} aggregate | draft {d} per stream | {d} / off |"
         rule += " ------: | ------: | ------: |"
+    if control:
+        head += " control: off copy / off |"
+        rule += " ------: |"
     lines = [head, rule]
     for c in sorted(off):
         a = off[c]
@@ -265,6 +277,8 @@ def table(off: dict, on: dict[str, dict], lib: dict | None) -> str:
         for figures in on.values():
             b = figures[c]
             row += f" {b['aggregate_tps']:.2f} | {b['per_stream_tps']:.2f} | {ratio_text(b, a)} |"
+        if control:
+            row += f" {ratio_text(control[c], a)} |"
         lines.append(row)
     if lib:
         first = next(iter(on.values()))
@@ -321,6 +335,9 @@ def main(argv=None) -> int:
                          "medians, ratios the median of each round's ratio (default 1)")
     ap.add_argument("--no-library", action="store_true", help="skip the library's single-stream measurement")
     ap.add_argument("--json", type=Path, help="also write the figures here")
+    ap.add_argument("--control", action="store_true",
+                    help="also run a second MTP-off server and print its copy over the first: the noise floor "
+                         "of the ratios")
     ap.add_argument("--upstream", action="store_true",
                     help="also run upstream llama-server -np N, plain and draft-mtp (draft 3 when --draft is auto)")
     ap.add_argument("--compare-lib", metavar="DIR",
@@ -352,6 +369,8 @@ def main(argv=None) -> int:
     drafts = [d.strip() for d in args.draft.split(",") if d.strip()]
     setups = {"off": (None, False), **{f"d{d}": (d, False) for d in drafts}}
     ours = list(setups)
+    if args.control:
+        setups["off copy"] = (None, False)
     if args.compare_lib:
         if not (Path(args.compare_lib) / "pmtp.h").is_file():
             ap.error(f"--compare-lib {args.compare_lib}: no pmtp.h there (a library build's folder holds it)")
@@ -363,12 +382,15 @@ def main(argv=None) -> int:
     off, on = got["off"], {d: got[f"d{d}"] for d in drafts}
     args.draft = drafts[0]             # the library's single-stream figure takes the first
     lib = None if args.no_library else library_speedup(model, args)
-    print(table(off, on, lib))
+    control = got.get("off copy")
+    print(table(off, on, lib, control))
     if args.compare_lib:
         print(compare_table(got, ours))
     figures = {"mtp_off": off, "mtp_on": on, "library": lib, "drafts": drafts,
                "threads": args.threads, "n_gen": args.n_gen, "prefix_tokens": args.prefix_tokens,
                "model": str(model)}
+    if control:
+        figures["control_off"] = control
     if args.compare_lib:
         figures["compare_lib"] = {"dir": args.compare_lib, "figures": {n: got[f"{n}@b"] for n in ours}}
     if args.upstream:
