@@ -1052,6 +1052,42 @@ def test_a_batch_size_first_seen_after_another_probes_the_drafting_it_only_guess
     assert not policy.admits(four, k, 400, 60)      # a long prompt's rows still wait
 
 
+def test_a_batch_that_stays_long_in_its_class_pays_a_dearer_catch_up_to_time_a_guess():
+    """The 0.7 GB F16 oracle after 2,048 tokens (Intel Xeon without AMX): a batch of four
+    whose heads each kept their fewest rows took 1.5 plain steps to catch up, more than a
+    plain step, so the probe that would time the class's guessed drafting cost (one
+    sequence's, scaled by four, far above what a step of four takes) was declined at every
+    try, and the class decoded plainly on all its 842 steps where draft 1 ran at 1.11x
+    plain. Where the batch stays in its class for 60 steps, a catch-up of 1.5 plain steps
+    to time the guess once is cheap; one of a dozen plain steps is not."""
+    policy = BatchDraftPolicy(3)
+    one = {0: 0.0106, 1: 0.0145, 2: 0.0154, 3: 0.0189}
+    for k in (0, 1, 2, 3, 0):                      # one client: every length timed steadily
+        for i in range(10):
+            policy.choose(1, 40)
+            policy.update(1, k, [k * (i % 2)] if k else [], one[k], 40, members=(0,))
+    for rows in (8, 16, 24, 32):
+        policy.observe_catch_up(40, rows, 0.0006 * rows)
+    four = policy.policy(4)
+    for _ in range(3):                             # runs of four sequences between lone steps
+        for _ in range(60):
+            policy.enter(4)
+            policy.update(4, 0, [], 0.0195, 40, members=(0, 1, 2, 3))
+        policy.enter(1)
+        policy.update(1, 0, [], 0.0106, 40, members=(0,))
+    assert four.decision == 0 and four.stay.value == 60
+    assert max(four.rates(), key=four.rates().get) == 0          # at the guesses, plain decoding
+    catch_up = policy.catch_up.predict(four.bucket, [16, 16, 16])
+    assert 1.25 * 0.0195 < catch_up < 2 * 0.0195                  # dearer than a plain step
+    four.next_probe = four.steps + 1
+    policy.enter(4)
+    assert policy.decide(four, 40, [(16, 48), (16, 48), (16, 48)]) > 0
+    assert policy.admits(four, 1, 24, 60)          # a newcomer: its prompt's rows and a few more
+    four.next_probe = four.steps + 1
+    policy.enter(4)
+    assert policy.decide(four, 40, [(200, 48), (200, 48), (200, 48)]) == 0   # a dozen plain steps: no
+
+
 def test_a_step_where_some_sequences_were_held_is_taken_by_the_rows_it_added():
     """Four sequences, plain steps of 40 ms timed (one alone: 20 ms); a step where three
     drafted 3 and one was held took 150 ms, 20 of them the held one's decode call of its
