@@ -1017,6 +1017,30 @@ def test_eight_sequences_whose_first_drafts_are_mostly_rejected_back_off_their_p
         assert len(probe_starts(chosen[400:])) <= 4, (seed, probe_starts(chosen[400:]))
 
 
+def one_client_then_runs_of_four(row_seconds: float, run: int):
+    """A batch policy that served one client (every length timed steadily, drafts accepted
+    about half the time, the heads' catch-up timed at ``row_seconds`` a row), then runs of
+    ``run`` steps of four sequences decoding plainly (19.5 ms) between lone steps: the
+    class of four started from one sequence's costs scaled by four. The policy, and its
+    policy of four."""
+    policy = BatchDraftPolicy(3)
+    one = {0: 0.0106, 1: 0.0145, 2: 0.0154, 3: 0.0189}
+    for k in (0, 1, 2, 3, 0):                      # one client: every length timed steadily
+        for i in range(10):
+            policy.choose(1, 40)
+            policy.update(1, k, [k * (i % 2)] if k else [], one[k], 40, members=(0,))
+    for rows in (8, 16, 24, 32):
+        policy.observe_catch_up(40, rows, row_seconds * rows)
+    four = policy.policy(4)
+    for _ in range(3):                             # runs of four sequences between lone steps
+        for _ in range(run):
+            policy.enter(4)
+            policy.update(4, 0, [], 0.0195, 40, members=(0, 1, 2, 3))
+        policy.enter(1)
+        policy.update(1, 0, [], 0.0106, 40, members=(0,))
+    return policy, four
+
+
 def test_a_batch_size_first_seen_after_another_probes_the_drafting_it_only_guessed():
     """A server that served one client, then four (0.7 GB Q4_K_M oracle, Intel Xeon without
     AMX, acceptance ~0.5): the class of four sequences starts from one sequence's drafting
@@ -1026,21 +1050,7 @@ def test_a_batch_size_first_seen_after_another_probes_the_drafting_it_only_guess
     guess kept from drafting, and a newcomer was always there: the class decoded plainly
     on all its steps (at two clients too, where draft 1 ran at 1.10x plain). A probe that
     times a guessed length runs, a newcomer whose heads lack few rows taking part."""
-    policy = BatchDraftPolicy(3)
-    one = {0: 0.0106, 1: 0.0145, 2: 0.0154, 3: 0.0189}
-    for k in (0, 1, 2, 3, 0):                      # one client: every length timed steadily
-        for i in range(10):
-            policy.choose(1, 40)
-            policy.update(1, k, [k * (i % 2)] if k else [], one[k], 40, members=(0,))
-    for rows in (8, 16, 24, 32):
-        policy.observe_catch_up(40, rows, 0.0004 * rows)
-    four = policy.policy(4)
-    for _ in range(3):                             # runs of four sequences between lone steps
-        for _ in range(30):
-            policy.enter(4)
-            policy.update(4, 0, [], 0.0195, 40, members=(0, 1, 2, 3))
-        policy.enter(1)
-        policy.update(1, 0, [], 0.0106, 40, members=(0,))
+    policy, four = one_client_then_runs_of_four(row_seconds=0.0004, run=30)
     assert four.decision == 0 and four.stay.value == 30
     assert max(four.rates(), key=four.rates().get) == 0          # at the guesses, plain decoding
     four.next_probe = four.steps + 1
@@ -1060,21 +1070,7 @@ def test_a_batch_that_stays_long_in_its_class_pays_a_dearer_catch_up_to_time_a_g
     try, and the class decoded plainly on all its 842 steps where draft 1 ran at 1.11x
     plain. Where the batch stays in its class for 60 steps, a catch-up of 1.5 plain steps
     to time the guess once is cheap; one of a dozen plain steps is not."""
-    policy = BatchDraftPolicy(3)
-    one = {0: 0.0106, 1: 0.0145, 2: 0.0154, 3: 0.0189}
-    for k in (0, 1, 2, 3, 0):                      # one client: every length timed steadily
-        for i in range(10):
-            policy.choose(1, 40)
-            policy.update(1, k, [k * (i % 2)] if k else [], one[k], 40, members=(0,))
-    for rows in (8, 16, 24, 32):
-        policy.observe_catch_up(40, rows, 0.0006 * rows)
-    four = policy.policy(4)
-    for _ in range(3):                             # runs of four sequences between lone steps
-        for _ in range(60):
-            policy.enter(4)
-            policy.update(4, 0, [], 0.0195, 40, members=(0, 1, 2, 3))
-        policy.enter(1)
-        policy.update(1, 0, [], 0.0106, 40, members=(0,))
+    policy, four = one_client_then_runs_of_four(row_seconds=0.0006, run=60)
     assert four.decision == 0 and four.stay.value == 60
     assert max(four.rates(), key=four.rates().get) == 0          # at the guesses, plain decoding
     catch_up = policy.catch_up.predict(four.bucket, [16, 16, 16])
