@@ -48,7 +48,7 @@ CASES = {
     # steady steps' medians of an auto trace (drafting 1 wins by about 12%)
     "0.7 GB Q4_K_M oracle, depth 2048, Intel no AMX": ({0: 10.3, 1: 14.9, 2: 18.7, 3: 23.3}, [0.63, 0.6, 0.7]),
     # the 0.7 GB F16 acceptance-0.6 oracle after 2,048 tokens, same CPU: steady steps of an
-    # auto trace; drafts 1-3 within 2% of each other, all about 1.25x plain
+    # auto trace; drafts 1-3 within 2% of each other, all about 1.2x plain
     "0.7 GB F16 oracle, depth 2048, Intel no AMX": ({0: 22.6, 1: 30.3, 2: 37.5, 3: 42.2}, [0.58, 0.71, 0.6]),
     "2 GB Q4_K_M oracle": ({0: 1.0, 1: 1.77, 2: 2.39, 3: 3.05}, [1.0, 1.0, 1.0]),
     "2 GB Q4_K_M oracle, Intel AMX": ({0: 1.0, 1: 1.58, 2: 1.89, 3: 2.33}, [1.0, 1.0, 1.0]),
