@@ -1233,7 +1233,7 @@ class BatchDraftPolicy:
                 cost = self.switch_in_cost.value
             lefts = [n for _, n in switch_in]
             left = None if any(n is None for n in lefts) else max(lefts)
-        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, cost, [rows for rows, _ in switch_in or ()]):
+        if self.probes_a_guess(p, k) and self._catch_up_affordable_for_a_guess(p, cost, [rows for rows, _ in switch_in or ()]):
             return True
         stay = p.stay.value
         if cost is None or (stay is None and left is None):
@@ -1266,12 +1266,12 @@ class BatchDraftPolicy:
         382 steps; at four clients each probe waited for a newcomer that ``admits`` held by
         the guess, and a newcomer is always there. So ``decide`` lets such a probe run, and
         ``admits`` a newcomer to it, where the heads lack no more rows than plain decoding
-        leaves them (``_about_a_plain_step``)."""
+        leaves them (``_catch_up_affordable_for_a_guess``)."""
         b = p.bucket
         return p.guessed_plain and p.decision == 0 and k > 0 and p.costs.last_update(b, k) < 0
 
     @staticmethod
-    def _about_a_plain_step(p: DraftPolicy, cost: float | None, rows) -> bool:
+    def _catch_up_affordable_for_a_guess(p: DraftPolicy, cost: float | None, rows) -> bool:
         """Whether the heads' catch-up on ``rows`` (per sequence), ``cost`` seconds as
         predicted, costs about a plain step of ``p``'s batch at most, as ``heads_window``
         keeps it while decoding plainly, or, where the batch usually stays in its size class
@@ -1325,7 +1325,7 @@ class BatchDraftPolicy:
         if self.plain_guessed(p):
             return False        # the saving would rest on another class's figure: time plain first
         cost = self.catch_up.predict(p.bucket, [rows])
-        if self.probes_a_guess(p, k) and self._about_a_plain_step(p, cost, [rows]):
+        if self.probes_a_guess(p, k) and self._catch_up_affordable_for_a_guess(p, cost, [rows]):
             return True         # the probe would wait for it, priced by the guess it times
         rates = p.rates()
         if cost is None or k not in rates or 0 not in rates:
