@@ -24,7 +24,8 @@ probes:
 - drafting does not turn plain on a few rejected drafts: while the first draft's
   acceptance rests on so few observations that it may still pay (``in_doubt``), one
   draft a step goes on, where each observation is cheap (after a switch to plain
-  decoding each look costs a probe);
+  decoding each look costs a probe); once plain, probes keep the base pace while a
+  more generous bound (PACE_Z) says one draft may still pay (``one_draft_may_pay``);
 - probes back off exponentially (x4) while they do not change the decision (or are
   declined: the heads' catch-up before them could not pay, ``decline_probe``), except where
   the probed length came close (CLOSE_CALL) and deserves another look; so a model
@@ -68,6 +69,7 @@ CHECK_OBSERVATIONS = 2  # the load-time check's texts count as this many observa
 THIN_EVIDENCE = 2       # the generations' own observations of the first draft before probes back off
 DOUBT_OBSERVATIONS = 8  # drafting stays while the first draft has fewer observations of the text's own
 DOUBT_Z = 1.0           # ... and its acceptance's upper bound at this z says drafting may pay
+PACE_Z = 1.75           # probes keep THIN_PROBE_BUDGET while the bound at this z says so (one_draft_may_pay)
 TIME_WINDOW = 8         # switch, probe and catch-up costs: running means over about 8
 COST_WINDOW = 32        # step cost per (depth bucket, k): the median of its last 32 steady steps ...
 SPELL_RATIO = 1.5       # ... leaving out those above 1.5x their lower quartile (a slow spell's) ...
@@ -605,21 +607,30 @@ class DraftPolicy:
         model whose check accepted 39% of first drafts, six steps of the generation ended
         the doubt, and two of six 192-token bench runs then decoded plainly throughout;
         counted apart, none of eight did."""
-        if self.last_k <= 0 or self.draft_max < 1:
+        if self.last_k <= 0:
             return False
-        if self.acceptance.seen[0] >= DOUBT_OBSERVATIONS:
+        return self.one_draft_may_pay(DOUBT_Z)
+
+    def one_draft_may_pay(self, z: float) -> bool:
+        """The first draft's acceptance rests on fewer than DOUBT_OBSERVATIONS of the
+        generations' own observations, and its upper bound at ``z`` would make a step with
+        one draft beat a plain one. A step with one draft costs its steady figure, or, while
+        fewer than LEARN_SAMPLES steady steps stand behind that, the lower of its figure
+        and the prior shape's (DEFAULT_DRAFT_COST): the steps after a switch run high, and
+        one steady step may be a stalled one (on the 0.7 GB F16 oracle's costs in
+        simulate_auto.py, one steady step timed at 1.4x drafting's cost, with three drafts
+        rejected, held plain decoding for whole runs)."""
+        if self.draft_max < 1 or self.acceptance.seen[0] >= DOUBT_OBSERVATIONS:
             return False
         b = self.bucket
         if not self.costs.steady(b, 0):
             return False        # plain decoding's figure runs high (see StepCosts): no fair test
         t0 = self.costs.predict(b, 0)
-        # a step with one draft: its steady cost, or, before one was timed (the steps after a
-        # switch run high), the lower of its figure so far and the prior shape's
-        if self.costs.steady(b, 1):
+        if self.costs.samples(b, 1) >= LEARN_SAMPLES:
             t1 = self.costs.predict(b, 1, steady_only=True)
         else:
             t1 = min(filter(None, (self.costs.predict(b, 1), t0 * (1 + DEFAULT_DRAFT_COST))))
-        return (1 + self.acceptance.upper_bound(0, DOUBT_Z)) / t1 > 1 / t0
+        return (1 + self.acceptance.upper_bound(0, z)) / t1 > 1 / t0
 
     def _acceptance_rules_out(self, bucket: int) -> bool:
         """At ``bucket``'s costs no draft length would beat plain decoding even if every
@@ -986,10 +997,14 @@ class DraftPolicy:
             # the probed length came within CLOSE_CALL of the decision: a few noisy samples
             # may have decided it, so look again at the base pace (cheap: the two are close)
             self.interval = max(BASE_INTERVAL, self._affordable_interval(after))
-        elif after == 0 and self.acceptance.seen[0] < THIN_EVIDENCE:
-            # plain decoding stays on one rejected draft of the generation's own: too few
-            # to tell acceptance 0.5 from 0, so look again soon: at the base pace, with
-            # THIN_PROBE_BUDGET of the time for probes. The load-time check's texts are no
+        elif after == 0 and (self.acceptance.seen[0] < THIN_EVIDENCE or self.one_draft_may_pay(PACE_Z)):
+            # plain decoding stays on one rejected draft of the generation's own, or on so
+            # few that drafting may still pay (PACE_Z): too few to tell acceptance 0.5
+            # from 0, so look again soon: at the base pace, with THIN_PROBE_BUDGET of the
+            # time for probes. Three rejected drafts in a row come one time in thirteen at
+            # acceptance 0.58; after them a probe at 1% of the time came 444 steps later,
+            # and on the 0.7 GB F16 oracle's costs in simulation (drafting 1.2x plain) three
+            # runs in 24 decoded plainly throughout. The load-time check's texts are no
             # evidence of the user's text (see Acceptance.observe_texts): counted here
             # with the prior, a check that saw few drafts accepted and a first probe whose
             # draft was rejected (four times in ten at acceptance 0.6) backed probes off
