@@ -740,9 +740,13 @@ class DraftPolicy:
                 k = learn if learning else self._probe_length(best)
             # A probe's own step is timed high (see StepCosts); a second step at the same
             # length gives its steady cost. Worth it where drafting runs anyway, learning
-            # wants it, or drafts are accepted and the length has fewer than LEARN_SAMPLES
-            # steady steps here; from plain decoding with drafts rejected, one step.
-            if best > 0 or learning or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES):
+            # wants it, drafts are accepted and the length has fewer than LEARN_SAMPLES
+            # steady steps here, or the probe is one the thin-evidence pace asked for
+            # (finish_step, PACE_Z): its second step is a second observation for a third
+            # of a plain step, where another probe would pay the heads' catch-up and two
+            # switches again. From plain decoding with drafts rejected, one step.
+            thin = k == 1 and self.acceptance.seen[0] >= THIN_EVIDENCE and self.one_draft_may_pay(PACE_Z)
+            if best > 0 or learning or thin or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES):
                 self.trial_k, self.trial_left = k, 1
                 if learning:                    # as many steady steps as learning wants
                     self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))

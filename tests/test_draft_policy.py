@@ -72,13 +72,13 @@ def test_acceptance_zero_settles_on_plain_within_a_few_steps_and_probes_ever_mor
     drafting = [i for i, k in enumerate(trace.chosen) if k > 0]
     assert all(trace.chosen[i] == 1 for i in drafting)   # one draft at a time
     # two plain steps (the second timed), then one draft a step while a few rejections
-    # cannot tell acceptance 0 from 0.5 (in_doubt), then probes at the base pace while
-    # the first draft's generous bound (PACE_Z) says one draft may still pay, then
-    # backing off x4; entering a deeper context (128, 256, 512, 1,024 tokens) does not
-    # probe: acceptance alone rules drafting out there (a probe would cost the heads'
+    # cannot tell acceptance 0 from 0.5 (in_doubt), then probes of two steps at the base
+    # pace while the first draft's generous bound (PACE_Z) says one draft may still pay,
+    # then backing off x4; entering a deeper context (128, 256, 512, 1,024 tokens) does
+    # not probe: acceptance alone rules drafting out there (a probe would cost the heads'
     # catch-up for nothing)
-    assert drafting[:5] == [2, 3, 4, 5, 6], drafting
-    assert probe_starts(trace.chosen)[:6] == [2, 18, 34, 50, 114, 370] and len(drafting) <= 13, drafting
+    assert drafting[:7] == [2, 3, 4, 5, 6, 18, 19], drafting
+    assert probe_starts(trace.chosen)[:6] == [2, 18, 35, 100, 356, 868] and len(drafting) <= 14, drafting
     assert trace.rate > 0.995 * 1.0
 
 
