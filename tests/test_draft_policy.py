@@ -1300,12 +1300,12 @@ def test_three_rejected_drafts_and_one_stalled_step_do_not_hold_plain_decoding()
     (drafting one pays 1.2x plain at acceptance 0.58). The first three drafts are rejected
     (one time in thirteen at that acceptance) and the second drafting step, the first
     steady one, stalls at 1.4x. Plain decoding won on those figures, and after the next
-    probe's rejected draft probes backed off to 1% of the time: the next came about 90
-    steps later, and 18 of 20 seeds decoded plainly on most of the 240 steps after the
-    first 60. While the first draft rests on fewer than DOUBT_OBSERVATIONS observations of
-    the generations' own and its bound at PACE_Z says one draft may pay, with one draft
-    priced no higher than the prior shape until LEARN_SAMPLES steady steps stand behind
-    it, probes stay at the base pace; 14 of 20 seeds drafted on most of those steps."""
+    probe's rejected draft probes backed off to 1% of the time, and 18 of 20 seeds
+    decoded plainly on most of the 240 steps after the first 60. While the first draft
+    rests on fewer than DOUBT_OBSERVATIONS observations of the generations' own and its
+    bound at PACE_Z says one draft may pay, with one draft priced no higher than the
+    prior shape until LEARN_SAMPLES steady steps stand behind it, probes stay at the base
+    pace and run two steps each; 11 of 20 seeds drafted on most of those steps."""
     steps = {0: 22.6, 1: 30.3, 2: 37.5, 3: 42.2}
     unlucky = lambda step, pos: 0.0 if step < 20 else 0.58
     stall = lambda step: 1.4 if step == 3 else 1.0
