@@ -469,7 +469,12 @@ def test_steps_that_rebuild_the_graph_are_counted_and_reported_to_the_policy(ste
         want = llm.generate("graphs at kv boundaries", max_tokens=600, mtp=False).tokens
         assert llm.generate("graphs at kv boundaries", max_tokens=600).tokens == want
         n_prompt = len(llm.tokenize("graphs at kv boundaries"))
-        assert reported[256] == (True, True) and reported[512] == (True, True), reported
+        # the steps at the boundaries are reported as rebuilt; usually they keep the length
+        # of the step before (then only the flag keeps them from counting as steady), but
+        # a new depth bucket may be probed at its first step, with another length (seen
+        # once in about 40 runs at 256), so the length is asked of one of the two only
+        assert reported[256][0] and reported[512][0], reported
+        assert reported[256][1] or reported[512][1], reported
         # elsewhere only a change of length (a probe) or the first step after the prompt builds
         assert not [d for d, (rebuilt, same) in reported.items()
                     if rebuilt and same and d % 256 and d != n_prompt], reported
