@@ -745,8 +745,8 @@ class DraftPolicy:
             # (finish_step, PACE_Z): its second step is a second observation for a third
             # of a plain step, where another probe would pay the heads' catch-up and two
             # switches again. From plain decoding with drafts rejected, one step.
-            thin = k == 1 and self.acceptance.seen[0] >= THIN_EVIDENCE and self.one_draft_may_pay(PACE_Z)
-            if best > 0 or learning or thin or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES):
+            if best > 0 or learning or (self.promising() and self.costs.samples(self.bucket, k) < LEARN_SAMPLES) \
+                    or (k == 1 and self.acceptance.seen[0] >= THIN_EVIDENCE and self.one_draft_may_pay(PACE_Z)):
                 self.trial_k, self.trial_left = k, 1
                 if learning:                    # as many steady steps as learning wants
                     self.trial_left = max(1, LEARN_SAMPLES - self.costs.samples(self.bucket, k))
