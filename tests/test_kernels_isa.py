@@ -78,3 +78,10 @@ def test_quantized_kernels_give_every_row_the_one_row_kernel_s_bits_for_each_ins
     x86 = CPU_SRC / "arch" / "x86"
     build_and_run(isa, "quantized_kernels.cpp", [CPU_SRC / "batch-invariant.cpp", x86 / "repack.cpp", x86 / "quants.c"],
                   ["ggml-cpu", "ggml-base", "ggml"], tmp_path, AVX512_VNNI if isa == "avx512" else ([], set()))
+
+
+@pytest.mark.parametrize("isa", list(ISAS))
+def test_q8_K_quantization_gives_the_reference_s_bits_for_each_instruction_set(isa, tmp_path):
+    # the activations of every K-quant matmul (vendor patch 0027): the harness's
+    # quantize_row_q8_K, built for this instruction set, against libggml-base's scalar reference
+    build_and_run(isa, "quantize_q8_K.cpp", [CPU_SRC / "arch" / "x86" / "quants.c"], ["ggml-cpu", "ggml-base"], tmp_path)
