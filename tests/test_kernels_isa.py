@@ -5,7 +5,8 @@ kernels' source in the patched tree and checks that every row of a product of 1 
 (MUL_MAT and MUL_MAT_ID) has the bits it has alone and matches a float64 reference.
 tests/native/quantized_kernels.cpp checks the quantized kernels (vendor patches 0014, 0018:
 repacked Q4_0/Q4_K, plain Q8_0/Q5_K/Q6_K) against upstream's one-row kernels compiled for the
-same instruction set.
+same instruction set. tests/native/quantize_q8_K.cpp checks the vectorised Q8_K activation
+quantization (vendor patch 0027) against upstream's scalar reference, block by block.
 """
 from __future__ import annotations
 
