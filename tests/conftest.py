@@ -2,9 +2,11 @@
 package's own model factory (no downloads)."""
 from __future__ import annotations
 
+import importlib.util
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -43,6 +45,17 @@ def run_isolated(code: str, timeout: float = 120) -> subprocess.CompletedProcess
     """Run code in a fresh interpreter: a crash there cannot take the test run down."""
     return subprocess.run([sys.executable, "-c", textwrap.dedent(code)], capture_output=True, text=True,
                           timeout=timeout)
+
+
+def load_script(name: str):
+    """scripts/<name>.py as a module (registered in sys.modules: dataclasses look their module
+    up there), for tests of the benchmark and simulation scripts."""
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
 
 
 def first_diff(a, b) -> int:

@@ -2,26 +2,20 @@
 fixed draft"), and a real run on a tiny model reports every mode and the control copies."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 import statistics
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_auto.py"
+from conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def bench_auto():
-    spec = importlib.util.spec_from_file_location("bench_auto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_auto")
 
 
 def noisy_rounds(rng, rounds: int, speeds: dict[str, float], noise: float) -> dict[str, list[float]]:

@@ -3,24 +3,19 @@ row count asked, each against plain decoding in the same rounds (no timing range
 machine stalls)."""
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
-import sys
 from pathlib import Path
 
 import pytest
 
-SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "bench_verify_curve.py"
+from conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def bench_verify_curve():
-    spec = importlib.util.spec_from_file_location("bench_verify_curve", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
+    return load_script("bench_verify_curve")
 
 
 def test_a_real_run_reports_every_row_count(bench_verify_curve, oracle_path, tmp_path, capsys):

@@ -6,25 +6,20 @@ instead of killing the test run.
 """
 from __future__ import annotations
 
-import importlib.util
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from conftest import run_isolated
+from conftest import load_script, run_isolated
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "fuzz_gguf.py"
 
 
 @pytest.fixture(scope="module")
 def fuzz():
-    spec = importlib.util.spec_from_file_location("fuzz_gguf", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module          # dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
+    return load_script("fuzz_gguf")
 
 
 @pytest.fixture(scope="module")

@@ -1,22 +1,18 @@
 """scripts/simulate_server_auto.py: the server simulation the batch policy is tuned on."""
 from __future__ import annotations
 
-import importlib.util
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 
-SCRIPT = Path(__file__).resolve().parent.parent / "scripts" / "simulate_server_auto.py"
+from conftest import load_script
+
 
 
 @pytest.fixture(scope="module")
 def sim():
-    spec = importlib.util.spec_from_file_location("simulate_server_auto", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_script("simulate_server_auto")
 
 
 def test_costs_from_a_trace_are_the_steady_steps_medians_with_missing_lengths_on_a_line(sim, tmp_path):
