@@ -12,7 +12,6 @@ import pytest
 from conftest import load_script
 
 
-
 @pytest.fixture(scope="module")
 def bench_verify_curve():
     return load_script("bench_verify_curve")

@@ -9,7 +9,6 @@ import pytest
 from conftest import load_script
 
 
-
 @pytest.fixture(scope="module")
 def sim():
     return load_script("simulate_server_auto")
