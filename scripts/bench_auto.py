@@ -33,10 +33,18 @@ Targets (issue "draft='auto' never loses"): auto >= 0.97x plain in every cell, a
     python scripts/bench_auto.py -m oracle.gguf -n 192 -d 0,2048 --rounds 5 --json out.json
     python scripts/bench_auto.py -m tiny:step35 -n 64 -d 2048 --rounds 9 --control
     python scripts/bench_auto.py -m tiny:step35-a0.6 -n 192 --baseline /tmp/old/draft_policy.py
+    python scripts/bench_auto.py -m tiny:step35-a0.6 -n 64 --rounds 20 --breakdown
 
 ``--baseline OTHER/draft_policy.py`` runs that version's policy as one more mode
 ("baseline", seeded alike) in the same rounds: "auto / baseline" is then paired within
 rounds too, where two runs of this script minutes apart would mix in the machine's drift.
+
+``--breakdown`` also times every step's decode alone and splits auto's decode time (see
+``breakdown``): what its lengths would have cost at the fixed modes' steady step costs,
+the extra of its first steps after a change of length (and of each run's first), the
+extra of its steady steps over the fixed modes' at the same length and depth, and its
+time between steps (the policy's and the driver's Python) against the best fixed
+length's; so a cell's loss reads as a choice, a price of switching, or bookkeeping.
 """
 from __future__ import annotations
 
@@ -67,8 +75,95 @@ def accelerators() -> str:
     return ", ".join(f"{d.name} ({d.description})" for d in local_devices() if d.type in ("gpu", "igpu"))
 
 
+DEPTH_BIN = 64   # tokens of context whose steps --breakdown prices alike
+
+
+class StepLog:
+    """Every decode step of the counted rounds, by mode: (k, the step before's k or None
+    at a run's first step, context depth, seconds of the decode alone), and the seconds
+    of the heads' catch-ups the driver runs between steps (before drafting after plain
+    decoding); installed on a session's ``step_batch`` and ``seq_mtp_catch_up``."""
+
+    def __init__(self, sessions):
+        self.mode: str | None = None             # the mode running now (None: not logged)
+        self.steps: dict[str, list[tuple[int, int | None, int, float]]] = {}
+        self.catch_up: dict[str, float] = {}
+        self._last: int | None = None
+        for sess in sessions:
+            sess.step_batch = self._timed(sess, sess.step_batch)
+            sess.seq_mtp_catch_up = self._timed_catch_up(sess.seq_mtp_catch_up)
+
+    def _timed_catch_up(self, catch_up):
+        def timed(seq):
+            t0 = time.perf_counter()
+            catch_up(seq)
+            if self.mode is not None:
+                self.catch_up[self.mode] = self.catch_up.get(self.mode, 0.0) + time.perf_counter() - t0
+        return timed
+
+    def start(self, mode: str | None) -> None:
+        """A run of ``mode`` begins (None: a run not to log)."""
+        self.mode, self._last = mode, None
+
+    def _timed(self, sess, step_batch):
+        def timed(seqs, drafts):
+            depth = sess.seq_n_past(seqs[0])
+            t0 = time.perf_counter()
+            results = step_batch(seqs, drafts)
+            seconds = time.perf_counter() - t0
+            if self.mode is not None:
+                self.steps.setdefault(self.mode, []).append((drafts[0], self._last, depth, seconds))
+            self._last = drafts[0]
+            return results
+        return timed
+
+
+def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_seconds: dict[str, float],
+              best: str) -> dict:
+    """Auto's decode time, split (each part in seconds over all counted rounds):
+
+    - ``priced``: its steps at the fixed modes' steady cost of their length and depth bin
+      (the median of the fixed runs' steps that repeated the step before's length);
+    - ``first_steps``: what its first steps after a change of length, and each run's
+      first, took beyond that;
+    - ``steady_excess``: what its other steps took beyond it (negative: less);
+    - ``catch_up``: the heads' catch-ups before its steps that drafted after plain ones;
+    - ``between_steps``: the rest of its decode time, outside the steps (the policy's and
+      the driver's Python between them).
+
+    ``best_priced`` and ``best_between_steps`` are the best fixed length's (its own steps
+    priced alike, its time between steps); ``tokens``: the tokens each produced. Steps
+    whose length and depth bin no fixed mode ran steadily are left out of the prices."""
+    ref_samples: dict[tuple[int, int], list[float]] = {}
+    for mode, log in steps.items():
+        if mode.isdigit():
+            for k, before, depth, seconds in log:
+                if before == k:
+                    ref_samples.setdefault((k, depth // DEPTH_BIN), []).append(seconds)
+    ref = {key: statistics.median(v) for key, v in ref_samples.items()}
+
+    def split(mode: str) -> dict:
+        out = {"priced": 0.0, "first_steps": 0.0, "steady_excess": 0.0, "steps": 0, "unpriced": 0}
+        for k, before, depth, seconds in steps.get(mode, []):
+            out["steps"] += 1
+            price = ref.get((k, depth // DEPTH_BIN))
+            if price is None:
+                out["unpriced"] += 1
+                continue
+            out["priced"] += price
+            out["first_steps" if before != k else "steady_excess"] += seconds - price
+        out["catch_up"] = catch_up.get(mode, 0.0)
+        out["between_steps"] = decode_seconds[mode] - sum(s[3] for s in steps.get(mode, [])) - out["catch_up"]
+        return out
+
+    auto, fixed = split("auto"), split(best)
+    return {**auto, "best_priced": fixed["priced"], "best_between_steps": fixed["between_steps"],
+            "best_steps": fixed["steps"], "decode_seconds": decode_seconds["auto"],
+            "best_decode_seconds": decode_seconds[best]}
+
+
 def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int, control: bool = False,
-             baseline=None) -> dict:
+             baseline=None, log_steps: bool = False) -> dict:
     from pyllama_mtp.config import ContextConfig, ModelConfig, SamplingParams
     from pyllama_mtp.draft_policy import BatchDraftPolicy
     from pyllama_mtp.engine import Model, Session
@@ -97,6 +192,9 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                 modes += [copy_name(k) for k in range(s.draft_max + 1)]
             rates: dict = {m: [] for m in modes}
             chosen: dict[int, int] = {}
+            log = StepLog((s, without_heads)) if log_steps else None
+            decode_seconds: dict[str, float] = {str(m): 0.0 for m in modes}
+            tokens: dict[str, int] = {str(m): 0 for m in modes}
             for r in range(rounds + 1):                     # round 0 warms up and is not counted
                 order = modes[r % len(modes):] + modes[:r % len(modes)]
                 prompt = [int(t) for t in rng.integers(3, n_vocab - 8, size=8)]
@@ -110,15 +208,25 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                     seq.load(sess)
                     seq.prefill(sess)
                     seq.begin(sess)
+                    if log is not None:
+                        log.start(str(mode) if r else None)
                     t0 = time.perf_counter()
                     while seq.n_generated < n_gen:
                         step_sequences(sess, [seq], policies.get(mode))
                         if mode == "auto" and r:
                             chosen[seq.last_k] = chosen.get(seq.last_k, 0) + 1
                     if r:
-                        rates[mode].append((seq.n_generated - 1) / (time.perf_counter() - t0))
+                        seconds = time.perf_counter() - t0
+                        rates[mode].append((seq.n_generated - 1) / seconds)
+                        decode_seconds[str(mode)] += seconds
+                        tokens[str(mode)] += seq.n_generated - 1
                     held[id(sess)] = seq.cached(sess.seq_n_past(0))
-    return summarise({str(m): v for m, v in rates.items()}, depth, n_gen, chosen)
+    cell = summarise({str(m): v for m, v in rates.items()}, depth, n_gen, chosen)
+    if log is not None:
+        best = str(cell["best_fixed"])
+        cell["breakdown"] = {**breakdown(log.steps, log.catch_up, decode_seconds, best),
+                             "tokens": tokens["auto"], "best_tokens": tokens[best]}
+    return cell
 
 
 def copy_name(k: int | str) -> str:
@@ -189,6 +297,42 @@ def verdict(cell: dict, who: str = "auto") -> list[str]:
     return misses
 
 
+def breakdown_row(b: dict) -> dict:
+    """A cell's breakdown as the table shows it: ``choice``: auto's lengths at the fixed
+    modes' step costs, in tokens per second over the best fixed length's at the same costs;
+    ``first_steps`` / ``steady_steps`` / ``catch_up``: the extra of its first and of its
+    steady steps, and the heads' catch-ups, as shares of auto's decode time;
+    ``between_steps``: the share of auto's and of the best fixed length's decode time spent
+    between steps, and per step in microseconds."""
+    d, d_best = b["decode_seconds"], b["best_decode_seconds"]
+    choice = (b["tokens"] / b["priced"]) / (b["best_tokens"] / b["best_priced"]) \
+        if b["priced"] and b["best_priced"] else float("nan")
+    return {"choice": choice, "first_steps": b["first_steps"] / d, "steady_steps": b["steady_excess"] / d,
+            "catch_up": b["catch_up"] / d,
+            "between_steps": b["between_steps"] / d, "best_between_steps": b["best_between_steps"] / d_best,
+            "between_us": 1e6 * b["between_steps"] / max(b["steps"], 1),
+            "best_between_us": 1e6 * b["best_between_steps"] / max(b["best_steps"], 1),
+            "unpriced": b["unpriced"]}
+
+
+def print_breakdowns(cells: list[dict]) -> None:
+    print("\nWhere auto's time went (--breakdown): its lengths priced at the fixed modes' steady step costs "
+          "(tok/s over the best fixed length's at the same costs), the extra of its first steps after a change "
+          "of length and of its steady steps, the heads' catch-ups (shares of its decode time), and the rest of the "
+          "time between steps\n")
+    print("| model | depth | tokens | auto / best fixed | lengths chosen, at fixed costs | first steps | "
+          "steady steps | catch-ups | between steps: auto | best fixed |")
+    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for cell in cells:
+        row = breakdown_row(cell["breakdown"])
+        unpriced = f" ({row['unpriced']} steps unpriced)" if row["unpriced"] else ""
+        print(f"| {cell['model']} | {cell['depth']} | {cell['n_gen']} | {cell['auto_over_best_fixed']:.2f}x | "
+              f"{row['choice']:.3f}x{unpriced} | {100 * row['first_steps']:+.1f}% | {100 * row['steady_steps']:+.1f}% | "
+              f"{100 * row['catch_up']:.1f}% | "
+              f"{100 * row['between_steps']:.1f}% ({row['between_us']:.0f} us/step) | "
+              f"{100 * row['best_between_steps']:.1f}% ({row['best_between_us']:.0f} us/step) |")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("-m", "--model", action="append", required=True, help="GGUF path or built-in name (repeatable)")
@@ -201,6 +345,9 @@ def main(argv=None) -> int:
                     help="run plain decoding and every fixed draft twice, and report the copies as auto is")
     ap.add_argument("--baseline", type=Path, help="another draft_policy.py: run it as a mode of its own, "
                                                   "and print auto / it")
+    ap.add_argument("--breakdown", action="store_true",
+                    help="time every step too, and split auto's time: its lengths at the fixed modes' costs, "
+                         "its switches, its steady steps, its time between steps")
     ap.add_argument("--json", type=Path, help="also write the cells here")
     args = ap.parse_args(argv)
     from pyllama_mtp.bench.builtin import resolve
@@ -222,7 +369,8 @@ def main(argv=None) -> int:
         path = resolve(name) if name.startswith("tiny:") else name
         for depth in (int(x) for x in args.depth.split(",")):
             for n_gen in (int(x) for x in args.n_gen.split(",")):
-                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed, args.control, baseline)
+                cell = run_cell(path, depth, n_gen, args.rounds, args.threads, args.seed, args.control, baseline,
+                                args.breakdown)
                 cell["model"] = name
                 cell["missed"] = verdict(cell)
                 failed += bool(cell["missed"])
@@ -242,6 +390,8 @@ def main(argv=None) -> int:
                       f"{cell['best_fixed_over_plain']:.2f}x | {med['auto']:.1f} | {cell['auto_over_plain']:.2f}x | "
                       f"{cell['auto_over_best_fixed']:.2f}x |{ctl} {mix}{' **' + '; '.join(missed) + '**' if missed else ''} |",
                       flush=True)
+    if args.breakdown:
+        print_breakdowns(out["cells"])
     if args.json:
         args.json.write_text(json.dumps(out, indent=1))
     print(f"\n{len(out['cells']) - failed} of {len(out['cells'])} cells meet the targets")

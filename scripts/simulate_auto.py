@@ -44,6 +44,10 @@ CASES = {
     "tiny:step35-a0.6": ({0: 4.41, 1: 5.54, 2: 6.56, 3: 8.07}, [0.55, 0.57, 0.62]),
     # Intel Xeon without AMX (AVX-512 VNNI/VBMI), 2 threads: steady steps of an auto trace
     "tiny:step35-a0.6, Intel no AMX": ({0: 4.07, 1: 5.01, 2: 5.9, 3: 6.6}, [0.59, 0.61, 0.55]),
+    # AMD EPYC Zen 4 (AVX-512, no AMX), 2 threads: steady steps' medians of draft lengths
+    # taking turns in one session (a verify costs more against a decode here: drafting 1-2
+    # win 10-14%, and a dip of the acceptance estimate turns plain decoding ahead on paper)
+    "tiny:step35-a0.6, AMD Zen 4": ({0: 2.42, 1: 3.45, 2: 4.51, 3: 5.22}, [0.59, 0.62, 0.65]),
     # the 0.7 GB Q4_K_M acceptance-0.6 oracle after 2,048 tokens, Intel Xeon without AMX:
     # steady steps' medians of an auto trace (drafting 1 wins by about 12%)
     "0.7 GB Q4_K_M oracle, depth 2048, Intel no AMX": ({0: 10.3, 1: 14.9, 2: 18.7, 3: 23.3}, [0.63, 0.6, 0.7]),

@@ -64,3 +64,37 @@ def test_a_real_run_reports_auto_and_the_control_copies(bench_auto, oracle_path,
     assert sum(cell["auto_chose"].values()) > 0
     for key in ("auto_over_plain", "auto_over_best_fixed", "control_over_plain", "control_over_best_fixed"):
         assert math.isfinite(cell[key]) and cell[key] > 0      # (timings: no range, a loaded machine stalls)
+
+
+def test_the_breakdown_prices_autos_steps_at_the_fixed_lengths_steady_costs(bench_auto):
+    # fixed runs: draft 1 steady at 1.0 s, draft 2 at 1.5 s (their first steps, slow, are
+    # no price); auto: a first step of 2, a steady 2, a switch to 1, a steady 1, and a
+    # step at a depth no fixed run reached (unpriced)
+    bin1 = bench_auto.DEPTH_BIN
+    steps = {"1": [(1, None, 0, 3.0), (1, 1, 1, 1.0), (1, 1, 2, 1.0)],
+             "2": [(2, None, 0, 4.0), (2, 2, 1, 1.5), (2, 2, 3, 1.5)],
+             "auto": [(2, None, 0, 2.5), (2, 2, 2, 1.4), (1, 2, 4, 1.3), (1, 1, 5, 1.1), (1, 1, bin1, 9.0)]}
+    decode = {"1": 5.5, "2": 7.5, "auto": 16.0}
+    b = bench_auto.breakdown(steps, {"auto": 0.2}, decode, "1")
+    assert b["steps"] == 5 and b["unpriced"] == 1
+    assert b["priced"] == pytest.approx(1.5 + 1.5 + 1.0 + 1.0)
+    assert b["first_steps"] == pytest.approx((2.5 - 1.5) + (1.3 - 1.0))
+    assert b["steady_excess"] == pytest.approx((1.4 - 1.5) + (1.1 - 1.0))
+    assert b["catch_up"] == pytest.approx(0.2)
+    assert b["between_steps"] == pytest.approx(16.0 - (2.5 + 1.4 + 1.3 + 1.1 + 9.0) - 0.2)
+    assert b["best_priced"] == pytest.approx(3.0) and b["best_between_steps"] == pytest.approx(5.5 - 5.0)
+
+
+def test_a_real_run_breaks_down_every_step_auto_took(bench_auto, oracle_path, tmp_path, capsys):
+    out = tmp_path / "cells.json"
+    bench_auto.main(["-m", oracle_path, "-n", "12", "--rounds", "2", "--breakdown", "--json", str(out)])
+    assert "Where auto's time went" in capsys.readouterr().out
+    cell, = json.loads(out.read_text())["cells"]
+    b = cell["breakdown"]
+    assert b["steps"] == sum(cell["auto_chose"].values())       # the counted rounds' steps, each logged once
+    # a run stops at the step that reaches 12 tokens (a step may accept several); its
+    # first token comes from the prompt's logits, not from a step
+    assert min(b["tokens"], b["best_tokens"]) >= 2 * 11
+    row = bench_auto.breakdown_row(b)
+    assert 0 <= row["catch_up"] < 1 and 0 < row["between_steps"] < 1
+    assert math.isfinite(row["choice"]) and row["choice"] > 0
