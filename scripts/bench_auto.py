@@ -123,7 +123,8 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
     """Auto's decode time, split (each part in seconds over all counted rounds):
 
     - ``priced``: its steps at the fixed modes' steady cost of their length and depth bin
-      (the median of the fixed runs' steps that repeated the step before's length);
+      (the mean of the fixed runs' steps that repeated the step before's length: a mean,
+      as the decode times set against each other are sums, stalls included);
     - ``first_steps``: what its first steps after a change of length, and each run's
       first, took beyond that;
     - ``steady_excess``: what its other steps took beyond it (negative: less);
@@ -131,8 +132,9 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
     - ``between_steps``: the rest of its decode time, outside the steps (the policy's and
       the driver's Python between them).
 
-    ``best_priced`` and ``best_between_steps`` are the best fixed length's (its own steps
-    priced alike, its time between steps); ``tokens``: the tokens each produced. Steps
+    ``best_priced``, ``best_first_steps``, ``best_steady_excess`` and ``best_between_steps``
+    are the best fixed length's, its own steps priced alike (its steady excess is about
+    nil: its steps make most of the price); ``tokens``: the tokens each produced. Steps
     whose length and depth bin no fixed mode ran steadily are left out of the prices."""
     ref_samples: dict[tuple[int, int], list[float]] = {}
     for mode, log in steps.items():
@@ -140,7 +142,7 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
             for k, before, depth, seconds in log:
                 if before == k:
                     ref_samples.setdefault((k, depth // DEPTH_BIN), []).append(seconds)
-    ref = {key: statistics.median(v) for key, v in ref_samples.items()}
+    ref = {key: statistics.fmean(v) for key, v in ref_samples.items()}
 
     def split(mode: str) -> dict:
         out = {"priced": 0.0, "first_steps": 0.0, "steady_excess": 0.0, "steps": 0, "unpriced": 0}
@@ -157,7 +159,8 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
         return out
 
     auto, fixed = split("auto"), split(best)
-    return {**auto, "best_priced": fixed["priced"], "best_between_steps": fixed["between_steps"],
+    return {**auto, "best_priced": fixed["priced"], "best_first_steps": fixed["first_steps"],
+            "best_steady_excess": fixed["steady_excess"], "best_between_steps": fixed["between_steps"],
             "best_steps": fixed["steps"], "decode_seconds": decode_seconds["auto"],
             "best_decode_seconds": decode_seconds[best]}
 

@@ -71,7 +71,7 @@ def test_the_breakdown_prices_autos_steps_at_the_fixed_lengths_steady_costs(benc
     # no price); auto: a first step of 2, a steady 2, a switch to 1, a steady 1, and a
     # step at a depth no fixed run reached (unpriced)
     bin1 = bench_auto.DEPTH_BIN
-    steps = {"1": [(1, None, 0, 3.0), (1, 1, 1, 1.0), (1, 1, 2, 1.0)],
+    steps = {"1": [(1, None, 0, 3.0), (1, 1, 1, 0.9), (1, 1, 2, 1.1)],
              "2": [(2, None, 0, 4.0), (2, 2, 1, 1.5), (2, 2, 3, 1.5)],
              "auto": [(2, None, 0, 2.5), (2, 2, 2, 1.4), (1, 2, 4, 1.3), (1, 1, 5, 1.1), (1, 1, bin1, 9.0)]}
     decode = {"1": 5.5, "2": 7.5, "auto": 16.0}
@@ -83,6 +83,7 @@ def test_the_breakdown_prices_autos_steps_at_the_fixed_lengths_steady_costs(benc
     assert b["catch_up"] == pytest.approx(0.2)
     assert b["between_steps"] == pytest.approx(16.0 - (2.5 + 1.4 + 1.3 + 1.1 + 9.0) - 0.2)
     assert b["best_priced"] == pytest.approx(3.0) and b["best_between_steps"] == pytest.approx(5.5 - 5.0)
+    assert b["best_first_steps"] == pytest.approx(3.0 - 1.0) and b["best_steady_excess"] == pytest.approx(0.0)
 
 
 def test_a_real_run_breaks_down_every_step_auto_took(bench_auto, oracle_path, tmp_path, capsys):
