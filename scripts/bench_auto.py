@@ -119,7 +119,7 @@ class StepLog:
 
 
 def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_seconds: dict[str, float],
-              best: str) -> dict:
+              reference: str) -> dict:
     """Auto's decode time, split (each part in seconds over all counted rounds):
 
     - ``priced``: its steps at the fixed modes' steady cost of their length and depth bin
@@ -132,9 +132,10 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
     - ``between_steps``: the rest of its decode time, outside the steps (the policy's and
       the driver's Python between them).
 
-    ``best_priced``, ``best_first_steps``, ``best_steady_excess`` and ``best_between_steps``
-    are the best fixed length's, its own steps priced alike (its steady excess is about
-    nil: its steps make most of the price); ``tokens``: the tokens each produced. Steps
+    ``ref_priced``, ``ref_first_steps``, ``ref_steady_excess`` and ``ref_between_steps``
+    are the same of ``reference``, the fixed mode auto is set against (its steady excess
+    is about nil: its steps make most of the price); ``tokens`` / ``ref_tokens``: the
+    tokens each produced. Steps
     whose length and depth bin no fixed mode ran steadily are left out of the prices."""
     ref_samples: dict[tuple[int, int], list[float]] = {}
     for mode, log in steps.items():
@@ -158,11 +159,11 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
         out["between_steps"] = decode_seconds[mode] - sum(s[3] for s in steps.get(mode, [])) - out["catch_up"]
         return out
 
-    auto, fixed = split("auto"), split(best)
-    return {**auto, "best_priced": fixed["priced"], "best_first_steps": fixed["first_steps"],
-            "best_steady_excess": fixed["steady_excess"], "best_between_steps": fixed["between_steps"],
-            "best_steps": fixed["steps"], "decode_seconds": decode_seconds["auto"],
-            "best_decode_seconds": decode_seconds[best]}
+    auto, ref = split("auto"), split(reference)
+    return {**auto, "reference": reference, "ref_priced": ref["priced"], "ref_first_steps": ref["first_steps"],
+            "ref_steady_excess": ref["steady_excess"], "ref_between_steps": ref["between_steps"],
+            "ref_steps": ref["steps"], "decode_seconds": decode_seconds["auto"],
+            "ref_decode_seconds": decode_seconds[reference]}
 
 
 def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed: int, control: bool = False,
@@ -226,9 +227,10 @@ def run_cell(path: str, depth: int, n_gen: int, rounds: int, threads: int, seed:
                     held[id(sess)] = seq.cached(sess.seq_n_past(0))
     cell = summarise({str(m): v for m, v in rates.items()}, depth, n_gen, chosen)
     if log is not None:
-        best = str(cell["best_fixed"])
-        cell["breakdown"] = {**breakdown(log.steps, log.catch_up, decode_seconds, best),
-                             "tokens": tokens["auto"], "best_tokens": tokens[best]}
+        # what auto is judged against: the best fixed draft where it beats plain decoding
+        ref = str(cell["best_fixed"]) if cell["best_fixed_over_plain"] > 1 else "0"
+        cell["breakdown"] = {**breakdown(log.steps, log.catch_up, decode_seconds, ref),
+                             "tokens": tokens["auto"], "ref_tokens": tokens[ref]}
     return cell
 
 
@@ -302,38 +304,42 @@ def verdict(cell: dict, who: str = "auto") -> list[str]:
 
 def breakdown_row(b: dict) -> dict:
     """A cell's breakdown as the table shows it: ``choice``: auto's lengths at the fixed
-    modes' step costs, in tokens per second over the best fixed length's at the same costs;
+    modes' step costs, in tokens per second over the reference's at the same costs (the
+    best fixed draft where it beats plain decoding, else plain decoding);
     ``first_steps`` / ``steady_steps`` / ``catch_up``: the extra of its first and of its
     steady steps, and the heads' catch-ups, as shares of auto's decode time;
-    ``between_steps``: the share of auto's and of the best fixed length's decode time spent
+    ``between_steps``: the share of auto's and of the reference's decode time spent
     between steps, and per step in microseconds."""
-    d, d_best = b["decode_seconds"], b["best_decode_seconds"]
-    choice = (b["tokens"] / b["priced"]) / (b["best_tokens"] / b["best_priced"]) \
-        if b["priced"] and b["best_priced"] else float("nan")
+    d, d_ref = b["decode_seconds"], b["ref_decode_seconds"]
+    choice = (b["tokens"] / b["priced"]) / (b["ref_tokens"] / b["ref_priced"]) \
+        if b["priced"] and b["ref_priced"] else float("nan")
     return {"choice": choice, "first_steps": b["first_steps"] / d, "steady_steps": b["steady_excess"] / d,
             "catch_up": b["catch_up"] / d,
-            "between_steps": b["between_steps"] / d, "best_between_steps": b["best_between_steps"] / d_best,
+            "between_steps": b["between_steps"] / d, "ref_between_steps": b["ref_between_steps"] / d_ref,
             "between_us": 1e6 * b["between_steps"] / max(b["steps"], 1),
-            "best_between_us": 1e6 * b["best_between_steps"] / max(b["best_steps"], 1),
+            "ref_between_us": 1e6 * b["ref_between_steps"] / max(b["ref_steps"], 1),
             "unpriced": b["unpriced"]}
 
 
 def print_breakdowns(cells: list[dict]) -> None:
-    print("\nWhere auto's time went (--breakdown): its lengths priced at the fixed modes' steady step costs "
-          "(tok/s over the best fixed length's at the same costs), the extra of its first steps after a change "
-          "of length and of its steady steps, the heads' catch-ups (shares of its decode time), and the rest of the "
-          "time between steps\n")
-    print("| model | depth | tokens | auto / best fixed | lengths chosen, at fixed costs | first steps | "
-          "steady steps | catch-ups | between steps: auto | best fixed |")
-    print("| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("\nWhere auto's time went (--breakdown), against the reference (the best fixed draft where it beats "
+          "plain decoding, else plain decoding): auto's lengths priced at the fixed modes' steady step costs "
+          "(tok/s over the reference's at the same costs), the extra of its first steps after a change of length "
+          "and of its steady steps, the heads' catch-ups (shares of its decode time), and the rest of the time "
+          "between steps\n")
+    print("| model | depth | tokens | reference | auto / reference | lengths chosen, at fixed costs | first steps | "
+          "steady steps | catch-ups | between steps: auto | reference |")
+    print("| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for cell in cells:
-        row = breakdown_row(cell["breakdown"])
+        b = cell["breakdown"]
+        row = breakdown_row(b)
+        plain = b["reference"] == "0"
         unpriced = f" ({row['unpriced']} steps unpriced)" if row["unpriced"] else ""
-        print(f"| {cell['model']} | {cell['depth']} | {cell['n_gen']} | {cell['auto_over_best_fixed']:.2f}x | "
+        print(f"| {cell['model']} | {cell['depth']} | {cell['n_gen']} | {'plain' if plain else 'd' + b['reference']} | "
+              f"{cell['auto_over_plain' if plain else 'auto_over_best_fixed']:.2f}x | "
               f"{row['choice']:.3f}x{unpriced} | {100 * row['first_steps']:+.1f}% | {100 * row['steady_steps']:+.1f}% | "
-              f"{100 * row['catch_up']:.1f}% | "
-              f"{100 * row['between_steps']:.1f}% ({row['between_us']:.0f} us/step) | "
-              f"{100 * row['best_between_steps']:.1f}% ({row['best_between_us']:.0f} us/step) |")
+              f"{100 * row['catch_up']:.1f}% | {100 * row['between_steps']:.1f}% ({row['between_us']:.0f} us/step) | "
+              f"{100 * row['ref_between_steps']:.1f}% ({row['ref_between_us']:.0f} us/step) |")
 
 
 def main(argv=None) -> int:

@@ -82,8 +82,8 @@ def test_the_breakdown_prices_autos_steps_at_the_fixed_lengths_steady_costs(benc
     assert b["steady_excess"] == pytest.approx((1.4 - 1.5) + (1.1 - 1.0))
     assert b["catch_up"] == pytest.approx(0.2)
     assert b["between_steps"] == pytest.approx(16.0 - (2.5 + 1.4 + 1.3 + 1.1 + 9.0) - 0.2)
-    assert b["best_priced"] == pytest.approx(3.0) and b["best_between_steps"] == pytest.approx(5.5 - 5.0)
-    assert b["best_first_steps"] == pytest.approx(3.0 - 1.0) and b["best_steady_excess"] == pytest.approx(0.0)
+    assert b["ref_priced"] == pytest.approx(3.0) and b["ref_between_steps"] == pytest.approx(5.5 - 5.0)
+    assert b["ref_first_steps"] == pytest.approx(3.0 - 1.0) and b["ref_steady_excess"] == pytest.approx(0.0)
 
 
 def test_a_real_run_breaks_down_every_step_auto_took(bench_auto, oracle_path, tmp_path, capsys):
@@ -95,7 +95,8 @@ def test_a_real_run_breaks_down_every_step_auto_took(bench_auto, oracle_path, tm
     assert b["steps"] == sum(cell["auto_chose"].values())       # the counted rounds' steps, each logged once
     # a run stops at the step that reaches 12 tokens (a step may accept several); its
     # first token comes from the prompt's logits, not from a step
-    assert min(b["tokens"], b["best_tokens"]) >= 2 * 11
+    assert b["reference"] in cell["per_round"] and b["reference"] != "auto"
+    assert min(b["tokens"], b["ref_tokens"]) >= 2 * 11
     row = bench_auto.breakdown_row(b)
     assert 0 <= row["catch_up"] < 1 and 0 < row["between_steps"] < 1
     assert math.isfinite(row["choice"]) and row["choice"] > 0
