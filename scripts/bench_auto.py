@@ -42,9 +42,10 @@ rounds too, where two runs of this script minutes apart would mix in the machine
 ``--breakdown`` also times every step's decode alone and splits auto's decode time (see
 ``breakdown``): what its lengths would have cost at the fixed modes' steady step costs,
 the extra of its first steps after a change of length (and of each run's first), the
-extra of its steady steps over the fixed modes' at the same length and depth, and its
-time between steps (the policy's and the driver's Python) against the best fixed
-length's; so a cell's loss reads as a choice, a price of switching, or bookkeeping.
+extra of its steady steps over the fixed modes' at the same length and depth, the
+heads' catch-ups, and its time between steps (the policy's and the driver's Python)
+against the reference's (the best fixed draft where it beats plain decoding, else plain
+decoding); so a cell's loss reads as a choice, a price of switching, or bookkeeping.
 """
 from __future__ import annotations
 
@@ -134,9 +135,9 @@ def breakdown(steps: dict[str, list[tuple]], catch_up: dict[str, float], decode_
 
     ``ref_priced``, ``ref_first_steps``, ``ref_steady_excess`` and ``ref_between_steps``
     are the same of ``reference``, the fixed mode auto is set against (its steady excess
-    is about nil: its steps make most of the price); ``tokens`` / ``ref_tokens``: the
-    tokens each produced. Steps
-    whose length and depth bin no fixed mode ran steadily are left out of the prices."""
+    is about nil: its steps make most of the price). Steps whose length and depth bin no
+    fixed mode ran steadily are left out of the prices (``unpriced``). The log's own depth
+    lookup before each step (a native call) falls between steps, for every mode alike."""
     ref_samples: dict[tuple[int, int], list[float]] = {}
     for mode, log in steps.items():
         if mode.isdigit():
