@@ -93,9 +93,9 @@ def test_a_real_run_breaks_down_every_step_auto_took(bench_auto, oracle_path, tm
     cell, = json.loads(out.read_text())["cells"]
     b = cell["breakdown"]
     assert b["steps"] == sum(cell["auto_chose"].values())       # the counted rounds' steps, each logged once
+    assert b["reference"] in cell["per_round"] and b["reference"] != "auto"
     # a run stops at the step that reaches 12 tokens (a step may accept several); its
     # first token comes from the prompt's logits, not from a step
-    assert b["reference"] in cell["per_round"] and b["reference"] != "auto"
     assert min(b["tokens"], b["ref_tokens"]) >= 2 * 11
     row = bench_auto.breakdown_row(b)
     assert 0 <= row["catch_up"] < 1 and 0 < row["between_steps"] < 1
